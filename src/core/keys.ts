@@ -1,0 +1,15 @@
+import { createHash } from 'node:crypto'
+
+export interface StorageKeys {
+  readonly primary: string
+  readonly backup: string
+}
+
+/**
+ * Cache keys come from a hash of the random part of the id, never the id itself: a dump of the cache yields no
+ * usable cookie. The node id is not part of the key, so a relocated session keeps its keys.
+ */
+export function storageKeys(prefix: string, random: string): StorageKeys {
+  const digest = createHash('sha256').update(random).digest('base64url')
+  return { primary: `${prefix}${digest}`, backup: `${prefix}bak:${digest}` }
+}

@@ -1,0 +1,125 @@
+import type { SessionRecord } from './codec.js'
+import type { LoadedSession } from './store.js'
+
+/** express-session's save/cookie options, with its meanings. */
+export interface LifecyclePolicy {
+  readonly resave: boolean
+  readonly saveUninitialized: boolean
+  readonly rolling: boolean
+  readonly unsetDestroy: boolean
+}
+
+/** Serialized session data (without the cookie) as the adapter sees it when the response is about to go out. */
+export interface SessionSnapshot {
+  readonly dataJson: string
+  readonly cookieJson: string
+  /** Cookie expiry; null for a browser-session cookie. */
+  readonly expires: Date | null
+}
+
+const EMPTY_DATA = '{}'
+
+/**
+ * What one request knows about its session, and the decisions express-session users expect from it: save when
+ * modified (or per resave/saveUninitialized), touch when untouched, set the cookie when the id is new or moved.
+ * Modification is decided by comparing data JSON texts, so nothing is hashed or serialized twice.
+ */
+export class SessionState {
+  /** The id the client presented (validly signed), if any. */
+  readonly cookieId: string | undefined
+  /** The id the session has now; changes on relocation and regenerate. */
+  id: string
+  /** The id and data the request started with. */
+  readonly originalId: string
+  originalJson: string
+  /** The id and data known to be in the store; undefined when nothing is stored yet. */
+  savedId: string | undefined
+  savedJson: string | undefined
+  /** The stored record this request read, used to heal a missing backup on refresh. */
+  record: SessionRecord | undefined
+  /** The session must be written this request: it was restored from a backup or relocated. */
+  mustWrite: boolean
+  /** A write happened during this request, so the client must learn the id. */
+  wroteThisRequest = false
+  destroyed = false
+
+  private constructor(cookieId: string | undefined, id: string, dataJson: string) {
+    this.cookieId = cookieId
+    this.id = id
+    this.originalId = id
+    this.originalJson = dataJson
+    this.savedId = undefined
+    this.savedJson = undefined
+    this.record = undefined
+    this.mustWrite = false
+  }
+
+  static fresh(cookieId: string | undefined, id: string): SessionState {
+    return new SessionState(cookieId, id, EMPTY_DATA)
+  }
+
+  static loaded(cookieId: string, loaded: LoadedSession, policy: LifecyclePolicy): SessionState {
+    const state = new SessionState(cookieId, loaded.id, loaded.record.dataJson)
+    state.adopt(loaded, policy)
+    return state
+  }
+
+  /** Takes a freshly read record as the stored state (initial load and reload()). */
+  adopt(loaded: LoadedSession, policy: LifecyclePolicy): void {
+    this.id = loaded.id
+    this.record = loaded.record
+    this.mustWrite = loaded.mustWrite
+    if (!policy.resave) {
+      this.savedId = loaded.id
+      this.savedJson = loaded.record.dataJson
+    }
+  }
+
+  /** regenerate(): a new, empty, unsaved session under a new id. */
+  renew(id: string): void {
+    this.id = id
+    this.savedId = undefined
+    this.savedJson = undefined
+    this.record = undefined
+    this.mustWrite = false
+    this.destroyed = false
+  }
+
+  get version(): number {
+    return this.record?.version ?? 0
+  }
+
+  isModified(dataJson: string): boolean {
+    return this.originalId !== this.id || this.originalJson !== dataJson
+  }
+
+  isSaved(dataJson: string): boolean {
+    return this.savedId === this.id && this.savedJson === dataJson
+  }
+
+  shouldSave(dataJson: string, policy: LifecyclePolicy): boolean {
+    if (this.mustWrite) return true
+    const uninitializedNew = !policy.saveUninitialized && this.savedJson === undefined && this.cookieId !== this.id
+    return uninitializedNew ? this.isModified(dataJson) : !this.isSaved(dataJson)
+  }
+
+  shouldTouch(dataJson: string, policy: LifecyclePolicy): boolean {
+    return this.cookieId === this.id && this.record !== undefined && !this.shouldSave(dataJson, policy)
+  }
+
+  shouldSetCookie(snapshot: SessionSnapshot, policy: LifecyclePolicy): boolean {
+    if (this.cookieId !== this.id) {
+      return policy.saveUninitialized || this.wroteThisRequest || this.isModified(snapshot.dataJson)
+    }
+    return policy.rolling || (snapshot.expires !== null && this.isModified(snapshot.dataJson))
+  }
+
+  markSaved(id: string, record: SessionRecord): void {
+    this.id = id
+    this.savedId = id
+    this.savedJson = record.dataJson
+    this.record = record
+    this.mustWrite = false
+    this.wroteThisRequest = true
+  }
+}

@@ -1,0 +1,232 @@
+import { LRUCache } from 'lru-cache'
+import { AllNodesDownError, CorruptSessionError, NodeRejectedError } from '../errors.js'
+import type { Logger } from '../logger.js'
+import type { NodeRing } from '../nodes/ring.js'
+import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
+import { decodeRecord, encodeRecord, type SessionRecord } from './codec.js'
+import { type StorageKeys, storageKeys } from './keys.js'
+
+export interface StoreOptions {
+  readonly prefix: string
+  /** Fraction of the TTL after which an unchanged session's expiry is refreshed with a touch. */
+  readonly touchAfter: number
+  /** Seconds a client is told to wait (Retry-After) when no node is alive. */
+  readonly retryAfterSeconds: number
+  readonly logger: Logger
+}
+
+export interface LoadedSession {
+  /** The id to use from now on: differs from the requested one when the session was relocated. */
+  readonly id: string
+  readonly record: SessionRecord
+  /** True when the copy came from a backup and must be written back (restored or relocated) this request. */
+  readonly mustWrite: boolean
+  /** The dead node the session moved away from, when it was relocated. */
+  readonly relocatedFrom: string | undefined
+}
+
+/** How many recently refreshed sessions are remembered, so each instance touches a session at most once per window. */
+const TOUCH_LOG_ENTRIES = 50_000
+
+/**
+ * Sessions replicated on two nodes: the primary named in the session id and a backup on the next alive node.
+ * Framework-free: it deals in session ids and records, never in requests.
+ */
+export class ReplicatedStore {
+  readonly #ring: NodeRing
+  readonly #options: StoreOptions
+  readonly #lastRefresh = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
+
+  constructor(ring: NodeRing, options: StoreOptions) {
+    this.#ring = ring
+    this.#options = options
+  }
+
+  /** A new id on the next alive node (round-robin). With every node down it still returns an id; saving it fails. */
+  newSessionId(): string {
+    const nodeId = this.#ring.nodeForNewSession() ?? this.#ring.firstNodeId()
+    return formatSessionId(newRandomPart(), nodeId)
+  }
+
+  /** Parses an id and checks its node is configured; the library never reaches a node named only by a cookie. */
+  recognize(id: string): ParsedSessionId | null {
+    const parsed = parseSessionId(id)
+    return parsed && this.#ring.has(parsed.nodeId) ? parsed : null
+  }
+
+  /**
+   * Reads a session from its primary, or else from the freshest backup. Null means the session does not exist
+   * (expired, destroyed, or never issued). Throws AllNodesDownError when no node could answer at all.
+   */
+  async load(id: string): Promise<LoadedSession | null> {
+    const parsed = this.recognize(id)
+    if (!parsed) return null
+    const keys = storageKeys(this.#options.prefix, parsed.random)
+    const primary = parsed.nodeId
+
+    let primaryAnswered = false
+    if (this.#ring.isAlive(primary)) {
+      try {
+        const blob = await this.#ring.call(primary, (node) => node.get(keys.primary))
+        primaryAnswered = true
+        const record = blob && this.#decode(blob, primary)
+        if (record) return { id, record, mustWrite: false, relocatedFrom: undefined }
+      } catch (error) {
+        if (error instanceof NodeRejectedError) primaryAnswered = true
+      }
+    }
+
+    const backup = await this.#freshestBackup(primary, keys)
+    if (!backup.record) {
+      if (!primaryAnswered && !backup.anyAnswered) throw this.#allNodesDown()
+      if (!primaryAnswered) {
+        this.#options.logger.warn({ node: primary }, 'session-failover: primary is down and no backup was found')
+      }
+      return null
+    }
+    if (primaryAnswered) {
+      // The primary is up but lost its copy (restarted empty): same id, the copy is written back this request.
+      return { id, record: backup.record, mustWrite: true, relocatedFrom: undefined }
+    }
+    const target = this.#ring.nextAliveAfter(primary)
+    if (!target) throw this.#allNodesDown()
+    return {
+      id: formatSessionId(parsed.random, target),
+      record: backup.record,
+      mustWrite: true,
+      relocatedFrom: primary,
+    }
+  }
+
+  /**
+   * Writes the primary and the backup copy in parallel and returns the id the session now has. When the primary
+   * is dead (or dies during the write) the session is relocated to the next alive node and the returned id
+   * names it: the caller must reissue the cookie.
+   */
+  async save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string> {
+    const parsed = parseSessionId(id)
+    if (!parsed) throw new TypeError('save() needs an id issued by this store')
+    const keys = storageKeys(this.#options.prefix, parsed.random)
+    const blob = encodeRecord(record)
+
+    let primary = parsed.nodeId
+    for (let attempt = 0; attempt < this.#ring.size; attempt++) {
+      if (!this.#ring.isAlive(primary)) {
+        const next = this.#ring.nextAliveAfter(primary)
+        if (!next) break
+        primary = next
+      }
+      const [primaryWrite] = await Promise.allSettled([
+        this.#ring.call(primary, (node) => node.set(keys.primary, blob, ttlSeconds)),
+        this.#writeBackup(primary, keys.backup, blob, ttlSeconds),
+      ])
+      if (primaryWrite.status === 'fulfilled') {
+        this.#lastRefresh.set(parsed.random, Date.now())
+        return formatSessionId(parsed.random, primary)
+      }
+      if (primaryWrite.reason instanceof NodeRejectedError) throw primaryWrite.reason
+    }
+    throw this.#allNodesDown()
+  }
+
+  /**
+   * Keeps an unchanged session from expiring: touches both copies, at most once per `touchAfter` of its TTL
+   * (per instance). A backup that went missing (its node restarted) is written again from `record`.
+   * Never throws: a failed touch only costs node health, the session is intact.
+   */
+  async refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
+    const parsed = parseSessionId(id)
+    if (!parsed) return
+    const now = Date.now()
+    const last = Math.max(record.writtenAt, this.#lastRefresh.get(parsed.random) ?? 0)
+    if (now - last < this.#options.touchAfter * ttlSeconds * 1000) return
+    this.#lastRefresh.set(parsed.random, now)
+
+    const keys = storageKeys(this.#options.prefix, parsed.random)
+    const primary = parsed.nodeId
+    const backup = this.#ring.nextAliveAfter(primary)
+    await Promise.allSettled([
+      this.#ring.isAlive(primary) && this.#ring.call(primary, (node) => node.touch(keys.primary, ttlSeconds)),
+      backup &&
+        this.#ring.call(backup, async (node) => {
+          if (!(await node.touch(keys.backup, ttlSeconds))) {
+            await node.set(keys.backup, encodeRecord(record), ttlSeconds)
+          }
+        }),
+    ])
+  }
+
+  /**
+   * Removes every copy. Both keys are deleted on every alive node, not only on the current primary and backup:
+   * a node that held the session before a relocation must not be able to bring a destroyed session back.
+   */
+  async destroy(id: string): Promise<void> {
+    const parsed = parseSessionId(id)
+    if (!parsed) return
+    const keys = storageKeys(this.#options.prefix, parsed.random)
+    this.#lastRefresh.delete(parsed.random)
+    const alive = this.#ring.aliveIds()
+    const results = await Promise.allSettled(
+      alive.map((nodeId) =>
+        this.#ring.call(nodeId, (node) => Promise.all([node.delete(keys.primary), node.delete(keys.backup)])),
+      ),
+    )
+    if (!results.some((result) => result.status === 'fulfilled')) throw this.#allNodesDown()
+  }
+
+  async #writeBackup(primary: string, key: string, blob: Buffer, ttlSeconds: number): Promise<string | undefined> {
+    // Each failure marks that node dead, so the next pass picks the following node; bounded by the ring size.
+    for (let attempt = 0; attempt < this.#ring.size; attempt++) {
+      const backup = this.#ring.nextAliveAfter(primary)
+      if (!backup) break
+      try {
+        await this.#ring.call(backup, (node) => node.set(key, blob, ttlSeconds))
+        return backup
+      } catch (error) {
+        if (error instanceof NodeRejectedError) throw error
+      }
+    }
+    this.#options.logger.warn({ node: primary }, 'session-failover: no alive node for the backup copy')
+    return undefined
+  }
+
+  async #freshestBackup(
+    primary: string,
+    keys: StorageKeys,
+  ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
+    // Read every other alive node: after earlier failures the backup may sit on a node further along, and a node
+    // that came back may hold an older copy. The highest version wins. This path runs only on failover.
+    const candidates = this.#ring.aliveOthers(primary)
+    const reads = await Promise.allSettled(
+      candidates.map(async (nodeId) => {
+        const blob = await this.#ring.call(nodeId, (node) => node.get(keys.backup))
+        return blob && this.#decode(blob, nodeId)
+      }),
+    )
+    let record: SessionRecord | undefined
+    let anyAnswered = false
+    for (const read of reads) {
+      if (read.status !== 'fulfilled') continue
+      anyAnswered = true
+      if (read.value && (!record || read.value.version > record.version)) record = read.value
+    }
+    return { record, anyAnswered }
+  }
+
+  #decode(blob: Buffer, nodeId: string): SessionRecord | undefined {
+    try {
+      return decodeRecord(blob)
+    } catch (error) {
+      if (!(error instanceof CorruptSessionError)) throw error
+      this.#options.logger.warn({ node: nodeId, err: error.message }, 'session-failover: corrupt session ignored')
+      return undefined
+    }
+  }
+
+  #allNodesDown(): AllNodesDownError {
+    return new AllNodesDownError(
+      'No session node is reachable; the session can be neither read nor stored safely',
+      this.#options.retryAfterSeconds,
+    )
+  }
+}

@@ -1,0 +1,53 @@
+import { SessionEngine } from './core/engine.js'
+import { ReplicatedStore } from './core/store.js'
+import { MemcachedNode } from './nodes/memcached.js'
+import { MemoryNode } from './nodes/memory.js'
+import type { SessionNode } from './nodes/node.js'
+import { NodeRing } from './nodes/ring.js'
+import type { Config } from './options.js'
+
+export interface Engine {
+  readonly session: SessionEngine
+  readonly ring: NodeRing
+  close(): Promise<void>
+}
+
+const DEV_WARNING =
+  'session-failover: no `nodes` configured, so sessions are kept in this process only and are lost when it ' +
+  'stops. This is for local development; configure `nodes` for anything else.'
+
+/** Wires nodes, ring, store and engine from a validated config. */
+export function createEngine(config: Config): Engine {
+  let nodes: SessionNode[]
+  if (config.nodes) {
+    nodes = config.nodes.map(
+      (spec) =>
+        new MemcachedNode({
+          ...spec,
+          operationTimeoutMs: config.operationTimeoutMs,
+          probeKey: `${config.prefix}probe`,
+        }),
+    )
+  } else {
+    process.emitWarning(DEV_WARNING, { type: 'SessionFailoverWarning', code: 'ESF_NO_NODES' })
+    nodes = [new MemoryNode('local')]
+  }
+  const ring = new NodeRing(nodes, { probeIntervalMs: config.nodeProbeIntervalMs, logger: config.logger })
+  const store = new ReplicatedStore(ring, {
+    prefix: config.prefix,
+    touchAfter: config.touchAfter,
+    retryAfterSeconds: Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000)),
+    logger: config.logger,
+  })
+  const session = new SessionEngine(
+    store,
+    {
+      resave: config.resave,
+      saveUninitialized: config.saveUninitialized,
+      rolling: config.rolling,
+      unsetDestroy: config.unsetDestroy,
+    },
+    config.ttlSeconds,
+  )
+  return { session, ring, close: () => ring.close() }
+}

@@ -1,0 +1,68 @@
+/**
+ * Every error this library raises is a SessionFailoverError with a stable `code`, so callers can branch on
+ * `err.code` rather than on message text. Errors that should reach an HTTP client carry a `status`.
+ */
+export class SessionFailoverError extends Error {
+  readonly code: string = 'ESF_ERROR'
+  /** HTTP status an error handler should answer with; express's finalhandler reads `status`. */
+  readonly status: number = 500
+
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = new.target.name
+  }
+
+  /** Alias read by some frameworks and error handlers. */
+  get statusCode(): number {
+    return this.status
+  }
+}
+
+/** An option was missing or malformed; thrown once, at start-up. */
+export class ConfigError extends SessionFailoverError {
+  override readonly code = 'ESF_CONFIG'
+}
+
+/** No configured node could be reached: the request cannot be served without risking the session. */
+export class AllNodesDownError extends SessionFailoverError {
+  override readonly code = 'ESF_ALL_NODES_DOWN'
+  override readonly status = 503
+  /** Seconds a client may wait before retrying; sent by well-behaved error handlers as Retry-After. */
+  readonly retryAfter: number
+  /** Response headers for error handlers; express's finalhandler sends `err.headers`. */
+  readonly headers: Readonly<Record<string, string>>
+
+  constructor(message: string, retryAfterSeconds: number, options?: { cause?: unknown }) {
+    super(message, options)
+    this.retryAfter = retryAfterSeconds
+    this.headers = Object.freeze({ 'Retry-After': String(retryAfterSeconds) })
+  }
+}
+
+/** One node did not answer within `operationTimeout`. Internal: the ring turns it into a dead node. */
+export class OperationTimeoutError extends SessionFailoverError {
+  override readonly code = 'ESF_OPERATION_TIMEOUT'
+  override readonly status = 503
+}
+
+/** One node answered with an error or its connection failed. Internal, like OperationTimeoutError. */
+export class NodeOperationError extends SessionFailoverError {
+  override readonly code = 'ESF_NODE_OPERATION'
+  override readonly status = 503
+}
+
+/** A node answered, but refused the operation (e.g. an item too large): the node itself is healthy. */
+export class NodeRejectedError extends SessionFailoverError {
+  override readonly code = 'ESF_NODE_REJECTED'
+}
+
+/** A stored blob could not be decoded: treated as no session, never shown to a client. */
+export class CorruptSessionError extends SessionFailoverError {
+  override readonly code = 'ESF_CORRUPT_SESSION'
+}
+
+/** The middleware was used after close(). */
+export class ClosedError extends SessionFailoverError {
+  override readonly code = 'ESF_CLOSED'
+  override readonly status = 503
+}

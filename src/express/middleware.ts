@@ -1,0 +1,78 @@
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import { contentOf, snapshotOf } from '../core/serialize.js'
+import { createEngine, type Engine } from '../create-engine.js'
+import { CorruptSessionError } from '../errors.js'
+import type { NodeHealth } from '../nodes/ring.js'
+import { parseOptions, type SessionFailoverOptions } from '../options.js'
+import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
+import { holdResponse } from './hold-response.js'
+import { CookieClass, RequestStore, type SessionCookie, type SessionRequest } from './request-store.js'
+
+export interface SessionFailoverMiddleware {
+  (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
+  /** Closes every node connection. Call on shutdown (SIGTERM) after the HTTP server stopped accepting. */
+  close(): Promise<void>
+  /** Per-node status: alive, or dead since when and why. */
+  health(): NodeHealth[]
+}
+
+/**
+ * Express middleware with express-session's API (req.session, req.sessionID, save/regenerate/destroy/reload/
+ * touch) whose sessions live on two memcached nodes and survive either one dying.
+ */
+export function sessionFailover(options: SessionFailoverOptions): SessionFailoverMiddleware {
+  const config = parseOptions(options)
+  const engine: Engine = createEngine(config)
+  const cookiePath = config.cookie.path ?? '/'
+  const newCookie = (req: SessionRequest): SessionCookie => {
+    const cookie = new CookieClass(config.cookie)
+    const secure = isSecure(req, config.proxy)
+    if ((config.cookie.secure as unknown) === 'auto') cookie.secure = secure
+    if ((config.cookie.sameSite as unknown) === 'auto') cookie.sameSite = secure ? 'none' : 'lax'
+    return cookie
+  }
+
+  const middleware = (incoming: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void => {
+    const req = incoming as SessionRequest
+    if (req.session || !requestPath(req).startsWith(cookiePath)) {
+      next()
+      return
+    }
+    const presented = readSessionId(req.headers.cookie, config.name, config.secrets)
+    const cookieId = presented !== undefined && engine.session.store.recognize(presented) ? presented : undefined
+
+    engine.session.open(cookieId).then(({ state, stored }) => {
+      const store = new RequestStore(req, engine.session, state, newCookie)
+      req.sessionStore = store
+      try {
+        if (stored) store.inflate(contentOf(stored))
+        else store.generate()
+      } catch (error) {
+        if (!(error instanceof CorruptSessionError)) throw error
+        state.renew(engine.session.store.newSessionId())
+        store.generate()
+      }
+
+      const commit = async (): Promise<void> => {
+        const current = req.session
+        if (!current) {
+          await engine.session.commit(state, null)
+          return
+        }
+        current.touch()
+        const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
+        req.sessionID = state.id
+        if (setCookie && !res.headersSent && (!current.cookie.secure || isSecure(req, config.proxy))) {
+          appendSessionCookie(res, config.name, state.id, config.secrets[0] as string, (current.cookie as SessionCookie).data)
+        }
+      }
+      holdResponse(res, commit, next)
+      next()
+    }, next)
+  }
+
+  return Object.assign(middleware, {
+    close: () => engine.close(),
+    health: () => engine.ring.health(),
+  })
+}

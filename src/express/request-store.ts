@@ -1,0 +1,104 @@
+import type { IncomingMessage } from 'node:http'
+import session from 'express-session'
+import type { SessionEngine } from '../core/engine.js'
+import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js'
+import type { SessionState } from '../core/session-state.js'
+
+export type SessionRequest = IncomingMessage & {
+  session?: session.Session & Partial<session.SessionData>
+  sessionID: string
+  sessionStore: unknown
+  secure?: boolean
+}
+
+type Callback = (error?: unknown) => void
+
+/** express-session's classes, with the constructor signatures its type declarations keep private. */
+export type SessionCookie = session.Cookie & { readonly data: Record<string, unknown> }
+export const SessionClass = session.Session as unknown as new (
+  req: SessionRequest,
+  data?: Record<string, unknown>,
+) => session.Session & Partial<session.SessionData>
+export const CookieClass = session.Cookie as unknown as new (options?: session.CookieOptions) => SessionCookie
+
+/**
+ * What express-session's Session methods (save, reload, destroy, regenerate) call through `req.sessionStore`,
+ * bound to one request's SessionState. Translation only: each method delegates to the engine.
+ */
+export class RequestStore {
+  readonly #req: SessionRequest
+  readonly #engine: SessionEngine
+  readonly #state: SessionState
+  readonly #newCookie: (req: SessionRequest) => SessionCookie
+
+  constructor(
+    req: SessionRequest,
+    engine: SessionEngine,
+    state: SessionState,
+    newCookie: (req: SessionRequest) => SessionCookie,
+  ) {
+    this.#req = req
+    this.#engine = engine
+    this.#state = state
+    this.#newCookie = newCookie
+  }
+
+  /** A new, empty session under `state.id`, with cookie options applied. */
+  generate(): void {
+    this.#req.sessionID = this.#state.id
+    const fresh = new SessionClass(this.#req)
+    fresh.cookie = this.#newCookie(this.#req)
+    this.#req.session = fresh
+  }
+
+  /** Builds req.session from stored content, as express-session's Store#createSession. */
+  inflate(content: SessionContent): void {
+    this.#req.sessionID = this.#state.id
+    session.Store.prototype.createSession.call(this, this.#req as never, {
+      ...content.data,
+      cookie: content.cookie,
+    } as never)
+  }
+
+  set(_id: string, sess: session.Session, callback: Callback = () => {}): void {
+    this.#engine.save(this.#state, snapshotOf(sess, sess.cookie)).then(() => {
+      if (this.#req.sessionID !== this.#state.id && this.#req.session === sess) {
+        // Relocated while saving: the id (and so Session#id) changed; keep req.session consistent with it.
+        const { cookie, ...data } = sess as unknown as Record<string, unknown>
+        this.#req.sessionID = this.#state.id
+        const moved = new SessionClass(this.#req, data)
+        moved.cookie = cookie as session.Cookie
+        this.#req.session = moved
+      }
+      callback()
+    }, callback)
+  }
+
+  get(_id: string, callback: (error: unknown, sess?: session.SessionData | null) => void): void {
+    this.#engine.reload(this.#state).then((stored) => {
+      if (!stored) return callback(null, null)
+      const content = contentOf(stored)
+      this.#req.sessionID = this.#state.id
+      callback(null, { ...content.data, cookie: content.cookie } as unknown as session.SessionData)
+    }, callback)
+  }
+
+  destroy(_id: string, callback: Callback = () => {}): void {
+    this.#engine.destroy(this.#state).then(() => callback(), callback)
+  }
+
+  regenerate(_req: unknown, callback: Callback = () => {}): void {
+    this.#engine.regenerate(this.#state).then(() => {
+      this.generate()
+      callback()
+    }, callback)
+  }
+
+  createSession(req: SessionRequest, sess: session.SessionData): session.Session {
+    return session.Store.prototype.createSession.call(this, req as never, sess)
+  }
+
+  touch(_id: string, _sess: unknown, callback: Callback = () => {}): void {
+    callback()
+  }
+}

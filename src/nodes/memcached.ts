@@ -1,0 +1,125 @@
+import type { Socket } from 'node:net'
+import memjs from 'memjs'
+import { NodeOperationError, NodeRejectedError } from '../errors.js'
+import { memcachedExpiry, type SessionNode } from './node.js'
+import { withTimeout } from './timeout.js'
+
+export interface MemcachedNodeConfig {
+  readonly id: string
+  readonly host: string
+  readonly port: number
+  readonly operationTimeoutMs: number
+  readonly probeKey: string
+}
+
+const silentMemjsLogger = { log: (): void => {} }
+
+/**
+ * One memjs client talking to exactly one memcached server. memjs's own multi-server hashing and `failover`
+ * are never used: which node holds a session is decided by the ring, from the session id.
+ */
+export class MemcachedNode implements SessionNode {
+  readonly id: string
+  readonly address: string
+  readonly #client: memjs.Client
+  readonly #server: memjs.Server
+  readonly #timeoutMs: number
+  readonly #probeKey: string
+
+  constructor(config: MemcachedNodeConfig) {
+    this.id = config.id
+    this.address = `memcached ${config.host}:${config.port}`
+    this.#timeoutMs = config.operationTimeoutMs
+    this.#probeKey = config.probeKey
+    const seconds = config.operationTimeoutMs / 1000
+    this.#server = new memjs.Server(config.host, config.port, undefined, undefined, {
+      timeout: seconds,
+      conntimeout: seconds,
+      keepAlive: true,
+      keepAliveDelay: 10,
+    })
+    containMemjsFailures(this.#server)
+    // retries: 1 means one attempt; memjs retries would multiply the time a dead node costs a request.
+    this.#client = new memjs.Client([this.#server], { retries: 1, logger: silentMemjsLogger, expires: 0 })
+  }
+
+  get(key: string): Promise<Buffer | null> {
+    return this.#run('get', this.#client.get(key).then((result) => result.value))
+  }
+
+  async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
+    await this.#run('set', this.#client.set(key, value, { expires: memcachedExpiry(ttlSeconds) }))
+  }
+
+  add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
+    return this.#run('add', this.#client.add(key, value, { expires: memcachedExpiry(ttlSeconds) }))
+  }
+
+  delete(key: string): Promise<boolean> {
+    return this.#run('delete', this.#client.delete(key))
+  }
+
+  touch(key: string, ttlSeconds: number): Promise<boolean> {
+    return this.#run('touch', this.#client.touch(key, memcachedExpiry(ttlSeconds)))
+  }
+
+  async ping(): Promise<void> {
+    await this.get(this.#probeKey)
+  }
+
+  async close(): Promise<void> {
+    this.#server.error(new Error('node closed'))
+  }
+
+  #run<T>(operation: string, pending: Promise<T>): Promise<T> {
+    const wrapped = pending.catch((cause: unknown) => {
+      const message = `${this.address} failed ${operation}: ${describeCause(cause)}`
+      // memjs prefixes errors that carry a server reply status with 'MemJS'; anything else is the connection.
+      if (cause instanceof Error && cause.message.startsWith('MemJS ')) throw new NodeRejectedError(message, { cause })
+      throw new NodeOperationError(message, { cause })
+    })
+    return withTimeout(
+      wrapped,
+      this.#timeoutMs,
+      () => `${this.address} (${operation})`,
+      // A request that timed out may never be answered; failing the connection releases every callback
+      // memjs holds for it and the next operation reconnects.
+      () => this.#server.error(new Error('operation timed out')),
+    )
+  }
+}
+
+function describeCause(cause: unknown): string {
+  if (cause instanceof Error) return cause.message
+  return String(cause)
+}
+
+/**
+ * memjs leaves callbacks pending forever when the server closes the connection without a socket error (what a
+ * killed or restarted memcached does), and a malformed reply throws inside its 'data' listener, which would
+ * crash the process. Both are turned into an ordinary connection error on this server only.
+ */
+function containMemjsFailures(server: memjs.Server): void {
+  const handleResponse = server.responseHandler.bind(server)
+  server.responseHandler = (data: Buffer): void => {
+    try {
+      handleResponse(data)
+    } catch (error) {
+      server.error(error instanceof Error ? error : new Error(String(error)))
+    }
+  }
+  const openSocket = server.sock.bind(server)
+  const watched = new WeakSet<Socket>()
+  server.sock = (sasl: boolean, go: (socket: Socket) => void): void => {
+    openSocket(sasl, go)
+    const socket = (server as unknown as { _socket?: Socket })._socket
+    if (socket && !watched.has(socket)) {
+      watched.add(socket)
+      socket.once('close', () => {
+        // Only fail callbacks that belong to this socket: memjs may already have opened a new one.
+        const current = (server as unknown as { _socket?: Socket })._socket
+        if (current === undefined || current === socket) server.error(new Error('connection closed'))
+      })
+    }
+  }
+}

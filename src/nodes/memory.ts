@@ -1,0 +1,69 @@
+import type { SessionNode } from './node.js'
+
+interface Entry {
+  value: Buffer
+  expiresAt: number
+}
+
+/**
+ * The development fallback used when no `nodes` are configured, like express-session's MemoryStore: sessions
+ * live in this process and die with it. Expired entries are dropped when read and by an unref'd sweep.
+ */
+export class MemoryNode implements SessionNode {
+  readonly id: string
+  readonly address = 'in-process memory'
+  readonly #entries = new Map<string, Entry>()
+  readonly #sweep: NodeJS.Timeout
+
+  constructor(id: string) {
+    this.id = id
+    this.#sweep = setInterval(() => this.#dropExpired(), 60_000)
+    this.#sweep.unref()
+  }
+
+  async get(key: string): Promise<Buffer | null> {
+    return this.#live(key)?.value ?? null
+  }
+
+  async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
+    this.#entries.set(key, { value, expiresAt: Date.now() + ttlSeconds * 1000 })
+  }
+
+  async add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
+    if (this.#live(key)) return false
+    await this.set(key, value, ttlSeconds)
+    return true
+  }
+
+  async delete(key: string): Promise<boolean> {
+    return this.#entries.delete(key)
+  }
+
+  async touch(key: string, ttlSeconds: number): Promise<boolean> {
+    const entry = this.#live(key)
+    if (!entry) return false
+    entry.expiresAt = Date.now() + ttlSeconds * 1000
+    return true
+  }
+
+  async ping(): Promise<void> {}
+
+  async close(): Promise<void> {
+    clearInterval(this.#sweep)
+    this.#entries.clear()
+  }
+
+  #live(key: string): Entry | undefined {
+    const entry = this.#entries.get(key)
+    if (entry && entry.expiresAt <= Date.now()) {
+      this.#entries.delete(key)
+      return undefined
+    }
+    return entry
+  }
+
+  #dropExpired(): void {
+    const now = Date.now()
+    for (const [key, entry] of this.#entries) if (entry.expiresAt <= now) this.#entries.delete(key)
+  }
+}

@@ -1,0 +1,30 @@
+/**
+ * The whole contract between the session core and a backend. A node knows keys and bytes, nothing of sessions.
+ * Every method settles within the node's operation timeout: it resolves, or rejects with OperationTimeoutError /
+ * NodeOperationError. A miss is not an error (null / false).
+ */
+export interface SessionNode {
+  /** The id from the configuration; it is also the node part of every session id stored here. */
+  readonly id: string
+  /** Human-readable address for logs and health output, e.g. `memcached 10.0.0.1:11211`. */
+  readonly address: string
+  get(key: string): Promise<Buffer | null>
+  set(key: string, value: Buffer, ttlSeconds: number): Promise<void>
+  /** Stores only if the key is absent; false when it was present. */
+  add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean>
+  /** False when the key was absent. */
+  delete(key: string): Promise<boolean>
+  /** Moves the expiry without rewriting the value; false when the key was absent. */
+  touch(key: string, ttlSeconds: number): Promise<boolean>
+  /** A cheap round trip used to decide whether a dead node is back. */
+  ping(): Promise<void>
+  close(): Promise<void>
+}
+
+/** memcached reads an expiry above 30 days as an absolute unix time, so long TTLs must be sent as one. */
+const MEMCACHED_RELATIVE_EXPIRY_LIMIT = 60 * 60 * 24 * 30
+
+export function memcachedExpiry(ttlSeconds: number, nowMs = Date.now()): number {
+  const ttl = Math.max(1, Math.ceil(ttlSeconds))
+  return ttl > MEMCACHED_RELATIVE_EXPIRY_LIMIT ? Math.floor(nowMs / 1000) + ttl : ttl
+}

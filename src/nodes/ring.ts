@@ -1,0 +1,179 @@
+import { NodeRejectedError } from '../errors.js'
+import type { Logger } from '../logger.js'
+import type { SessionNode } from './node.js'
+
+interface Member {
+  readonly node: SessionNode
+  alive: boolean
+  deadSince: number | undefined
+  lastError: string | undefined
+  probeTimer: NodeJS.Timeout | undefined
+}
+
+export interface NodeHealth {
+  readonly id: string
+  readonly address: string
+  readonly alive: boolean
+  /** Epoch ms when the node was last marked dead; undefined while alive. */
+  readonly deadSince: number | undefined
+  readonly lastError: string | undefined
+}
+
+export interface RingOptions {
+  readonly probeIntervalMs: number
+  readonly logger: Logger
+}
+
+/**
+ * The configured nodes in their configured order, with health. A failed or timed-out operation marks a node
+ * dead; dead nodes are skipped at once and a background probe brings them back, so no request ever waits on a
+ * node already known to be dead.
+ */
+export class NodeRing {
+  readonly #members: readonly Member[]
+  readonly #byId: ReadonlyMap<string, Member>
+  readonly #options: RingOptions
+  #roundRobin = 0
+  #closed = false
+
+  constructor(nodes: readonly SessionNode[], options: RingOptions) {
+    this.#members = nodes.map((node) => ({
+      node,
+      alive: true,
+      deadSince: undefined,
+      lastError: undefined,
+      probeTimer: undefined,
+    }))
+    this.#byId = new Map(this.#members.map((member) => [member.node.id, member]))
+    this.#options = options
+  }
+
+  has(nodeId: string): boolean {
+    return this.#byId.has(nodeId)
+  }
+
+  isAlive(nodeId: string): boolean {
+    return this.#byId.get(nodeId)?.alive === true
+  }
+
+  get size(): number {
+    return this.#members.length
+  }
+
+  anyAlive(): boolean {
+    return this.#members.some((member) => member.alive)
+  }
+
+  aliveIds(): string[] {
+    return this.#members.filter((member) => member.alive).map((member) => member.node.id)
+  }
+
+  firstNodeId(): string {
+    const first = this.#members[0]
+    if (!first) throw new Error('a ring needs at least one node')
+    return first.node.id
+  }
+
+  /** Round-robin over alive nodes, so new sessions spread evenly; undefined when none is alive. */
+  nodeForNewSession(): string | undefined {
+    const count = this.#members.length
+    for (let step = 0; step < count; step++) {
+      const member = this.#members[(this.#roundRobin + step) % count]
+      if (member?.alive) {
+        this.#roundRobin = (this.#roundRobin + step + 1) % count
+        return member.node.id
+      }
+    }
+    return undefined
+  }
+
+  /**
+   * The first alive node after `nodeId` in configured order, skipping `exclude`. This is where the backup of a
+   * session whose primary is `nodeId` lives, and where the session moves when `nodeId` dies: the choice is
+   * deterministic, so instances that fail over the same session at once agree on its new home.
+   */
+  nextAliveAfter(nodeId: string, exclude?: ReadonlySet<string>): string | undefined {
+    const count = this.#members.length
+    const start = this.#members.findIndex((member) => member.node.id === nodeId)
+    for (let step = 1; step < count; step++) {
+      const member = this.#members[(start + step) % count]
+      if (member?.alive && member.node.id !== nodeId && !exclude?.has(member.node.id)) return member.node.id
+    }
+    return undefined
+  }
+
+  /** Alive nodes other than `nodeId`, in configured order starting after it. */
+  aliveOthers(nodeId: string): string[] {
+    const others: string[] = []
+    const count = this.#members.length
+    const start = this.#members.findIndex((member) => member.node.id === nodeId)
+    for (let step = 1; step < count; step++) {
+      const member = this.#members[(start + step) % count]
+      if (member?.alive && member.node.id !== nodeId) others.push(member.node.id)
+    }
+    return others
+  }
+
+  /**
+   * Runs one operation on one node. A connection failure or timeout marks the node dead and rethrows; a node
+   * that refused the operation (NodeRejectedError) stays alive.
+   */
+  async call<T>(nodeId: string, operation: (node: SessionNode) => Promise<T>): Promise<T> {
+    const member = this.#byId.get(nodeId)
+    if (!member) throw new Error(`unknown node ${nodeId}`)
+    try {
+      return await operation(member.node)
+    } catch (error) {
+      if (!(error instanceof NodeRejectedError)) this.#markDead(member, error)
+      throw error
+    }
+  }
+
+  health(): NodeHealth[] {
+    return this.#members.map((member) => ({
+      id: member.node.id,
+      address: member.node.address,
+      alive: member.alive,
+      deadSince: member.deadSince,
+      lastError: member.lastError,
+    }))
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true
+    for (const member of this.#members) clearTimeout(member.probeTimer)
+    await Promise.allSettled(this.#members.map((member) => member.node.close()))
+  }
+
+  #markDead(member: Member, error: unknown): void {
+    member.lastError = error instanceof Error ? error.message : String(error)
+    if (!member.alive) return
+    member.alive = false
+    member.deadSince = Date.now()
+    this.#options.logger.warn(
+      { node: member.node.id, address: member.node.address, err: member.lastError },
+      'session-failover: node marked dead',
+    )
+    this.#scheduleProbe(member)
+  }
+
+  #scheduleProbe(member: Member): void {
+    if (this.#closed) return
+    clearTimeout(member.probeTimer)
+    member.probeTimer = setTimeout(() => {
+      member.node.ping().then(
+        () => {
+          member.alive = true
+          member.deadSince = undefined
+          member.probeTimer = undefined
+          this.#options.logger.info({ node: member.node.id }, 'session-failover: node is back')
+        },
+        (error: unknown) => {
+          member.lastError = error instanceof Error ? error.message : String(error)
+          this.#scheduleProbe(member)
+        },
+      )
+    }, this.#options.probeIntervalMs)
+    member.probeTimer.unref()
+  }
+}

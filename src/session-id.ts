@@ -1,0 +1,42 @@
+import { randomBytes } from 'node:crypto'
+
+/**
+ * Session id layout: `<random>-<nodeId>`, where `<random>` is exactly RANDOM_LENGTH base64url characters
+ * (144 bits from the CSPRNG). base64url itself contains '-', so the fixed length is what makes the node id
+ * parse without ambiguity: the separator is always at index RANDOM_LENGTH.
+ */
+const RANDOM_BYTES = 18
+export const RANDOM_LENGTH = 24 // 18 bytes encode to exactly 24 base64url characters, no padding
+const SEPARATOR = '-'
+
+/** Node ids are short tokens that can never contain the separator; validated at start-up. */
+export const NODE_ID_PATTERN = /^[A-Za-z0-9_]{1,32}$/
+const RANDOM_PATTERN = /^[A-Za-z0-9_-]{24}$/
+
+export interface ParsedSessionId {
+  /** The random part: stays the same when a session is relocated to another node. */
+  readonly random: string
+  /** The node holding the primary copy. */
+  readonly nodeId: string
+}
+
+export function newRandomPart(): string {
+  return randomBytes(RANDOM_BYTES).toString('base64url')
+}
+
+export function formatSessionId(random: string, nodeId: string): string {
+  return random + SEPARATOR + nodeId
+}
+
+/**
+ * Parses a session id strictly. Returns null for anything that is not exactly an id this library could have
+ * issued; it says nothing about whether the node is configured (the ring checks that).
+ */
+export function parseSessionId(id: unknown): ParsedSessionId | null {
+  if (typeof id !== 'string' || id.length < RANDOM_LENGTH + 2 || id.length > RANDOM_LENGTH + 33) return null
+  if (id[RANDOM_LENGTH] !== SEPARATOR) return null
+  const random = id.slice(0, RANDOM_LENGTH)
+  const nodeId = id.slice(RANDOM_LENGTH + 1)
+  if (!RANDOM_PATTERN.test(random) || !NODE_ID_PATTERN.test(nodeId)) return null
+  return { random, nodeId }
+}

@@ -1,0 +1,239 @@
+import { sign } from 'cookie-signature'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { storageKeys } from '../src/core/keys.js'
+import { parseSessionId } from '../src/index.js'
+import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+
+const SECRET = 'test-secret'
+const OPERATION_TIMEOUT = 250
+const PROBE_INTERVAL = 100
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => {
+  let servers: MemcachedServer[]
+  let appA: ShopApp
+  let appB: ShopApp
+  let browser: Browser
+
+  beforeEach(async () => {
+    servers = await startCluster(3)
+    const options = {
+      secret: SECRET,
+      nodes: nodesOption(servers),
+      operationTimeout: OPERATION_TIMEOUT,
+      nodeProbeInterval: PROBE_INTERVAL,
+    }
+    appA = await startShop(express, options)
+    appB = await startShop(express, options)
+    browser = new Browser()
+  })
+
+  afterEach(async () => {
+    await Promise.all([appA.close(), appB.close()])
+    await stopAllMemcached()
+  })
+
+  const nodeIndex = (id: string | undefined): number => Number(parseSessionId(id)?.nodeId.slice(1)) - 1
+  const serverOf = (id: string | undefined): MemcachedServer => servers[nodeIndex(id)] as MemcachedServer
+  /** The node after the primary in configured order: where the backup copy lives. */
+  const backupServerOf = (id: string | undefined): MemcachedServer =>
+    servers[(nodeIndex(id) + 1) % servers.length] as MemcachedServer
+  const keysOf = (id: string | undefined) => storageKeys('sf:', parseSessionId(id)?.random ?? '')
+
+  async function fillCart(): Promise<string> {
+    expect((await browser.send(appA, 'POST', '/cart/apple')).status).toBe(200)
+    expect((await browser.send(appB, 'POST', '/cart/pear')).status).toBe(200)
+    const id = browser.sessionId
+    expect(parseSessionId(id)).not.toBeNull()
+    return id as string
+  }
+
+  it('keeps one session across two app instances, with a copy on the primary and the next node', async () => {
+    const id = await fillCart()
+    const reply = await browser.send(appA, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple', 'pear'])
+    expect(reply.body.id).toBe(id)
+    expect(await serverOf(id).has(keysOf(id).primary)).toBe(true)
+    expect(await backupServerOf(id).has(keysOf(id).backup)).toBe(true)
+  })
+
+  it('keeps the cart when the primary node is killed: new cookie, another node, same data', async () => {
+    const id = await fillCart()
+    await serverOf(id).kill()
+
+    const reply = await browser.send(appB, 'GET', '/cart')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['apple', 'pear'])
+    expect(reply.setCookie).toBeDefined()
+    const moved = browser.sessionId
+    expect(parseSessionId(moved)?.nodeId).not.toBe(parseSessionId(id)?.nodeId)
+    expect(parseSessionId(moved)?.random).toBe(parseSessionId(id)?.random)
+
+    // The other instance serves the moved session too, and it now has two copies again.
+    const again = await browser.send(appA, 'POST', '/cart/plum')
+    expect(again.body.cart).toEqual(['apple', 'pear', 'plum'])
+    expect(await serverOf(moved).has(keysOf(moved).primary)).toBe(true)
+    expect(await backupServerOf(moved).has(keysOf(moved).backup)).toBe(true)
+  })
+
+  it('gives the copy back to a primary that restarted empty, keeping the id', async () => {
+    const id = await fillCart()
+    const primary = serverOf(id)
+    await primary.restart()
+    expect(await primary.has(keysOf(id).primary)).toBe(false)
+
+    const reply = await browser.send(appA, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple', 'pear'])
+    expect(reply.setCookie).toBeUndefined()
+    expect(browser.sessionId).toBe(id)
+    expect(await primary.has(keysOf(id).primary)).toBe(true)
+  })
+
+  it('keeps the cart when the backup node dies, and writes the next backup further along', async () => {
+    const id = await fillCart()
+    await backupServerOf(id).kill()
+
+    const reply = await browser.send(appB, 'POST', '/cart/fig')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['apple', 'pear', 'fig'])
+    expect(browser.sessionId).toBe(id)
+    const third = servers.find((s) => s !== serverOf(id) && s !== backupServerOf(id)) as MemcachedServer
+    expect(await third.has(keysOf(id).backup)).toBe(true)
+
+    // And the copy on that third node is what saves the session when the primary dies next.
+    await serverOf(id).kill()
+    const after = await browser.send(appA, 'GET', '/cart')
+    expect(after.body.cart).toEqual(['apple', 'pear', 'fig'])
+  })
+
+  it('answers within about one operation timeout when the primary is frozen (SIGSTOP)', async () => {
+    const id = await fillCart()
+    const primary = serverOf(id)
+    primary.freeze()
+    try {
+      const reply = await browser.send(appA, 'POST', '/cart/kiwi')
+      expect(reply.status).toBe(200)
+      expect(reply.body.cart).toEqual(['apple', 'pear', 'kiwi'])
+      // Bounded by the timeout, not by the frozen server: without a bound this request never returns.
+      expect(reply.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 6)
+      expect(parseSessionId(browser.sessionId)?.nodeId).not.toBe(parseSessionId(id)?.nodeId)
+      // Known dead now: the next request does not wait at all on it.
+      const next = await browser.send(appB, 'GET', '/cart')
+      expect(next.body.cart).toEqual(['apple', 'pear', 'kiwi'])
+    } finally {
+      primary.thaw()
+    }
+  })
+
+  it('fails fast with 503 and Retry-After when every node is down, and recovers by itself', async () => {
+    await fillCart()
+    await Promise.all(servers.map((server) => server.kill()))
+
+    const first = await browser.send(appA, 'GET', '/cart')
+    expect(first.status).toBe(503)
+    expect(first.headers.get('retry-after')).toMatch(/^\d+$/)
+    const second = await browser.send(appA, 'POST', '/cart/x')
+    expect(second.status).toBe(503)
+    expect(second.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 4)
+
+    await Promise.all(servers.map((server) => server.restart()))
+    await sleep(PROBE_INTERVAL * 4)
+    const recovered = await browser.send(appA, 'POST', '/cart/y')
+    expect(recovered.status).toBe(200)
+    expect(recovered.body.cart).toEqual(['y'])
+  })
+
+  it('answers an error, not 200, when the write of a change fails', async () => {
+    await fillCart()
+    appA.beforeModify = () => Promise.all(servers.map((server) => server.kill())).then(() => undefined)
+    const reply = await browser.send(appA, 'POST', '/slow/melon')
+    expect(reply.status).toBe(503)
+    expect(reply.setCookie).toBeUndefined()
+    expect(reply.body.cart).toBeUndefined()
+  })
+
+  it('stores a change made in a streamed response before the headers go out', async () => {
+    await fillCart()
+    const reply = await browser.send(appA, 'POST', '/stream/lime')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['apple', 'pear', 'lime'])
+    expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'lime'])
+  })
+
+  it('writes nothing to any node for read-only requests', async () => {
+    await fillCart()
+    const writes = async () => {
+      const all = await Promise.all(servers.map((server) => server.stats()))
+      return all.map((s) => ({ set: s.cmd_set, touch: s.cmd_touch, delete: (s.delete_hits ?? 0) + (s.delete_misses ?? 0) }))
+    }
+    const before = await writes()
+    for (let i = 0; i < 10; i++) {
+      const reply = await browser.send(i % 2 ? appA : appB, 'GET', '/cart')
+      expect(reply.body.cart).toEqual(['apple', 'pear'])
+      expect(reply.setCookie).toBeUndefined()
+    }
+    expect(await writes()).toEqual(before)
+    // The counters do move on a write, so the comparison above can fail.
+    await browser.send(appA, 'POST', '/cart/grape')
+    expect(await writes()).not.toEqual(before)
+  })
+
+  it('removes both copies on destroy and on regenerate', async () => {
+    const id = await fillCart()
+    const login = await browser.send(appA, 'POST', '/login')
+    expect(login.status).toBe(200)
+    const renewed = browser.sessionId
+    expect(renewed).not.toBe(id)
+    for (const server of servers) {
+      expect(await server.has(keysOf(id).primary)).toBe(false)
+      expect(await server.has(keysOf(id).backup)).toBe(false)
+    }
+    expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+
+    expect((await browser.send(appB, 'POST', '/logout')).status).toBe(200)
+    for (const server of servers) {
+      expect(await server.has(keysOf(renewed).primary)).toBe(false)
+      expect(await server.has(keysOf(renewed).backup)).toBe(false)
+    }
+    expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
+  it('treats tampered, unsigned, malformed and foreign-node cookies as no session', async () => {
+    const id = await fillCart()
+    const { random } = parseSessionId(id) as { random: string }
+    const forged = [
+      `connect.sid=${encodeURIComponent(`s:${sign(id, 'another-secret')}`)}`,
+      `connect.sid=${encodeURIComponent(`s:${id}.AAAA`)}`,
+      `connect.sid=${encodeURIComponent(id)}`,
+      `connect.sid=${encodeURIComponent(`s:${sign(`${random}-n9`, SECRET)}`)}`,
+      `connect.sid=${encodeURIComponent(`s:${sign(`${random}-evil.example.com:11211`, SECRET)}`)}`,
+      `connect.sid=${encodeURIComponent(`s:${sign('short-n1', SECRET)}`)}`,
+      `connect.sid=${'x'.repeat(5000)}`,
+      'connect.sid=%E0%A4%A',
+    ]
+    for (const cookie of forged) {
+      const stranger = new Browser()
+      stranger.cookie = cookie
+      const reply = await stranger.send(appA, 'POST', '/cart/bait')
+      expect(reply.status).toBe(200)
+      expect(reply.body.cart).toEqual(['bait'])
+      expect(stranger.sessionId).not.toBe(id)
+    }
+    // The real session is untouched.
+    expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+  })
+
+  it('spreads new sessions over the nodes', async () => {
+    const counts = new Map<string, number>()
+    for (let i = 0; i < 30; i++) {
+      const visitor = new Browser()
+      await visitor.send(i % 2 ? appA : appB, 'POST', '/cart/one')
+      const node = parseSessionId(visitor.sessionId)?.nodeId as string
+      counts.set(node, (counts.get(node) ?? 0) + 1)
+    }
+    expect([...counts.keys()].sort()).toEqual(['n1', 'n2', 'n3'])
+    for (const count of counts.values()) expect(count).toBe(10)
+  })
+})

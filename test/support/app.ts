@@ -1,0 +1,130 @@
+import type { Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import express5 from 'express'
+import express4 from 'express4'
+import { type SessionFailoverMiddleware, type SessionFailoverOptions, sessionFailover } from '../../src/index.js'
+
+export const expressVersions = [
+  { name: 'Express 4', express: express4 as unknown as typeof express5 },
+  { name: 'Express 5', express: express5 },
+] as const
+
+export type ExpressModule = (typeof expressVersions)[number]['express']
+
+declare module 'express-session' {
+  interface SessionData {
+    cart: string[]
+    views: number
+  }
+}
+
+export interface ShopApp {
+  readonly url: string
+  readonly sessions: SessionFailoverMiddleware
+  /** Runs inside POST /slow/:item after the session was loaded and before it is modified. */
+  beforeModify: () => Promise<void>
+  close(): Promise<void>
+}
+
+/** A small shop on a real HTTP server: the cart lives in the session. */
+export async function startShop(express: ExpressModule, options: SessionFailoverOptions): Promise<ShopApp> {
+  const app = express()
+  const sessions = sessionFailover(options)
+  app.use(sessions)
+  const shop = {} as ShopApp
+  shop.beforeModify = async () => {}
+
+  app.get('/cart', (req, res) => {
+    res.json({ id: req.sessionID, cart: req.session.cart ?? [] })
+  })
+  app.post('/cart/:item', (req, res) => {
+    req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
+    res.json({ id: req.sessionID, cart: req.session.cart })
+  })
+  app.post('/slow/:item', async (req, res, next) => {
+    try {
+      await shop.beforeModify()
+      req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
+      res.json({ cart: req.session.cart })
+    } catch (error) {
+      next(error)
+    }
+  })
+  app.post('/stream/:item', (req, res) => {
+    req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
+    res.write('{"cart":')
+    res.end(`${JSON.stringify(req.session.cart)}}`)
+  })
+  app.post('/logout', (req, res, next) => {
+    req.session.destroy((error) => (error ? next(error) : res.json({ ok: true })))
+  })
+  app.post('/login', (req, res, next) => {
+    const cart = req.session.cart
+    req.session.regenerate((error) => {
+      if (error) return next(error)
+      req.session.cart = cart ?? []
+      res.json({ id: req.sessionID })
+    })
+  })
+  app.post('/save-then-fail', (req, res, next) => {
+    req.session.views = (req.session.views ?? 0) + 1
+    req.session.save((error) => (error ? next(error) : res.json({ id: req.sessionID })))
+  })
+
+  const server: Server = await new Promise((resolve) => {
+    const listening = app.listen(0, '127.0.0.1', () => resolve(listening))
+  })
+  const { port } = server.address() as AddressInfo
+  Object.assign(shop, {
+    url: `http://127.0.0.1:${port}`,
+    sessions,
+    async close() {
+      server.closeAllConnections()
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+      await sessions.close()
+    },
+  })
+  return shop
+}
+
+export interface Reply {
+  readonly status: number
+  readonly body: { id?: string; cart?: string[] } & Record<string, unknown>
+  readonly setCookie: string | undefined
+  readonly headers: Headers
+  readonly elapsedMs: number
+}
+
+/** A browser: one cookie jar, any number of app instances behind it. */
+export class Browser {
+  cookie: string | undefined
+
+  constructor(readonly cookieName = 'connect.sid') {}
+
+  async send(app: ShopApp, method: 'GET' | 'POST', path: string): Promise<Reply> {
+    const started = performance.now()
+    const response = await fetch(app.url + path, {
+      method,
+      headers: this.cookie ? { cookie: this.cookie } : {},
+      signal: AbortSignal.timeout(15_000),
+    })
+    const text = await response.text()
+    const elapsedMs = performance.now() - started
+    const setCookie = response.headers.getSetCookie().find((c) => c.startsWith(`${this.cookieName}=`))
+    if (setCookie) this.cookie = setCookie.split(';')[0]
+    let body: Reply['body'] = {}
+    try {
+      body = JSON.parse(text)
+    } catch {
+      body = { text }
+    }
+    return { status: response.status, body, setCookie, headers: response.headers, elapsedMs }
+  }
+
+  /** The session id inside the signed cookie. */
+  get sessionId(): string | undefined {
+    if (!this.cookie) return undefined
+    const value = decodeURIComponent(this.cookie.slice(this.cookie.indexOf('=') + 1))
+    return value.slice(2, value.lastIndexOf('.'))
+  }
+}

@@ -1,0 +1,41 @@
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { memcachedBinary } from './memcached.js'
+
+/**
+ * Makes sure memcached is installed (installing Debian's package when running as root), and keeps a pid file
+ * that the teardown uses to kill any server a test worker left running, whatever happened to the worker.
+ */
+export default function setup(): () => void {
+  if (!memcachedBinary()) {
+    if (process.getuid?.() !== 0) {
+      throw new Error('memcached is not installed: run `sudo apt-get install -y memcached`, then the tests again')
+    }
+    execFileSync('sh', ['-c', 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached'], {
+      stdio: 'inherit',
+    })
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'session-failover-test-'))
+  const pidFile = join(dir, 'pids')
+  process.env.SF_TEST_PID_FILE = pidFile
+  return () => {
+    let pids: number[] = []
+    try {
+      pids = readFileSync(pidFile, 'utf8').split('\n').filter(Boolean).map(Number)
+    } catch {
+      // no server was started
+    }
+    for (const pid of pids) {
+      for (const signal of ['SIGCONT', 'SIGKILL'] as const) {
+        try {
+          process.kill(pid, signal)
+        } catch {
+          // already gone
+        }
+      }
+    }
+    rmSync(dir, { recursive: true, force: true })
+  }
+}
