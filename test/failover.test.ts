@@ -166,7 +166,11 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     await fillCart()
     const writes = async () => {
       const all = await Promise.all(servers.map((server) => server.stats()))
-      return all.map((s) => ({ set: s.cmd_set, touch: s.cmd_touch, delete: (s.delete_hits ?? 0) + (s.delete_misses ?? 0) }))
+      return all.map((s) => ({
+        set: s.cmd_set,
+        touch: s.cmd_touch,
+        delete: (s.delete_hits ?? 0) + (s.delete_misses ?? 0),
+      }))
     }
     const before = await writes()
     for (let i = 0; i < 10; i++) {

@@ -1,5 +1,5 @@
-import type { ReplicatedStore } from './store.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
+import type { ReplicatedStore } from './store.js'
 
 export interface OpenedSession {
   readonly state: SessionState

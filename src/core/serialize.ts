@@ -28,7 +28,8 @@ export function contentOf(record: Pick<SessionRecord, 'dataJson' | 'cookieJson'>
   } catch (cause) {
     throw new CorruptSessionError('stored session is not valid JSON', { cause })
   }
-  if (!isRecord(data) || !isRecord(cookie)) throw new CorruptSessionError('stored session is not a JSON object')
+  if (!isRecord(data) || !isRecord(cookie))
+    throw new CorruptSessionError('stored session is not a JSON object')
   return { data, cookie }
 }
 

@@ -99,7 +99,8 @@ export class SessionState {
 
   shouldSave(dataJson: string, policy: LifecyclePolicy): boolean {
     if (this.mustWrite) return true
-    const uninitializedNew = !policy.saveUninitialized && this.savedJson === undefined && this.cookieId !== this.id
+    const uninitializedNew =
+      !policy.saveUninitialized && this.savedJson === undefined && this.cookieId !== this.id
     return uninitializedNew ? this.isModified(dataJson) : !this.isSaved(dataJson)
   }
 

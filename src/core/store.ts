@@ -80,7 +80,10 @@ export class ReplicatedStore {
     if (!backup.record) {
       if (!primaryAnswered && !backup.anyAnswered) throw this.#allNodesDown()
       if (!primaryAnswered) {
-        this.#options.logger.warn({ node: primary }, 'session-failover: primary is down and no backup was found')
+        this.#options.logger.warn(
+          { node: primary },
+          'session-failover: primary is down and no backup was found',
+        )
       }
       return null
     }
@@ -174,7 +177,12 @@ export class ReplicatedStore {
     if (!results.some((result) => result.status === 'fulfilled')) throw this.#allNodesDown()
   }
 
-  async #writeBackup(primary: string, key: string, blob: Buffer, ttlSeconds: number): Promise<string | undefined> {
+  async #writeBackup(
+    primary: string,
+    key: string,
+    blob: Buffer,
+    ttlSeconds: number,
+  ): Promise<string | undefined> {
     // Each failure marks that node dead, so the next pass picks the following node; bounded by the ring size.
     for (let attempt = 0; attempt < this.#ring.size; attempt++) {
       const backup = this.#ring.nextAliveAfter(primary)
@@ -218,7 +226,10 @@ export class ReplicatedStore {
       return decodeRecord(blob)
     } catch (error) {
       if (!(error instanceof CorruptSessionError)) throw error
-      this.#options.logger.warn({ node: nodeId, err: error.message }, 'session-failover: corrupt session ignored')
+      this.#options.logger.warn(
+        { node: nodeId, err: error.message },
+        'session-failover: corrupt session ignored',
+      )
       return undefined
     }
   }

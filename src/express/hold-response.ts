@@ -73,5 +73,6 @@ export function holdResponse(
       return method === 'write' ? true : method === 'flushHeaders' ? undefined : res
     }
 
-  for (const method of ['writeHead', 'write', 'end', 'flushHeaders'] as const) target[method] = intercept(method)
+  for (const method of ['writeHead', 'write', 'end', 'flushHeaders'] as const)
+    target[method] = intercept(method)
 }

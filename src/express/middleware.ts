@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { contentOf, snapshotOf } from '../core/serialize.js'
 import { createEngine, type Engine } from '../create-engine.js'
-import { CorruptSessionError } from '../errors.js'
+import { ClosedError, CorruptSessionError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
@@ -32,14 +32,26 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     return cookie
   }
 
-  const middleware = (incoming: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void => {
+  let closed = false
+
+  const middleware = (
+    incoming: IncomingMessage,
+    res: ServerResponse,
+    next: (error?: unknown) => void,
+  ): void => {
     const req = incoming as SessionRequest
+    if (closed) {
+      next(new ClosedError('session-failover was closed; no session can be served'))
+      return
+    }
     if (req.session || !requestPath(req).startsWith(cookiePath)) {
       next()
       return
     }
     const presented = readSessionId(req.headers.cookie, config.name, config.secrets)
-    const cookieId = presented !== undefined && engine.session.store.recognize(presented) ? presented : undefined
+    const recognized = presented !== undefined && engine.session.store.recognize(presented.id) !== null
+    const cookieId = recognized ? presented?.id : undefined
+    const resign = recognized && presented?.resign === true
 
     engine.session.open(cookieId).then(({ state, stored }) => {
       const store = new RequestStore(req, engine.session, state, newCookie)
@@ -62,8 +74,18 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         current.touch()
         const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
         req.sessionID = state.id
-        if (setCookie && !res.headersSent && (!current.cookie.secure || isSecure(req, config.proxy))) {
-          appendSessionCookie(res, config.name, state.id, config.secrets[0] as string, (current.cookie as SessionCookie).data)
+        if (
+          (setCookie || resign) &&
+          !res.headersSent &&
+          (!current.cookie.secure || isSecure(req, config.proxy))
+        ) {
+          appendSessionCookie(
+            res,
+            config.name,
+            state.id,
+            config.secrets[0] as string,
+            (current.cookie as SessionCookie).data,
+          )
         }
       }
       holdResponse(res, commit, next)
@@ -72,7 +94,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
   }
 
   return Object.assign(middleware, {
-    close: () => engine.close(),
+    close: () => {
+      closed = true
+      return engine.close()
+    },
     health: () => engine.ring.health(),
   })
 }

@@ -54,10 +54,14 @@ export class RequestStore {
   /** Builds req.session from stored content, as express-session's Store#createSession. */
   inflate(content: SessionContent): void {
     this.#req.sessionID = this.#state.id
-    session.Store.prototype.createSession.call(this, this.#req as never, {
-      ...content.data,
-      cookie: content.cookie,
-    } as never)
+    session.Store.prototype.createSession.call(
+      this,
+      this.#req as never,
+      {
+        ...content.data,
+        cookie: content.cookie,
+      } as never,
+    )
   }
 
   set(_id: string, sess: session.Session, callback: Callback = () => {}): void {

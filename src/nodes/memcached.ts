@@ -25,6 +25,7 @@ export class MemcachedNode implements SessionNode {
   readonly #server: memjs.Server
   readonly #timeoutMs: number
   readonly #probeKey: string
+  #closed = false
 
   constructor(config: MemcachedNodeConfig) {
     this.id = config.id
@@ -44,23 +45,23 @@ export class MemcachedNode implements SessionNode {
   }
 
   get(key: string): Promise<Buffer | null> {
-    return this.#run('get', this.#client.get(key).then((result) => result.value))
+    return this.#run('get', () => this.#client.get(key).then((result) => result.value))
   }
 
   async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
-    await this.#run('set', this.#client.set(key, value, { expires: memcachedExpiry(ttlSeconds) }))
+    await this.#run('set', () => this.#client.set(key, value, { expires: memcachedExpiry(ttlSeconds) }))
   }
 
   add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
-    return this.#run('add', this.#client.add(key, value, { expires: memcachedExpiry(ttlSeconds) }))
+    return this.#run('add', () => this.#client.add(key, value, { expires: memcachedExpiry(ttlSeconds) }))
   }
 
   delete(key: string): Promise<boolean> {
-    return this.#run('delete', this.#client.delete(key))
+    return this.#run('delete', () => this.#client.delete(key))
   }
 
   touch(key: string, ttlSeconds: number): Promise<boolean> {
-    return this.#run('touch', this.#client.touch(key, memcachedExpiry(ttlSeconds)))
+    return this.#run('touch', () => this.#client.touch(key, memcachedExpiry(ttlSeconds)))
   }
 
   async ping(): Promise<void> {
@@ -68,14 +69,18 @@ export class MemcachedNode implements SessionNode {
   }
 
   async close(): Promise<void> {
+    this.#closed = true
     this.#server.error(new Error('node closed'))
   }
 
-  #run<T>(operation: string, pending: Promise<T>): Promise<T> {
-    const wrapped = pending.catch((cause: unknown) => {
+  #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
+    // memjs would silently reconnect; a closed node must stay closed.
+    if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
+    const wrapped = start().catch((cause: unknown) => {
       const message = `${this.address} failed ${operation}: ${describeCause(cause)}`
       // memjs prefixes errors that carry a server reply status with 'MemJS'; anything else is the connection.
-      if (cause instanceof Error && cause.message.startsWith('MemJS ')) throw new NodeRejectedError(message, { cause })
+      if (cause instanceof Error && cause.message.startsWith('MemJS '))
+        throw new NodeRejectedError(message, { cause })
       throw new NodeOperationError(message, { cause })
     })
     return withTimeout(

@@ -2,7 +2,11 @@ import type { Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import express5 from 'express'
 import express4 from 'express4'
-import { type SessionFailoverMiddleware, type SessionFailoverOptions, sessionFailover } from '../../src/index.js'
+import {
+  type SessionFailoverMiddleware,
+  type SessionFailoverOptions,
+  sessionFailover,
+} from '../../src/index.js'
 
 export const expressVersions = [
   { name: 'Express 4', express: express4 as unknown as typeof express5 },
@@ -54,6 +58,16 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
     res.write('{"cart":')
     res.end(`${JSON.stringify(req.session.cart)}}`)
+  })
+  app.post('/unset', (req, res) => {
+    ;(req as { session: unknown }).session = null
+    res.json({ ok: true })
+  })
+  app.get('/reload', (req, res, next) => {
+    req.session.reload((error: unknown) => (error ? next(error) : res.json({ cart: req.session.cart ?? [] })))
+  })
+  app.get('/elsewhere/cart', (req, res) => {
+    res.json({ hasSession: req.session !== undefined })
   })
   app.post('/logout', (req, res, next) => {
     req.session.destroy((error) => (error ? next(error) : res.json({ ok: true })))

@@ -11,11 +11,17 @@ import { memcachedBinary } from './memcached.js'
 export default function setup(): () => void {
   if (!memcachedBinary()) {
     if (process.getuid?.() !== 0) {
-      throw new Error('memcached is not installed: run `sudo apt-get install -y memcached`, then the tests again')
+      throw new Error(
+        'memcached is not installed: run `sudo apt-get install -y memcached`, then the tests again',
+      )
     }
-    execFileSync('sh', ['-c', 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached'], {
-      stdio: 'inherit',
-    })
+    execFileSync(
+      'sh',
+      ['-c', 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached'],
+      {
+        stdio: 'inherit',
+      },
+    )
   }
   const dir = mkdtempSync(join(tmpdir(), 'session-failover-test-'))
   const pidFile = join(dir, 'pids')

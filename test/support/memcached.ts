@@ -20,6 +20,8 @@ export interface MemcachedServer {
   stats(): Promise<Record<string, number>>
   /** True when `key` is stored. */
   has(key: string): Promise<boolean>
+  /** Seconds until `key` expires (memcached meta command), or null when it is absent. */
+  ttl(key: string): Promise<number | null>
   /** Stores raw bytes under `key`, bypassing the library. */
   put(key: string, value: Buffer): Promise<void>
 }
@@ -142,6 +144,11 @@ export async function startMemcached(): Promise<MemcachedServer> {
     async has(key: string) {
       const reply = await ask(port, `get ${key}\r\n`, /END\r\n$/)
       return reply.startsWith('VALUE ')
+    },
+    async ttl(key: string) {
+      const reply = await ask(port, `mg ${key} t\r\n`, /\r\n$/)
+      const match = /^HD t(-?\d+)/.exec(reply)
+      return match ? Number(match[1]) : null
     },
     async put(key: string, value: Buffer) {
       const header = Buffer.from(`set ${key} 0 0 ${value.length}\r\n`)

@@ -1,0 +1,112 @@
+import { describe, expect, it } from 'vitest'
+import { ConfigError } from '../src/errors.js'
+import { parseOptions } from '../src/options.js'
+
+const nodes = 'n1:127.0.0.1:11211 n2:127.0.0.1:11212'
+
+function message(options: unknown, env?: string): string {
+  try {
+    parseOptions(options, env)
+  } catch (error) {
+    expect(error).toBeInstanceOf(ConfigError)
+    expect((error as ConfigError).code).toBe('ESF_CONFIG')
+    return (error as Error).message
+  }
+  throw new Error('expected a ConfigError')
+}
+
+describe('options', () => {
+  it('fills every default, like express-session where it has one', () => {
+    const config = parseOptions({ secret: 's', nodes })
+    expect(config).toMatchObject({
+      secrets: ['s'],
+      name: 'connect.sid',
+      rolling: false,
+      resave: false,
+      saveUninitialized: false,
+      proxy: undefined,
+      unsetDestroy: false,
+      prefix: 'sf:',
+      ttlSeconds: 86_400,
+      operationTimeoutMs: 1000,
+      nodeProbeIntervalMs: 2000,
+      touchAfter: 0.1,
+    })
+    expect(config.nodes).toEqual([
+      { id: 'n1', host: '127.0.0.1', port: 11211 },
+      { id: 'n2', host: '127.0.0.1', port: 11212 },
+    ])
+    expect(Object.isFrozen(config)).toBe(true)
+  })
+
+  it('reads nodes as a string (spaces or commas, IPv6 in brackets, default port) or an array', () => {
+    expect(parseOptions({ secret: 's', nodes: 'a:h1:1,b:[::1]:2 c:h3' }).nodes).toEqual([
+      { id: 'a', host: 'h1', port: 1 },
+      { id: 'b', host: '::1', port: 2 },
+      { id: 'c', host: 'h3', port: 11211 },
+    ])
+    expect(parseOptions({ secret: 's', nodes: [{ id: 'x', host: 'h', port: 5 }] }).nodes).toEqual([
+      { id: 'x', host: 'h', port: 5 },
+    ])
+  })
+
+  it.each([
+    [
+      { nodes },
+      'Expected `secret` to be a non-empty string or a non-empty array of non-empty strings, got `undefined`',
+    ],
+    [{ secret: [], nodes }, 'got an array of 0'],
+    [
+      { secret: 's', nodes: 'n1:h:99999' },
+      "port of node 'n1' to be an integer from 1 to 65535, got `99999` (number)",
+    ],
+    [{ secret: 's', nodes: 'n-1:h:1' }, "got `'n-1'` (string)"],
+    [{ secret: 's', nodes: 'n1:h:1 n1:h:2' }, "Expected node ids to be unique, got 'n1' twice"],
+    [{ secret: 's', nodes: 'n1' }, "to look like 'id:host:port', got 'n1'"],
+    [{ secret: 's', nodes: '' }, 'at least one node'],
+    [{ secret: 's', nodes: 42 }, 'got `42` (number)'],
+    [
+      { secret: 's', nodes, operationTimeout: 0 },
+      'Expected `operationTimeout` to be a number from 1 and up (milliseconds), got `0` (number)',
+    ],
+    [
+      { secret: 's', nodes, touchAfter: 2 },
+      'Expected `touchAfter` to be a number from 0 to 1 (fraction of the TTL), got `2` (number)',
+    ],
+    [
+      { secret: 's', nodes, ttl: 1.5 },
+      'Expected `ttl` to be an integer from 1 and up (seconds), got `1.5` (number)',
+    ],
+    [
+      { secret: 's', nodes, unset: 'drop' },
+      "Expected `unset` to be 'keep' or 'destroy', got `'drop'` (string)",
+    ],
+    [{ secret: 's', nodes, rolling: 'yes' }, 'Expected `rolling` to be a boolean'],
+    [{ secret: 's', nodes, prefix: 'has space' }, 'Expected `prefix` to be up to 100 printable ASCII'],
+    [
+      { secret: 's', nodes, cookie: { maxAge: -1 } },
+      'Expected `cookie.maxAge` to be a number of milliseconds >= 0',
+    ],
+    [{ secret: 's', nodes, cookie: { maxage: 1 } }, 'Unknown cookie option `cookie.maxage`'],
+    [{ secret: 's', nodes, operationTimout: 5 }, 'Unknown option `operationTimout`'],
+    [{ secret: 's', nodes, store: {} }, 'Option `store` is not supported'],
+    [{ secret: 's', nodes, genid: () => 'x' }, 'Option `genid` is not supported'],
+    [{ secret: 's', nodes, sticky: true }, '`sticky: true` is not available in this version'],
+    [
+      { secret: 's', nodes, logger: console.log },
+      'Expected `logger` to have debug, info, warn and error methods',
+    ],
+    ['s', 'Expected options to be an object like { secret, nodes }'],
+  ])('rejects %j with a message saying what was expected and given', (options, expected) => {
+    expect(message(options)).toContain(expected)
+  })
+
+  it('refuses to start without nodes in production, naming what to configure', () => {
+    expect(message({ secret: 's' }, 'production')).toContain('Set `nodes`')
+    expect(parseOptions({ secret: 's' }, 'development').nodes).toBeUndefined()
+  })
+
+  it('never echoes a secret in an error', () => {
+    expect(message({ secret: ['good-secret', ''], nodes })).not.toContain('good-secret')
+  })
+})

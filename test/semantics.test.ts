@@ -1,0 +1,181 @@
+import { sign } from 'cookie-signature'
+import { afterEach, describe, expect, it } from 'vitest'
+import { encodeRecord } from '../src/core/codec.js'
+import { storageKeys } from '../src/core/keys.js'
+import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
+import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+
+const SECRET = 'semantics-secret'
+
+describe.each(expressVersions)('express-session semantics on $name', ({ express }) => {
+  let servers: MemcachedServer[]
+  let apps: ShopApp[] = []
+
+  async function shop(options: Partial<SessionFailoverOptions> = {}): Promise<ShopApp> {
+    servers ??= await startCluster(2)
+    const app = await startShop(express, { secret: SECRET, nodes: nodesOption(servers), ...options })
+    apps.push(app)
+    return app
+  }
+
+  afterEach(async () => {
+    await Promise.all(apps.map((app) => app.close()))
+    apps = []
+    await stopAllMemcached()
+    servers = undefined as unknown as MemcachedServer[]
+  })
+
+  const sets = async () =>
+    (await Promise.all(servers.map((s) => s.stats()))).reduce((n, s) => n + (s.cmd_set ?? 0), 0)
+  const touches = async () =>
+    (await Promise.all(servers.map((s) => s.stats()))).reduce((n, s) => n + (s.cmd_touch ?? 0), 0)
+  const keysOf = (id: string | undefined) => storageKeys('sf:', parseSessionId(id)?.random ?? '')
+  const primaryOf = (id: string | undefined) =>
+    servers[Number(parseSessionId(id)?.nodeId.slice(1)) - 1] as MemcachedServer
+
+  it('neither stores nor sends a cookie for an untouched new session (saveUninitialized: false)', async () => {
+    const app = await shop()
+    const before = await sets()
+    const reply = await new Browser().send(app, 'GET', '/cart')
+    expect(reply.status).toBe(200)
+    expect(reply.setCookie).toBeUndefined()
+    expect(await sets()).toBe(before)
+  })
+
+  it('stores and sends new sessions with saveUninitialized: true', async () => {
+    const app = await shop({ saveUninitialized: true })
+    const browser = new Browser()
+    const reply = await browser.send(app, 'GET', '/cart')
+    expect(reply.setCookie).toBeDefined()
+    expect(await primaryOf(browser.sessionId).has(keysOf(browser.sessionId).primary)).toBe(true)
+  })
+
+  it('rewrites an unchanged session only with resave: true', async () => {
+    for (const resave of [false, true]) {
+      const app = await shop({ resave })
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const before = await sets()
+      await browser.send(app, 'GET', '/cart')
+      expect(await sets()).toBe(resave ? before + 2 : before)
+    }
+  })
+
+  it('sends the cookie on every response with rolling: true, without writing', async () => {
+    const app = await shop({ rolling: true, cookie: { maxAge: 60_000 } })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const before = await sets()
+    const reply = await browser.send(app, 'GET', '/cart')
+    expect(reply.setCookie).toMatch(/Expires=/)
+    expect(await sets()).toBe(before)
+  })
+
+  it('stores with the TTL of cookie.maxAge, or `ttl` for a browser-session cookie', async () => {
+    const withMaxAge = await shop({ cookie: { maxAge: 120_000 } })
+    const a = new Browser()
+    const reply = await a.send(withMaxAge, 'POST', '/cart/apple')
+    expect(reply.setCookie).toMatch(/Expires=/)
+    const ttlA = await primaryOf(a.sessionId).ttl(keysOf(a.sessionId).primary)
+    expect(ttlA).toBeGreaterThan(110)
+    expect(ttlA).toBeLessThanOrEqual(120)
+
+    const sessionCookie = await shop({ ttl: 3600 })
+    const b = new Browser()
+    expect((await b.send(sessionCookie, 'POST', '/cart/apple')).setCookie).not.toMatch(/Expires=/)
+    const ttlB = await primaryOf(b.sessionId).ttl(keysOf(b.sessionId).backup.replace('bak:', ''))
+    expect(ttlB).toBeGreaterThan(3590)
+  })
+
+  it('refreshes the expiry of an unchanged session with touches, not writes, once touchAfter has passed', async () => {
+    const eager = await shop({ touchAfter: 0, ttl: 600 })
+    const browser = new Browser()
+    await browser.send(eager, 'POST', '/cart/apple')
+    const [setsBefore, touchesBefore] = [await sets(), await touches()]
+    await browser.send(eager, 'GET', '/cart')
+    await new Promise((resolve) => setTimeout(resolve, 100)) // the touch does not hold the response
+    expect(await sets()).toBe(setsBefore)
+    expect(await touches()).toBe(touchesBefore + 2) // primary and backup
+
+    const lazy = await shop({ ttl: 600 }) // touchAfter 0.1: nothing to refresh right after a write
+    const other = new Browser()
+    await other.send(lazy, 'POST', '/cart/apple')
+    const touchesNow = await touches()
+    await other.send(lazy, 'GET', '/cart')
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    expect(await touches()).toBe(touchesNow)
+  })
+
+  it("removes both copies when req.session is unset with unset: 'destroy', keeps them with 'keep'", async () => {
+    for (const unset of ['destroy', 'keep'] as const) {
+      const app = await shop({ unset })
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const keys = keysOf(browser.sessionId)
+      await browser.send(app, 'POST', '/unset')
+      const stored = await Promise.all(servers.flatMap((s) => [s.has(keys.primary), s.has(keys.backup)]))
+      expect(stored.some(Boolean)).toBe(unset === 'keep')
+    }
+  })
+
+  it('sends a secure cookie only over https, trusting X-Forwarded-Proto with proxy: true', async () => {
+    const plain = await shop({ cookie: { secure: true } })
+    expect((await new Browser().send(plain, 'POST', '/cart/a')).setCookie).toBeUndefined()
+
+    const proxied = await shop({ cookie: { secure: true }, proxy: true })
+    const reply = await fetch(`${proxied.url}/cart/a`, {
+      method: 'POST',
+      headers: { 'x-forwarded-proto': 'https' },
+    })
+    expect(reply.headers.getSetCookie()[0]).toMatch(/; Secure/)
+  })
+
+  it('verifies cookies signed with any configured secret (rotation), and re-signs old ones with the first', async () => {
+    const old = await shop({ secret: 'old-secret' })
+    const browser = new Browser()
+    await browser.send(old, 'POST', '/cart/apple')
+    const rotated = await shop({ secret: ['new-secret', 'old-secret'] })
+    const reply = await browser.send(rotated, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple'])
+    const value = decodeURIComponent(reply.setCookie?.split(';')[0]?.split('=')[1] ?? '')
+    expect(value).toBe(`s:${sign(browser.sessionId as string, 'new-secret')}`)
+    // Once re-signed, the cookie is not sent again for an unchanged session.
+    expect((await browser.send(rotated, 'GET', '/cart')).setCookie).toBeUndefined()
+  })
+
+  it('supports save() and reload() inside a request, without writing twice', async () => {
+    const app = await shop()
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const before = await sets()
+    expect((await browser.send(app, 'POST', '/save-then-fail')).status).toBe(200)
+    expect(await sets()).toBe(before + 2)
+    expect((await browser.send(app, 'GET', '/reload')).body.cart).toEqual(['apple'])
+  })
+
+  it('leaves requests outside cookie.path without a session', async () => {
+    const app = await shop({ cookie: { path: '/cart' } })
+    expect((await new Browser().send(app, 'GET', '/elsewhere/cart')).body.hasSession).toBe(false)
+  })
+
+  it('falls back to the backup when the primary copy is corrupt, and a fresh session when both are', async () => {
+    const app = await shop()
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const keys = keysOf(browser.sessionId)
+    const primary = primaryOf(browser.sessionId)
+    await primary.put(keys.primary, Buffer.from('not a session'))
+    expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect(await primary.has(keys.primary)).toBe(true)
+
+    const badJson = encodeRecord({ version: 9, writtenAt: Date.now(), cookieJson: '{}', dataJson: '{oops' })
+    for (const server of servers) {
+      await server.put(keys.primary, badJson)
+      await server.put(keys.backup, badJson)
+    }
+    const reply = await browser.send(app, 'POST', '/cart/pear')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['pear'])
+  })
+})
