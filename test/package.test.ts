@@ -1,0 +1,79 @@
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+
+const root = resolve(import.meta.dirname, '..')
+const run = (command: string, args: string[], cwd: string) =>
+  execFileSync(command, args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 180_000 })
+
+/** What a user gets from `npm install session-failover`: the packed tarball, installed into an empty app. */
+describe('the npm package', () => {
+  let app: string
+
+  beforeAll(() => {
+    app = mkdtempSync(join(tmpdir(), 'session-failover-pack-'))
+    run('npm', ['pack', '--pack-destination', app, '--silent'], root)
+    const tarball = readdirSync(app).find((name) => name.endsWith('.tgz')) as string
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'consumer', private: true }))
+    run('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', `./${tarball}`, 'express@5'], app)
+  }, 240_000)
+
+  afterAll(() => rmSync(app, { recursive: true, force: true }))
+
+  it('ships only the build, the README and the license', () => {
+    const files = run('tar', ['-tzf', readdirSync(app).find((name) => name.endsWith('.tgz')) as string], app)
+      .split('\n')
+      .filter(Boolean)
+    expect(files).toContain('package/dist/index.js')
+    expect(files).toContain('package/dist/index.d.ts')
+    expect(files).toContain('package/README.md')
+    expect(files).toContain('package/LICENSE')
+    expect(files.filter((file) => /package\/(src|test|examples|bench)\//.test(file))).toEqual([])
+  })
+
+  it('works from import and from require()', () => {
+    writeFileSync(
+      join(app, 'esm.mjs'),
+      `import express from 'express'
+import { sessionFailover, parseSessionId, ConfigError } from 'session-failover'
+const app = express()
+app.use(sessionFailover({ secret: 's', nodes: 'n1:127.0.0.1:1' }))
+try { sessionFailover({ secret: '' }) } catch (e) { if (!(e instanceof ConfigError)) throw e }
+console.log(parseSessionId('${'a'.repeat(24)}-n1').nodeId)
+process.exit(0)
+`,
+    )
+    writeFileSync(
+      join(app, 'cjs.cjs'),
+      `const { sessionFailover, parseSessionId } = require('session-failover')
+if (typeof sessionFailover !== 'function') throw new Error('no sessionFailover')
+console.log(parseSessionId('${'b'.repeat(24)}-n2').nodeId)
+`,
+    )
+    expect(run('node', ['esm.mjs'], app).trim()).toBe('n1')
+    expect(run('node', ['cjs.cjs'], app).trim()).toBe('n2')
+  })
+
+  it('has type declarations that type req.session like express-session', () => {
+    writeFileSync(
+      join(app, 'typed.ts'),
+      `import express from 'express'
+import { sessionFailover, parseSessionId, type SessionFailoverOptions } from 'session-failover'
+declare module 'express-session' { interface SessionData { cart: string[] } }
+const options: SessionFailoverOptions = { secret: ['a', 'b'], nodes: [{ id: 'n1', host: '127.0.0.1', port: 11211 }] }
+const sessions = sessionFailover(options)
+const app = express()
+app.use(sessions)
+app.get('/', (req, res) => { req.session.cart = ['x']; res.json(parseSessionId(req.sessionID)?.nodeId) })
+void sessions.close()
+`,
+    )
+    const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
+    const args = ['--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022']
+    expect(() => run('node', [tsc, ...args, 'typed.ts'], app)).not.toThrow()
+    writeFileSync(join(app, 'wrong.ts'), `import { sessionFailover } from 'session-failover'\nsessionFailover({ nodes: 1 })\n`)
+    expect(() => run('node', [tsc, ...args, 'wrong.ts'], app)).toThrow()
+  })
+})
