@@ -137,6 +137,8 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     const second = await browser.send(appA, 'POST', '/cart/x')
     expect(second.status).toBe(503)
     expect(second.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 4)
+    // A first visit that stores nothing needs no node and is still served.
+    expect((await new Browser().send(appB, 'GET', '/cart')).status).toBe(200)
 
     await Promise.all(servers.map((server) => server.restart()))
     await sleep(PROBE_INTERVAL * 4)

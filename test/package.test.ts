@@ -71,9 +71,21 @@ void sessions.close()
 `,
     )
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
-    const args = ['--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022']
+    const args = [
+      '--noEmit',
+      '--strict',
+      '--module',
+      'nodenext',
+      '--moduleResolution',
+      'nodenext',
+      '--target',
+      'es2022',
+    ]
     expect(() => run('node', [tsc, ...args, 'typed.ts'], app)).not.toThrow()
-    writeFileSync(join(app, 'wrong.ts'), `import { sessionFailover } from 'session-failover'\nsessionFailover({ nodes: 1 })\n`)
+    writeFileSync(
+      join(app, 'wrong.ts'),
+      `import { sessionFailover } from 'session-failover'\nsessionFailover({ nodes: 1 })\n`,
+    )
     expect(() => run('node', [tsc, ...args, 'wrong.ts'], app)).toThrow()
   })
 })
