@@ -127,6 +127,39 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     }
   })
 
+  it('stores the change within about one timeout when the backup node is frozen, on the node after it', async () => {
+    const id = await fillCart()
+    const backup = backupServerOf(id)
+    backup.freeze()
+    try {
+      const reply = await browser.send(appA, 'POST', '/cart/kiwi')
+      expect(reply.status).toBe(200)
+      expect(reply.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 6)
+      expect(browser.sessionId).toBe(id)
+      const third = servers.find((s) => s !== serverOf(id) && s !== backup) as MemcachedServer
+      expect(await third.has(keysOf(id).backup)).toBe(true)
+    } finally {
+      backup.thaw()
+    }
+  })
+
+  it('answers 503 within two timeouts when every node is frozen, then at once while they stay frozen', async () => {
+    await fillCart()
+    for (const server of servers) server.freeze()
+    try {
+      const first = await browser.send(appA, 'GET', '/cart')
+      expect(first.status).toBe(503)
+      expect(first.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 2 + 1500)
+      const second = await browser.send(appA, 'GET', '/cart')
+      expect(second.status).toBe(503)
+      expect(second.elapsedMs).toBeLessThan(OPERATION_TIMEOUT)
+    } finally {
+      for (const server of servers) server.thaw()
+    }
+    await sleep(PROBE_INTERVAL * 4 + OPERATION_TIMEOUT)
+    expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+  })
+
   it('fails fast with 503 and Retry-After when every node is down, and recovers by itself', async () => {
     await fillCart()
     await Promise.all(servers.map((server) => server.kill()))

@@ -33,12 +33,12 @@ export class SessionState {
   readonly originalId: string
   originalJson: string
   /** The id and data known to be in the store; undefined when nothing is stored yet. */
-  savedId: string | undefined
-  savedJson: string | undefined
+  savedId: string | undefined = undefined
+  savedJson: string | undefined = undefined
   /** The stored record this request read, used to heal a missing backup on refresh. */
-  record: SessionRecord | undefined
+  record: SessionRecord | undefined = undefined
   /** The session must be written this request: it was restored from a backup or relocated. */
-  mustWrite: boolean
+  mustWrite = false
   /** A write happened during this request, so the client must learn the id. */
   wroteThisRequest = false
   destroyed = false
@@ -48,10 +48,6 @@ export class SessionState {
     this.id = id
     this.originalId = id
     this.originalJson = dataJson
-    this.savedId = undefined
-    this.savedJson = undefined
-    this.record = undefined
-    this.mustWrite = false
   }
 
   static fresh(cookieId: string | undefined, id: string): SessionState {
