@@ -50,33 +50,34 @@ describe('a node that misbehaves never crashes or hangs the app', () => {
     await stopAllMemcached()
   })
 
-  it.each(['garbage', 'hang-up', 'silent'] as const)(
-    'keeps sessions on the healthy node when one node answers %s',
-    async (behaviour) => {
-      const bad = await misbehavingServer(behaviour)
-      closeBad = bad.close
-      real = await startMemcached()
-      app = await startShop(express, {
-        secret: 's',
-        nodes: `n1:127.0.0.1:${bad.port} n2:127.0.0.1:${real.port}`,
-        operationTimeout: 200,
-        nodeProbeInterval: 50,
-      })
-      // Round-robin puts new sessions on both nodes; every one must end up stored on the healthy node.
-      for (let visitor = 0; visitor < 4; visitor++) {
-        const browser = new Browser()
-        const first = await browser.send(app, 'POST', '/cart/apple')
-        expect(first.status).toBe(200)
-        expect(parseSessionId(browser.sessionId)?.nodeId).toBe('n2')
-        const second = await browser.send(app, 'POST', '/cart/pear')
-        expect(second.body.cart).toEqual(['apple', 'pear'])
-        expect(second.elapsedMs).toBeLessThan(2000)
-      }
-      const health = app.sessions.health()
-      expect(health.map((node) => node.id)).toEqual(['n1', 'n2'])
-      expect(health[1]?.alive).toBe(true)
-    },
-  )
+  it.each([
+    'garbage',
+    'hang-up',
+    'silent',
+  ] as const)('keeps sessions on the healthy node when one node answers %s', async (behaviour) => {
+    const bad = await misbehavingServer(behaviour)
+    closeBad = bad.close
+    real = await startMemcached()
+    app = await startShop(express, {
+      secret: 's',
+      nodes: `n1:127.0.0.1:${bad.port} n2:127.0.0.1:${real.port}`,
+      operationTimeout: 200,
+      nodeProbeInterval: 50,
+    })
+    // Round-robin puts new sessions on both nodes; every one must end up stored on the healthy node.
+    for (let visitor = 0; visitor < 4; visitor++) {
+      const browser = new Browser()
+      const first = await browser.send(app, 'POST', '/cart/apple')
+      expect(first.status).toBe(200)
+      expect(parseSessionId(browser.sessionId)?.nodeId).toBe('n2')
+      const second = await browser.send(app, 'POST', '/cart/pear')
+      expect(second.body.cart).toEqual(['apple', 'pear'])
+      expect(second.elapsedMs).toBeLessThan(2000)
+    }
+    const health = app.sessions.health()
+    expect(health.map((node) => node.id)).toEqual(['n1', 'n2'])
+    expect(health[1]?.alive).toBe(true)
+  })
 })
 
 describe('a connection the server closes', () => {
