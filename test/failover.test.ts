@@ -111,7 +111,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
   it('answers within about one operation timeout when the primary is frozen (SIGSTOP)', async () => {
     const id = await fillCart()
     const primary = serverOf(id)
-    primary.freeze()
+    await primary.freeze()
     try {
       const reply = await browser.send(appA, 'POST', '/cart/kiwi')
       expect(reply.status).toBe(200)
@@ -130,7 +130,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
   it('stores the change within about one timeout when the backup node is frozen, on the node after it', async () => {
     const id = await fillCart()
     const backup = backupServerOf(id)
-    backup.freeze()
+    await backup.freeze()
     try {
       const reply = await browser.send(appA, 'POST', '/cart/kiwi')
       expect(reply.status).toBe(200)
@@ -145,7 +145,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
 
   it('answers 503 within two timeouts when every node is frozen, then at once while they stay frozen', async () => {
     await fillCart()
-    for (const server of servers) server.freeze()
+    await Promise.all(servers.map((server) => server.freeze()))
     try {
       const first = await browser.send(appA, 'GET', '/cart')
       expect(first.status).toBe(503)

@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
-import { appendFileSync } from 'node:fs'
+import { appendFileSync, readFileSync } from 'node:fs'
 import { connect, createServer } from 'node:net'
 
 /**
@@ -12,7 +12,8 @@ export interface MemcachedServer {
   readonly pid: number
   /** SIGKILL, as a crash. Resolves when the process is gone. */
   kill(): Promise<void>
-  freeze(): void
+  /** SIGSTOP; resolves once the kernel reports the process stopped (signals are delivered asynchronously). */
+  freeze(): Promise<void>
   thaw(): void
   /** A new, empty memcached on the same port (after kill). */
   restart(): Promise<void>
@@ -77,6 +78,18 @@ async function waitUntilListening(port: number, child: ChildProcess): Promise<vo
   throw new Error(`memcached on port ${port} did not start within 5 s`)
 }
 
+/** Polls /proc/<pid>/stat until the process is in `state` (e.g. 'T' for stopped). */
+async function waitForState(child: ChildProcess, state: string): Promise<void> {
+  const deadline = Date.now() + 5000
+  while (Date.now() < deadline) {
+    const stat = readFileSync(`/proc/${child.pid}/stat`, 'utf8')
+    // The state follows the command name, which is in parentheses.
+    if (stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === state) return
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+  throw new Error(`memcached pid ${child.pid} did not reach state ${state}`)
+}
+
 function exited(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve()
   return new Promise((resolve) => child.once('exit', () => resolve()))
@@ -120,8 +133,9 @@ export async function startMemcached(): Promise<MemcachedServer> {
       child.kill('SIGKILL')
       await exited(child)
     },
-    freeze() {
+    async freeze() {
       child.kill('SIGSTOP')
+      await waitForState(child, 'T')
     },
     thaw() {
       child.kill('SIGCONT')
