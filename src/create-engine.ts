@@ -36,6 +36,7 @@ export function createEngine(config: Config): Engine {
   const store = new ReplicatedStore(ring, {
     prefix: config.prefix,
     touchAfter: config.touchAfter,
+    backupCheckIntervalMs: config.backupCheckIntervalMs,
     retryAfterSeconds: Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000)),
     logger: config.logger,
   })

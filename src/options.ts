@@ -41,6 +41,8 @@ export interface SessionFailoverOptions {
   nodeProbeInterval?: number
   /** Fraction of the TTL after which an unchanged session's expiry is refreshed (a touch). Default 0.1. */
   touchAfter?: number
+  /** Milliseconds between checks (per session, per instance) that a read session's backup still exists. Default 60000. */
+  backupCheckInterval?: number
   /** A pino-compatible logger. Default: silent. */
   logger?: Logger
 }
@@ -61,6 +63,7 @@ export interface Config {
   readonly operationTimeoutMs: number
   readonly nodeProbeIntervalMs: number
   readonly touchAfter: number
+  readonly backupCheckIntervalMs: number
   readonly logger: Logger
 }
 
@@ -80,6 +83,7 @@ const KNOWN_OPTIONS = new Set([
   'operationTimeout',
   'nodeProbeInterval',
   'touchAfter',
+  'backupCheckInterval',
   'logger',
 ])
 
@@ -159,6 +163,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
     operationTimeoutMs: optionalNumber(o, 'operationTimeout', 1000, { min: 1, unit: 'milliseconds' }),
     nodeProbeIntervalMs: optionalNumber(o, 'nodeProbeInterval', 2000, { min: 1, unit: 'milliseconds' }),
     touchAfter: optionalNumber(o, 'touchAfter', 0.1, { min: 0, max: 1, unit: 'fraction of the TTL' }),
+    backupCheckIntervalMs: optionalNumber(o, 'backupCheckInterval', 60_000, { min: 1, unit: 'milliseconds' }),
     logger: parseLogger(o.logger),
   })
 }

@@ -108,6 +108,29 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     expect(after.body.cart).toEqual(['apple', 'pear', 'fig'])
   })
 
+  it('survives a rolling restart (backup node, then primary) of a session that is only read', async () => {
+    const options = {
+      secret: SECRET,
+      nodes: nodesOption(servers),
+      backupCheckInterval: 100,
+      nodeProbeInterval: 50,
+    }
+    const reader = await startShop(express, options)
+    try {
+      const id = await fillCart()
+      await backupServerOf(id).restart()
+      await sleep(150)
+      // A read after the check interval finds the backup missing and writes it back from the primary's copy.
+      expect((await browser.send(reader, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+      await sleep(50)
+      expect(await backupServerOf(id).has(keysOf(id).backup)).toBe(true)
+      await serverOf(id).restart()
+      expect((await browser.send(reader, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+    } finally {
+      await reader.close()
+    }
+  })
+
   it('answers within about one operation timeout when the primary is frozen (SIGSTOP)', async () => {
     const id = await fillCart()
     const primary = serverOf(id)

@@ -31,6 +31,7 @@ describe('options', () => {
       operationTimeoutMs: 1000,
       nodeProbeIntervalMs: 2000,
       touchAfter: 0.1,
+      backupCheckIntervalMs: 60_000,
     })
     expect(config.nodes).toEqual([
       { id: 'n1', host: '127.0.0.1', port: 11211 },

@@ -10,6 +10,8 @@ export interface StoreOptions {
   readonly prefix: string
   /** Fraction of the TTL after which an unchanged session's expiry is refreshed with a touch. */
   readonly touchAfter: number
+  /** How often (per session, per instance) a read verifies that the backup copy still exists. */
+  readonly backupCheckIntervalMs: number
   /** Seconds a client is told to wait (Retry-After) when no node is alive. */
   readonly retryAfterSeconds: number
   readonly logger: Logger
@@ -36,6 +38,7 @@ export class ReplicatedStore {
   readonly #ring: NodeRing
   readonly #options: StoreOptions
   readonly #lastRefresh = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
+  readonly #lastBackupCheck = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
 
   constructor(ring: NodeRing, options: StoreOptions) {
     this.#ring = ring
@@ -124,7 +127,9 @@ export class ReplicatedStore {
         this.#writeBackup(primary, keys.backup, blob, ttlSeconds),
       ])
       if (primaryWrite.status === 'fulfilled') {
-        this.#lastRefresh.set(parsed.random, Date.now())
+        const now = Date.now()
+        this.#lastRefresh.set(parsed.random, now)
+        this.#lastBackupCheck.set(parsed.random, now)
         return formatSessionId(parsed.random, primary)
       }
       if (primaryWrite.reason instanceof NodeRejectedError) throw primaryWrite.reason
@@ -133,27 +138,39 @@ export class ReplicatedStore {
   }
 
   /**
-   * Keeps an unchanged session from expiring: touches both copies, at most once per `touchAfter` of its TTL
-   * (per instance). A backup that went missing (its node restarted) is written again from `record`.
-   * Never throws: a failed touch only costs node health, the session is intact.
+   * Keeps an unchanged session alive and its backup in place, without rewriting it:
+   * - once `touchAfter` of its TTL has passed since the last write or refresh (per instance), both copies are
+   *   touched to a full TTL;
+   * - otherwise, at most once per `backupCheckIntervalMs`, the backup alone is touched to the expiry it already
+   *   has: a check that it still exists. Without it, restarting the backup node and then the primary (a rolling
+   *   restart) would lose every session that was only read in between.
+   * A missing backup is written again from `record`, the copy this request read. Never throws: a failed touch
+   * only costs node health.
    */
   async refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
     const parsed = parseSessionId(id)
     if (!parsed) return
     const now = Date.now()
-    const last = Math.max(record.writtenAt, this.#lastRefresh.get(parsed.random) ?? 0)
-    if (now - last < this.#options.touchAfter * ttlSeconds * 1000) return
-    this.#lastRefresh.set(parsed.random, now)
+    const lastRefresh = Math.max(record.writtenAt, this.#lastRefresh.get(parsed.random) ?? 0)
+    const touchDue = now - lastRefresh >= this.#options.touchAfter * ttlSeconds * 1000
+    const lastCheck = Math.max(lastRefresh, this.#lastBackupCheck.get(parsed.random) ?? 0)
+    if (!touchDue && now - lastCheck < this.#options.backupCheckIntervalMs) return
+    this.#lastBackupCheck.set(parsed.random, now)
+    if (touchDue) this.#lastRefresh.set(parsed.random, now)
+    const backupTtl = touchDue ? ttlSeconds : Math.ceil((lastRefresh + ttlSeconds * 1000 - now) / 1000)
+    if (backupTtl <= 0) return
 
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
     const backup = this.#ring.nextAliveAfter(primary)
     await Promise.allSettled([
-      this.#ring.isAlive(primary) && this.#ring.call(primary, (node) => node.touch(keys.primary, ttlSeconds)),
+      touchDue &&
+        this.#ring.isAlive(primary) &&
+        this.#ring.call(primary, (node) => node.touch(keys.primary, ttlSeconds)),
       backup &&
         this.#ring.call(backup, async (node) => {
-          if (!(await node.touch(keys.backup, ttlSeconds))) {
-            await node.set(keys.backup, encodeRecord(record), ttlSeconds)
+          if (!(await node.touch(keys.backup, backupTtl))) {
+            await node.set(keys.backup, encodeRecord(record), backupTtl)
           }
         }),
     ])
@@ -168,6 +185,7 @@ export class ReplicatedStore {
     if (!parsed) return
     const keys = storageKeys(this.#options.prefix, parsed.random)
     this.#lastRefresh.delete(parsed.random)
+    this.#lastBackupCheck.delete(parsed.random)
     const alive = this.#ring.aliveIds()
     const results = await Promise.allSettled(
       alive.map((nodeId) =>
@@ -203,7 +221,8 @@ export class ReplicatedStore {
     keys: StorageKeys,
   ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
     // Read every other alive node: after earlier failures the backup may sit on a node further along, and a node
-    // that came back may hold an older copy. The highest version wins. This path runs only on failover.
+    // that came back may hold an older copy. The highest version wins. This runs when the primary is down or has
+    // no copy (failover, restart, or a session that expired or was destroyed).
     const candidates = this.#ring.aliveOthers(primary)
     const reads = await Promise.allSettled(
       candidates.map(async (nodeId) => {

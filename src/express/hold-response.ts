@@ -1,78 +1,239 @@
 import type { ServerResponse } from 'node:http'
 
-type Method = 'writeHead' | 'write' | 'end' | 'flushHeaders'
 type AnyFunction = (...args: unknown[]) => unknown
+type WireMethod = 'writeHead' | 'write' | 'end' | 'flushHeaders'
+type HeaderMethod = 'setHeader' | 'removeHeader' | 'appendHeader'
+
+/** Runs after a successful commit, before anything is sent: where the session cookie is added. */
+export type ApplyHeaders = () => void
 
 /** Headers that describe a response body or a success; they must not leak into an error response. */
 const SUCCESS_HEADERS = /^(content-|etag$|last-modified$|location$|set-cookie$|transfer-encoding$)/i
+/** Bytes held before write() asks its producer to wait ('drain' follows once the commit is done). */
+const HIGH_WATER_MARK = 16 * 1024
 
 /**
  * Holds the response back until `commit` has settled, so the status line and headers (and a 2xx with them) go
  * out only after the session is stored. express-session flushes headers first and saves afterwards, which is how
  * a failed save still answers 200; this is the fix.
  *
- * Every path to the wire (writeHead, write, end, flushHeaders) is queued from its first call until the commit
- * settles, then replayed in order. When the body is streamed (headers flushed before end), `commit` runs again
- * at end for changes made while streaming; if that late commit fails the connection is destroyed, so the client
- * never sees a complete response for a change that was not stored.
+ * From the first call that would put bytes on the wire (writeHead, write, end, flushHeaders) until the commit
+ * settles, calls are queued and replayed in order; writeHead's status and headers are applied at once, so a bad
+ * header throws in the handler as it would without this. Once end() is queued the response is frozen: later
+ * writes and header changes are ignored (a second res.send or an error handler after a response must not
+ * corrupt the one already given). When bytes were queued before end(), or the body is streamed, `commit` runs
+ * again before end() for changes made meanwhile; if that late commit fails the connection is destroyed, so the
+ * client never sees a complete response for a change that was not stored.
  */
 export function holdResponse(
   res: ServerResponse,
-  commit: () => Promise<void>,
+  commit: () => Promise<ApplyHeaders | undefined>,
   onCommitError: (error: unknown) => void,
 ): void {
-  const original: Record<Method, AnyFunction> = {
+  const target = res as unknown as Record<WireMethod | HeaderMethod, AnyFunction | undefined>
+  const wire = {
     writeHead: res.writeHead as AnyFunction,
     write: res.write as AnyFunction,
     end: res.end as AnyFunction,
     flushHeaders: res.flushHeaders as AnyFunction,
   }
-  const target = res as unknown as Record<Method, AnyFunction>
-  const queue: Array<{ method: Method; args: unknown[] }> = []
-  let phase: 'open' | 'committing' | 'streaming' | 'done' = 'open'
+  const headers = {
+    setHeader: res.setHeader as AnyFunction,
+    removeHeader: res.removeHeader as AnyFunction,
+    appendHeader: target.appendHeader as AnyFunction | undefined,
+  }
+  const queue: Array<{ method: WireMethod; args: unknown[] }> = []
+  let phase: 'open' | 'committing' | 'streaming' | 'ending' | 'done' = 'open'
+  let endQueued = false
+  let queuedBytes = 0
+  let producerWaiting = false
 
-  const restore = (methods: readonly Method[]): void => {
-    for (const method of methods) target[method] = original[method]
+  const restoreWire = (): void => {
+    for (const method of ['writeHead', 'write', 'end', 'flushHeaders'] as const) target[method] = wire[method]
+  }
+  const restoreHeaders = (): void => {
+    for (const method of ['setHeader', 'removeHeader', 'appendHeader'] as const)
+      target[method] = headers[method]
+  }
+  const destroy = (): void => {
+    res.on('error', () => {})
+    res.destroy()
+  }
+  const start = (): void => {
+    if (phase !== 'open') return
+    phase = 'committing'
+    commit().then(release, fail)
   }
 
-  const release = (): void => {
-    const ended = queue.some((call) => call.method === 'end')
-    phase = ended ? 'done' : 'streaming'
-    restore(ended ? ['writeHead', 'write', 'end', 'flushHeaders'] : ['writeHead', 'write', 'flushHeaders'])
-    for (const call of queue.splice(0)) original[call.method].apply(res, call.args)
+  const release = (applyHeaders: ApplyHeaders | undefined): void => {
+    restoreHeaders()
+    try {
+      applyHeaders?.()
+    } catch (error) {
+      fail(error)
+      return
+    }
+    const endAt = queue.findIndex((call) => call.method === 'end')
+    const lateEnd = endAt > 0 ? queue[endAt] : undefined
+    const calls = queue.splice(0, lateEnd ? endAt : queue.length)
+    queue.length = 0
+    phase = endAt === 0 ? 'done' : 'streaming'
+    target.writeHead = wire.writeHead
+    target.write = wire.write
+    target.flushHeaders = wire.flushHeaders
+    if (phase === 'done') target.end = wire.end
+    let writable = true
+    try {
+      for (const call of calls) {
+        const result =
+          call.method === 'writeHead'
+            ? wire.writeHead.call(res, res.statusCode)
+            : wire[call.method].apply(res, call.args)
+        if (call.method === 'write') writable = result !== false
+      }
+    } catch {
+      destroy()
+      return
+    }
+    if (producerWaiting && writable) res.emit('drain')
+    if (lateEnd) finishAfterCommit(lateEnd.args)
   }
 
   const fail = (error: unknown): void => {
     phase = 'done'
-    restore(['writeHead', 'write', 'end', 'flushHeaders'])
+    restoreWire()
+    restoreHeaders()
+    const callbacks = queue.flatMap((call) =>
+      call.args.filter((arg): arg is AnyFunction => typeof arg === 'function'),
+    )
     queue.length = 0
     if (!res.headersSent) {
       for (const name of res.getHeaderNames()) if (SUCCESS_HEADERS.test(name)) res.removeHeader(name)
+      res.statusCode = 500
     }
     // A handler that was streaming may still write after the error response ended; that must not crash.
     res.on('error', () => {})
+    for (const callback of callbacks) process.nextTick(callback, error)
     onCommitError(error)
   }
 
-  const intercept = (method: Method): AnyFunction =>
-    function held(this: unknown, ...args: unknown[]): unknown {
-      if (phase === 'streaming' && method === 'end') {
+  /** end() after bytes went out: store changes made meanwhile, then end, or cut the connection. */
+  const finishAfterCommit = (args: unknown[]): void => {
+    phase = 'ending'
+    commit().then(
+      () => {
         phase = 'done'
-        restore(['end'])
-        commit().then(
-          () => original.end.apply(res, args),
-          (error: unknown) => res.destroy(error instanceof Error ? error : new Error(String(error))),
-        )
-        return res
-      }
-      queue.push({ method, args })
-      if (phase === 'open') {
-        phase = 'committing'
-        commit().then(release, fail)
-      }
-      return method === 'write' ? true : method === 'flushHeaders' ? undefined : res
+        target.end = wire.end
+        try {
+          wire.end.apply(res, args)
+        } catch {
+          destroy()
+        }
+      },
+      () => {
+        phase = 'done'
+        target.end = wire.end
+        destroy()
+      },
+    )
+  }
+
+  const ignoredWhileFrozen = (method: HeaderMethod): AnyFunction =>
+    function frozen(this: unknown, ...args: unknown[]): unknown {
+      if (phase === 'open' || phase === 'committing') return method === 'removeHeader' ? undefined : res
+      return headers[method]?.apply(res, args)
     }
 
-  for (const method of ['writeHead', 'write', 'end', 'flushHeaders'] as const)
-    target[method] = intercept(method)
+  const freezeHeaders = (): void => {
+    target.setHeader = ignoredWhileFrozen('setHeader')
+    target.removeHeader = ignoredWhileFrozen('removeHeader')
+    if (headers.appendHeader) target.appendHeader = ignoredWhileFrozen('appendHeader')
+  }
+
+  // Other middleware (compression, on-headers) may capture these functions; once released they pass through.
+  target.writeHead = function writeHead(...args: unknown[]): unknown {
+    if (phase !== 'open' && phase !== 'committing') return wire.writeHead.apply(res, args)
+    if (endQueued) return res
+    applyWriteHead(res, headers, args)
+    // Status and headers are already applied; one marker is enough to send them at the right point.
+    if (!queue.some((call) => call.method === 'writeHead')) queue.push({ method: 'writeHead', args: [] })
+    start()
+    return res
+  }
+  target.write = function write(...args: unknown[]): unknown {
+    if (phase !== 'open' && phase !== 'committing') return wire.write.apply(res, args)
+    if (endQueued) return false
+    queuedBytes += chunkLength(args[0], true)
+    queue.push({ method: 'write', args })
+    start()
+    if (queuedBytes < HIGH_WATER_MARK) return true
+    producerWaiting = true
+    return false
+  }
+  target.end = function end(...args: unknown[]): unknown {
+    if (phase === 'streaming') {
+      if (typeof args[0] !== 'function') chunkLength(args[0], false)
+      finishAfterCommit(args)
+      return res
+    }
+    if (phase !== 'open' && phase !== 'committing')
+      return phase === 'ending' ? res : wire.end.apply(res, args)
+    if (endQueued) return res
+    if (typeof args[0] !== 'function') chunkLength(args[0], false)
+    endQueued = true
+    freezeHeaders()
+    queue.push({ method: 'end', args })
+    start()
+    return res
+  }
+  target.flushHeaders = function flushHeaders(...args: unknown[]): unknown {
+    if (phase !== 'open' && phase !== 'committing') return wire.flushHeaders.apply(res, args)
+    if (endQueued) return undefined
+    queue.push({ method: 'flushHeaders', args })
+    start()
+    return undefined
+  }
+}
+
+/** writeHead(status, [reason], [headers]) applied now, as Node would: invalid input throws in the handler. */
+function applyWriteHead(
+  res: ServerResponse,
+  headers: { setHeader: AnyFunction; appendHeader: AnyFunction | undefined },
+  args: unknown[],
+): void {
+  const [statusCode, second, third] = args
+  if (
+    typeof statusCode !== 'number' ||
+    !Number.isInteger(statusCode) ||
+    statusCode < 100 ||
+    statusCode > 999
+  ) {
+    throw Object.assign(new RangeError(`Invalid status code: ${String(statusCode)}`), {
+      code: 'ERR_HTTP_INVALID_STATUS_CODE',
+    })
+  }
+  const fields = typeof second === 'string' ? third : second
+  res.statusCode = statusCode
+  if (typeof second === 'string') res.statusMessage = second
+  if (Array.isArray(fields)) {
+    // The raw form: [name, value, name, value, ...]; repeated names are kept, as Node does.
+    for (let i = 0; i + 1 < fields.length; i += 2) {
+      ;(headers.appendHeader ?? headers.setHeader).call(res, fields[i], fields[i + 1])
+    }
+  } else if (fields && typeof fields === 'object') {
+    for (const [name, value] of Object.entries(fields)) if (name) headers.setHeader.call(res, name, value)
+  }
+}
+
+/** Byte length of a body chunk; throws, as Node does, for anything that is not a string or bytes. */
+function chunkLength(chunk: unknown, required: boolean): number {
+  if (typeof chunk === 'string') return Buffer.byteLength(chunk)
+  if (chunk instanceof Uint8Array) return chunk.byteLength
+  if (!required && chunk == null) return 0
+  throw Object.assign(
+    new TypeError(
+      `The "chunk" argument must be of type string or an instance of Buffer or Uint8Array. Received ${typeof chunk}`,
+    ),
+    { code: 'ERR_INVALID_ARG_TYPE' },
+  )
 }

@@ -1,11 +1,11 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { contentOf, snapshotOf } from '../core/serialize.js'
 import { createEngine, type Engine } from '../create-engine.js'
-import { ClosedError, CorruptSessionError } from '../errors.js'
+import { ClosedError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
-import { holdResponse } from './hold-response.js'
+import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { CookieClass, RequestStore, type SessionCookie, type SessionRequest } from './request-store.js'
 
 export interface SessionFailoverMiddleware {
@@ -60,32 +60,31 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         if (stored) store.inflate(contentOf(stored))
         else store.generate()
       } catch (error) {
-        if (!(error instanceof CorruptSessionError)) throw error
+        // A stored session that express-session cannot take (bad JSON, a cookie it cannot rebuild): start afresh.
+        config.logger.warn(
+          { err: String(error) },
+          'session-failover: unreadable session replaced by a new one',
+        )
         state.renew(engine.session.store.newSessionId())
         store.generate()
       }
 
-      const commit = async (): Promise<void> => {
+      const commit = async (): Promise<ApplyHeaders | undefined> => {
         const current = req.session
         if (!current) {
           await engine.session.commit(state, null)
-          return
+          return undefined
         }
         current.touch()
         const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
         req.sessionID = state.id
-        if (
-          (setCookie || resign) &&
-          !res.headersSent &&
-          (!current.cookie.secure || isSecure(req, config.proxy))
-        ) {
-          appendSessionCookie(
-            res,
-            config.name,
-            state.id,
-            config.secrets[0] as string,
-            (current.cookie as SessionCookie).data,
-          )
+        if (!(setCookie || resign) || (current.cookie.secure && !isSecure(req, config.proxy)))
+          return undefined
+        const id = state.id
+        const cookieOptions = (current.cookie as SessionCookie).data
+        return () => {
+          if (!res.headersSent)
+            appendSessionCookie(res, config.name, id, config.secrets[0] as string, cookieOptions)
         }
       }
       holdResponse(res, commit, next)

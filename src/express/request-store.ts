@@ -13,6 +13,11 @@ export type SessionRequest = IncomingMessage & {
 
 type Callback = (error?: unknown) => void
 
+/** Calls back outside the promise chain, as a Node callback: an exception in it is the caller's, not a rejection. */
+function later(callback: Callback, error?: unknown): void {
+  process.nextTick(callback, error)
+}
+
 /** express-session's classes, with the constructor signatures its type declarations keep private. */
 export type SessionCookie = session.Cookie & { readonly data: Record<string, unknown> }
 export const SessionClass = session.Session as unknown as new (
@@ -65,37 +70,57 @@ export class RequestStore {
   }
 
   set(_id: string, sess: session.Session, callback: Callback = () => {}): void {
-    this.#engine.save(this.#state, snapshotOf(sess, sess.cookie)).then(() => {
-      if (this.#req.sessionID !== this.#state.id && this.#req.session === sess) {
-        // Relocated while saving: the id (and so Session#id) changed; keep req.session consistent with it.
-        const { cookie, ...data } = sess as unknown as Record<string, unknown>
-        this.#req.sessionID = this.#state.id
-        const moved = new SessionClass(this.#req, data)
-        moved.cookie = cookie as session.Cookie
-        this.#req.session = moved
-      }
-      callback()
-    }, callback)
+    this.#engine.save(this.#state, snapshotOf(sess, sess.cookie)).then(
+      () => {
+        if (this.#req.sessionID !== this.#state.id && this.#req.session === sess) {
+          // Relocated while saving: the id (and so Session#id) changed; keep req.session consistent with it.
+          const { cookie, ...data } = sess as unknown as Record<string, unknown>
+          this.#req.sessionID = this.#state.id
+          const moved = new SessionClass(this.#req, data)
+          moved.cookie = cookie as session.Cookie
+          this.#req.session = moved
+        }
+        later(callback)
+      },
+      (error: unknown) => later(callback, error),
+    )
   }
 
   get(_id: string, callback: (error: unknown, sess?: session.SessionData | null) => void): void {
-    this.#engine.reload(this.#state).then((stored) => {
-      if (!stored) return callback(null, null)
-      const content = contentOf(stored)
-      this.#req.sessionID = this.#state.id
-      callback(null, { ...content.data, cookie: content.cookie } as unknown as session.SessionData)
-    }, callback)
+    this.#engine.reload(this.#state).then(
+      (stored) => {
+        let sess: session.SessionData | null = null
+        try {
+          if (stored) {
+            const content = contentOf(stored)
+            sess = { ...content.data, cookie: content.cookie } as unknown as session.SessionData
+          }
+        } catch (error) {
+          process.nextTick(callback, error)
+          return
+        }
+        this.#req.sessionID = this.#state.id
+        process.nextTick(callback, null, sess)
+      },
+      (error: unknown) => process.nextTick(callback, error),
+    )
   }
 
   destroy(_id: string, callback: Callback = () => {}): void {
-    this.#engine.destroy(this.#state).then(() => callback(), callback)
+    this.#engine.destroy(this.#state).then(
+      () => later(callback),
+      (error: unknown) => later(callback, error),
+    )
   }
 
   regenerate(_req: unknown, callback: Callback = () => {}): void {
-    this.#engine.regenerate(this.#state).then(() => {
-      this.generate()
-      callback()
-    }, callback)
+    this.#engine.regenerate(this.#state).then(
+      () => {
+        this.generate()
+        later(callback)
+      },
+      (error: unknown) => later(callback, error),
+    )
   }
 
   createSession(req: SessionRequest, sess: session.SessionData): session.Session {
@@ -103,6 +128,6 @@ export class RequestStore {
   }
 
   touch(_id: string, _sess: unknown, callback: Callback = () => {}): void {
-    callback()
+    later(callback)
   }
 }

@@ -99,31 +99,62 @@ function describeCause(cause: unknown): string {
   return String(cause)
 }
 
+/** A binary-protocol response starts with this byte; anything else means the stream is out of step. */
+const RESPONSE_MAGIC = 0x81
+/** memcached items are at most 1 MiB by default; a reply buffer far past that is a misparse, not data. */
+const MAX_BUFFERED_REPLY = 8 * 1024 * 1024
+
+type MemjsServerInternals = memjs.Server & { _socket?: Socket; responseBuffer: Buffer }
+
 /**
- * memjs leaves callbacks pending forever when the server closes the connection without a socket error (what a
- * killed or restarted memcached does), and a malformed reply throws inside its 'data' listener, which would
- * crash the process. Both are turned into an ordinary connection error on this server only.
+ * memjs's failure handling has gaps that can hang or crash a process; each is closed here, per server instance:
+ * - a server closing the connection without a socket error (a killed or restarted memcached) leaves callbacks
+ *   pending forever: the close now fails them;
+ * - error() keeps the partial reply buffered, so the next connection's replies are parsed behind stale bytes
+ *   and the node never recovers: the buffer is cleared with every connection failure;
+ * - a malformed reply is parsed as a header claiming any length, or throws inside the 'data' listener (an
+ *   uncaught exception): it now fails the connection instead.
  */
 function containMemjsFailures(server: memjs.Server): void {
+  const internals = server as MemjsServerInternals
+  const failConnection = server.error.bind(server)
+  server.error = (error: Error): void => {
+    internals.responseBuffer = Buffer.alloc(0)
+    failConnection(error)
+    internals.responseBuffer = Buffer.alloc(0)
+  }
+
   const handleResponse = server.responseHandler.bind(server)
   server.responseHandler = (data: Buffer): void => {
     try {
       handleResponse(data)
     } catch (error) {
       server.error(error instanceof Error ? error : new Error(String(error)))
+      return
+    }
+    const pending = internals.responseBuffer
+    if (pending.length > 0 && (pending[0] !== RESPONSE_MAGIC || pending.length > MAX_BUFFERED_REPLY)) {
+      server.error(new Error('malformed reply from memcached'))
     }
   }
+
   const openSocket = server.sock.bind(server)
   const watched = new WeakSet<Socket>()
   server.sock = (sasl: boolean, go: (socket: Socket) => void): void => {
     openSocket(sasl, go)
-    const socket = (server as unknown as { _socket?: Socket })._socket
+    const socket = internals._socket
     if (socket && !watched.has(socket)) {
       watched.add(socket)
+      // Prepended, so it runs before memjs's own 'close' listener forgets the socket: only a close of the
+      // current connection fails the callbacks; a late close of an old one must not fail the new one's.
+      let successor: Socket | undefined
+      socket.prependOnceListener('close', () => {
+        successor = internals._socket === socket ? undefined : internals._socket
+        if (internals._socket === socket) server.error(new Error('connection closed'))
+      })
+      // memjs's listener then forgets whatever socket is current; give back a newer one it dropped.
       socket.once('close', () => {
-        // Only fail callbacks that belong to this socket: memjs may already have opened a new one.
-        const current = (server as unknown as { _socket?: Socket })._socket
-        if (current === undefined || current === socket) server.error(new Error('connection closed'))
+        if (successor && internals._socket === undefined) internals._socket = successor
       })
     }
   }

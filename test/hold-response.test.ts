@@ -1,0 +1,265 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import type { Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import compression from 'compression'
+import type { Express, NextFunction, Request, Response } from 'express'
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { encodeRecord } from '../src/core/codec.js'
+import { storageKeys } from '../src/core/keys.js'
+import { parseSessionId, type SessionFailoverMiddleware, sessionFailover } from '../src/index.js'
+import { Browser, expressVersions, type ShopApp } from './support/app.js'
+import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
+
+declare module 'express-session' {
+  interface SessionData {
+    step: string[]
+  }
+}
+
+type Handler = (req: Request, res: Response, next: NextFunction) => void
+
+/**
+ * Handlers that misuse the response (twice, too late, with bad input) must behave as they would without the
+ * library: the first response is the one given, bad input throws in the handler, and the process never crashes
+ * (vitest fails a file on any uncaught exception or unhandled rejection).
+ */
+describe.each(expressVersions)('holding the response until the session is stored, on $name', ({
+  express,
+}) => {
+  let memcached: MemcachedServer
+  let dir: string
+  const running: Array<{ server: Server; sessions: SessionFailoverMiddleware }> = []
+
+  beforeAll(async () => {
+    memcached = await startMemcached()
+    dir = mkdtempSync(join(tmpdir(), 'sf-hold-'))
+    writeFileSync(join(dir, 'big.bin'), Buffer.alloc(3 * 1024 * 1024, 7))
+  })
+  afterAll(async () => {
+    await stopAllMemcached()
+    rmSync(dir, { recursive: true, force: true })
+  })
+  afterEach(async () => {
+    for (const { server, sessions } of running.splice(0)) {
+      server.closeAllConnections()
+      server.close()
+      await sessions.close()
+    }
+  })
+
+  async function app(routes: Record<string, Handler>, setup?: (app: Express) => void): Promise<ShopApp> {
+    const application = express()
+    const sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}` })
+    application.use(sessions)
+    setup?.(application)
+    application.get('/steps', (req, res) => {
+      res.json({ step: req.session.step ?? [] })
+    })
+    for (const [path, handler] of Object.entries(routes)) application.post(path, handler)
+    const server = await new Promise<Server>((resolve) => {
+      const listening = application.listen(0, '127.0.0.1', () => resolve(listening))
+    })
+    running.push({ server, sessions })
+    const { port } = server.address() as AddressInfo
+    return { url: `http://127.0.0.1:${port}`, sessions } as ShopApp
+  }
+  const step = (req: Request, name: string) => {
+    req.session.step = [...(req.session.step ?? []), name]
+  }
+
+  it('gives the first response when a handler sends twice', async () => {
+    const shop = await app({
+      '/twice': (req, res) => {
+        step(req, 'one')
+        res.send('first')
+        res.send('second, longer')
+      },
+    })
+    const browser = new Browser()
+    const reply = await browser.send(shop, 'POST', '/twice')
+    expect(reply.status).toBe(200)
+    expect(reply.body).toEqual({ text: 'first' })
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['one'])
+  })
+
+  it('gives the first response when a handler answers and then calls next() or next(err)', async () => {
+    const shop = await app({
+      '/fallthrough': (req, res, next) => {
+        step(req, 'one')
+        res.json({ ok: 1 })
+        next()
+      },
+      '/late-error': (req, res, next) => {
+        step(req, 'two')
+        res.json({ ok: 2 })
+        next(new Error('late'))
+      },
+    })
+    const browser = new Browser()
+    expect((await browser.send(shop, 'POST', '/fallthrough')).body).toEqual({ ok: 1 })
+    expect((await browser.send(shop, 'POST', '/late-error')).body).toEqual({ ok: 2 })
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['one', 'two'])
+  })
+
+  it('throws bad headers and bad body chunks in the handler, as Node does (500, no crash)', async () => {
+    const shop = await app({
+      '/bad-header': (_req, res) => {
+        res.writeHead(302, { Location: '/x\r\nInjected: 1' })
+        res.end()
+      },
+      '/bad-chunk': (_req, res) => {
+        ;(res.end as (chunk: unknown) => void)(42)
+      },
+      '/bad-status': (_req, res) => {
+        res.writeHead(42)
+        res.end()
+      },
+    })
+    for (const path of ['/bad-header', '/bad-chunk', '/bad-status']) {
+      const reply = await new Browser().send(shop, 'POST', path)
+      expect(reply.status).toBe(500)
+      expect(reply.headers.get('injected')).toBeNull()
+    }
+  })
+
+  it("keeps the session cookie beside a Set-Cookie passed to writeHead, and writeHead's status", async () => {
+    const shop = await app({
+      '/theme': (req, res) => {
+        step(req, 'one')
+        res.writeHead(201, 'Made', { 'Set-Cookie': 'theme=dark', 'Content-Type': 'text/plain' })
+        res.end('ok')
+      },
+    })
+    const response = await fetch(`${shop.url}/theme`, { method: 'POST' })
+    expect(response.status).toBe(201)
+    expect(response.statusText).toBe('Made')
+    const cookies = response.headers.getSetCookie().map((c) => c.split('=')[0])
+    expect(cookies.sort()).toEqual(['connect.sid', 'theme'])
+  })
+
+  it('stores a change made between write() and end(), even while the first commit is still running', async () => {
+    const shop = await app({
+      '/stream': (req, res) => {
+        step(req, 'before')
+        res.write('part 1;')
+        step(req, 'during')
+        res.end('part 2')
+      },
+      '/stream-later': (req, res) => {
+        step(req, 'early')
+        res.write('part 1;')
+        setTimeout(() => {
+          step(req, 'late')
+          res.end('part 2')
+        }, 50)
+      },
+    })
+    const browser = new Browser()
+    expect((await browser.send(shop, 'POST', '/stream')).body).toEqual({ text: 'part 1;part 2' })
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['before', 'during'])
+    expect((await browser.send(shop, 'POST', '/stream-later')).body).toEqual({ text: 'part 1;part 2' })
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual([
+      'before',
+      'during',
+      'early',
+      'late',
+    ])
+  })
+
+  it('works under compression mounted after it (writeHead captured by other middleware)', async () => {
+    const shop = await app(
+      {
+        '/zipped': (req, res) => {
+          step(req, 'zipped')
+          res.setHeader('Content-Type', 'text/plain')
+          res.write('a'.repeat(2000))
+          res.end('b'.repeat(2000))
+        },
+      },
+      (application) => application.use(compression({ threshold: 0 })),
+    )
+    const browser = new Browser()
+    const response = await fetch(`${shop.url}/zipped`, {
+      method: 'POST',
+      headers: { 'accept-encoding': 'gzip' },
+    })
+    expect(response.headers.get('content-encoding')).toBe('gzip')
+    expect(await response.text()).toBe('a'.repeat(2000) + 'b'.repeat(2000))
+    browser.cookie = response.headers.getSetCookie()[0]?.split(';')[0]
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['zipped'])
+  })
+
+  it('streams a file larger than the hold buffer with backpressure (sendFile)', async () => {
+    const shop = await app({
+      '/file': (req, res, next) => {
+        step(req, 'file')
+        res.sendFile(join(dir, 'big.bin'), (error) => error && next(error))
+      },
+    })
+    const browser = new Browser()
+    const response = await fetch(`${shop.url}/file`, { method: 'POST' })
+    expect(response.status).toBe(200)
+    expect((await response.arrayBuffer()).byteLength).toBe(3 * 1024 * 1024)
+    browser.cookie = response.headers.getSetCookie()[0]?.split(';')[0]
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['file'])
+  })
+
+  it('calls end() callbacks with the error and answers the error status when the write fails', async () => {
+    let callbackError: unknown
+    const victim = await startMemcached()
+    const application = express()
+    const sessions = sessionFailover({
+      secret: 's',
+      nodes: `n1:127.0.0.1:${victim.port}`,
+      operationTimeout: 200,
+    })
+    application.use(sessions)
+    application.post('/doomed', (req, res) => {
+      void victim.kill().then(() => {
+        step(req, 'doomed')
+        res.end('ok', ((error: unknown) => {
+          callbackError = error
+        }) as () => void)
+      })
+    })
+    application.use((error: { status?: number }, _req: Request, res: Response, _next: NextFunction) => {
+      res.json({ failed: true, status: error.status })
+    })
+    const server = await new Promise<Server>((resolve) => {
+      const listening = application.listen(0, '127.0.0.1', () => resolve(listening))
+    })
+    running.push({ server, sessions })
+    const response = await fetch(`http://127.0.0.1:${(server.address() as AddressInfo).port}/doomed`, {
+      method: 'POST',
+    })
+    // The error handler above sets no status: the failed save still must not answer 200.
+    expect(response.status).toBe(500)
+    expect(await response.json()).toEqual({ failed: true, status: 503 })
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    expect((callbackError as { code?: string })?.code).toBe('ESF_ALL_NODES_DOWN')
+  })
+
+  it('starts a fresh session when a stored record cannot be rebuilt by express-session', async () => {
+    const shop = await app({
+      '/one': (req, res) => {
+        step(req, 'one')
+        res.json({ ok: true })
+      },
+    })
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/one')
+    const { random } = parseSessionId(browser.sessionId) as { random: string }
+    const bad = encodeRecord({
+      version: 5,
+      writtenAt: Date.now(),
+      cookieJson: '{"maxAge":"soon"}',
+      dataJson: '{}',
+    })
+    await memcached.put(storageKeys('sf:', random).primary, bad)
+    const reply = await browser.send(shop, 'GET', '/steps')
+    expect(reply.status).toBe(200)
+    expect(reply.body.step).toEqual([])
+  })
+})
