@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto'
-import { createServer, type Server, type Socket } from 'node:net'
+import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { parseSessionId } from '../src/index.js'
+import { MemcachedNode } from '../src/nodes/memcached.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
 import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
 
@@ -97,6 +98,55 @@ describe('a connection the server closes', () => {
     } finally {
       await app.close()
       await bad.close()
+      await stopAllMemcached()
+    }
+  })
+})
+
+describe('a connection that dies in the middle of a reply', () => {
+  it('leaves no stale bytes behind: the next connection works', async () => {
+    const real = await startMemcached()
+    const sockets = new Set<Socket>()
+    let connections = 0
+    // The first connection starts a 100 kB reply, sends 2 kB of it and dies; later ones reach memcached.
+    const proxy = createServer((client) => {
+      sockets.add(client)
+      client.on('error', () => {})
+      if (++connections === 1) {
+        client.once('data', (request: Buffer) => {
+          const header = Buffer.alloc(24)
+          header[0] = 0x81
+          header.writeUInt32BE(100_000, 8)
+          request.copy(header, 12, 12, 16)
+          client.write(Buffer.concat([header, Buffer.alloc(2000, 0x41)]))
+          setTimeout(() => client.destroy(), 50)
+        })
+        return
+      }
+      const upstream = connect(real.port, '127.0.0.1')
+      sockets.add(upstream)
+      upstream.on('error', () => {})
+      client.pipe(upstream).pipe(client)
+    })
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+    const { port } = proxy.address() as AddressInfo
+    const node = new MemcachedNode({
+      id: 'n1',
+      host: '127.0.0.1',
+      port,
+      operationTimeoutMs: 300,
+      probeKey: 'p',
+    })
+    try {
+      await expect(node.get('big')).rejects.toThrow()
+      for (let attempt = 0; attempt < 3; attempt++) {
+        await node.set('k', Buffer.from(`v${attempt}`), 60)
+        expect((await node.get('k'))?.toString()).toBe(`v${attempt}`)
+      }
+    } finally {
+      await node.close()
+      for (const socket of sockets) socket.destroy()
+      proxy.close()
       await stopAllMemcached()
     }
   })
