@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { OpenedSession } from '../core/engine.js'
 import { contentOf, snapshotOf } from '../core/serialize.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
@@ -53,7 +54,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     const cookieId = recognized ? presented?.id : undefined
     const resign = recognized && presented?.resign === true
 
-    engine.session.open(cookieId).then(({ state, stored }) => {
+    const begin = ({ state, stored }: OpenedSession): void => {
       const store = new RequestStore(req, engine.session, state, newCookie)
       req.sessionStore = store
       try {
@@ -88,6 +89,15 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         }
       }
       holdResponse(res, commit, next)
+    }
+
+    engine.session.open(cookieId).then((opened) => {
+      try {
+        begin(opened)
+      } catch (error) {
+        next(error)
+        return
+      }
       next()
     }, next)
   }
