@@ -1,4 +1,6 @@
+import type { SessionBackend } from './core/backend.js'
 import { SessionEngine } from './core/engine.js'
+import { StickyStore } from './core/sticky.js'
 import { ReplicatedStore } from './core/store.js'
 import { MemcachedNode } from './nodes/memcached.js'
 import { MemoryNode } from './nodes/memory.js'
@@ -9,12 +11,17 @@ import type { Config } from './options.js'
 export interface Engine {
   readonly session: SessionEngine
   readonly ring: NodeRing
+  /** Set in sticky mode. */
+  readonly sticky: StickyStore | undefined
   close(): Promise<void>
 }
 
 const DEV_WARNING =
   'session-failover: no `nodes` configured, so sessions are kept in this process only and are lost when it ' +
   'stops. This is for local development; configure `nodes` for anything else.'
+
+/** How long close() and SIGTERM wait for queued sticky backups. */
+const FLUSH_TIMEOUT_MS = 10_000
 
 /** Wires nodes, ring, store and engine from a validated config. */
 export function createEngine(config: Config): Engine {
@@ -32,7 +39,11 @@ export function createEngine(config: Config): Engine {
     process.emitWarning(DEV_WARNING, { type: 'SessionFailoverWarning', code: 'ESF_NO_NODES' })
     nodes = [new MemoryNode('local')]
   }
-  const ring = new NodeRing(nodes, { probeIntervalMs: config.nodeProbeIntervalMs, logger: config.logger })
+  const ring = new NodeRing(nodes, {
+    failoverNodeIds: config.failoverNodeIds,
+    probeIntervalMs: config.nodeProbeIntervalMs,
+    logger: config.logger,
+  })
   const store = new ReplicatedStore(ring, {
     prefix: config.prefix,
     touchAfter: config.touchAfter,
@@ -40,8 +51,17 @@ export function createEngine(config: Config): Engine {
     retryAfterSeconds: Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000)),
     logger: config.logger,
   })
+  const sticky = config.sticky
+    ? new StickyStore(store, ring, {
+        ...config.sticky,
+        flushTimeoutMs: FLUSH_TIMEOUT_MS,
+        retryDelayMs: config.nodeProbeIntervalMs,
+        logger: config.logger,
+      })
+    : undefined
+  const backend: SessionBackend = sticky ?? store
   const session = new SessionEngine(
-    store,
+    backend,
     {
       resave: config.resave,
       saveUninitialized: config.saveUninitialized,
@@ -50,5 +70,13 @@ export function createEngine(config: Config): Engine {
     },
     config.ttlSeconds,
   )
-  return { session, ring, close: () => ring.close() }
+  return {
+    session,
+    ring,
+    sticky,
+    async close() {
+      await backend.close()
+      await ring.close()
+    },
+  }
 }

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import type { CookieOptions } from 'express-session'
 import { ConfigError } from './errors.js'
 import { type Logger, silentLogger } from './logger.js'
@@ -15,8 +16,18 @@ export interface SessionFailoverOptions {
   secret: string | readonly string[]
   /** `'n1:10.0.0.1:11211 n2:10.0.0.2:11211'` (spaces or commas) or `[{ id, host, port }]`. */
   nodes?: string | readonly NodeSpec[]
-  /** Sticky mode (local sessions backed up to memcached) is not available yet; only `false`. */
+  /** Sticky mode: sessions served from this instance's memory, backed up to two nodes. Default false. */
   sticky?: boolean
+  /** Sticky mode: this instance's name, carried in session ids (`<random>-<node>.<route>`). Default: random. */
+  route?: string
+  /** Sticky mode: back up after the response, through a coalescing queue, instead of before it. Default false. */
+  backupAsync?: boolean
+  /** Node ids used only when no other node is alive (e.g. the memcached on this host). Default none. */
+  failoverNodes?: string | readonly string[]
+  /** Sticky mode: most sessions kept in memory. Default 10000. */
+  localMaxSessions?: number
+  /** Sticky mode: most bytes of session data kept in memory. Default 64 MiB. */
+  localMaxBytes?: number
   /** Cookie name. Default `connect.sid`, as express-session. */
   name?: string
   /** Cookie options, as express-session's `cookie`. */
@@ -51,6 +62,16 @@ export interface Config {
   readonly secrets: readonly string[]
   /** undefined: no nodes configured, the in-process development store is used. */
   readonly nodes: readonly NodeSpec[] | undefined
+  readonly failoverNodeIds: ReadonlySet<string>
+  /** Set in sticky mode only. */
+  readonly sticky:
+    | {
+        readonly route: string
+        readonly backupAsync: boolean
+        readonly localMaxSessions: number
+        readonly localMaxBytes: number
+      }
+    | undefined
   readonly name: string
   readonly cookie: Readonly<CookieOptions>
   readonly rolling: boolean
@@ -71,6 +92,11 @@ const KNOWN_OPTIONS = new Set([
   'secret',
   'nodes',
   'sticky',
+  'route',
+  'backupAsync',
+  'failoverNodes',
+  'localMaxSessions',
+  'localMaxBytes',
   'name',
   'cookie',
   'rolling',
@@ -120,13 +146,11 @@ export function parseOptions(options: unknown, env: string | undefined = process
   }
   const o = options as Record<string, unknown>
 
-  if (o.sticky !== undefined && typeof o.sticky !== 'boolean') {
-    throw new ConfigError(`Expected \`sticky\` to be a boolean, got ${describe(o.sticky)}`)
-  }
-  if (o.sticky === true) {
-    throw new ConfigError(
-      '`sticky: true` is not available in this version; use `sticky: false` (non-sticky mode)',
-    )
+  const sticky = optionalBoolean(o, 'sticky', false)
+  if (!sticky) {
+    for (const key of ['route', 'backupAsync', 'localMaxSessions', 'localMaxBytes']) {
+      if (o[key] !== undefined) throw new ConfigError(`Option \`${key}\` needs \`sticky: true\``)
+    }
   }
 
   const nodes = o.nodes === undefined ? undefined : parseNodes(o.nodes)
@@ -145,6 +169,23 @@ export function parseOptions(options: unknown, env: string | undefined = process
   return Object.freeze({
     secrets: parseSecrets(o.secret),
     nodes,
+    failoverNodeIds: parseFailoverNodes(o.failoverNodes, nodes),
+    sticky: sticky
+      ? Object.freeze({
+          route: optionalString(o, 'route', randomRoute(), NODE_ID_PATTERN, "1-32 letters, digits or '_'"),
+          backupAsync: optionalBoolean(o, 'backupAsync', false),
+          localMaxSessions: optionalNumber(o, 'localMaxSessions', 10_000, {
+            min: 1,
+            integer: true,
+            unit: 'sessions',
+          }),
+          localMaxBytes: optionalNumber(o, 'localMaxBytes', 64 * 1024 * 1024, {
+            min: 1024,
+            integer: true,
+            unit: 'bytes',
+          }),
+        })
+      : undefined,
     name: optionalString(o, 'name', 'connect.sid', /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/, 'a cookie name token'),
     cookie: parseCookie(o.cookie),
     rolling: optionalBoolean(o, 'rolling', false),
@@ -226,6 +267,35 @@ function checkNode(raw: { id: unknown; host: unknown; port: unknown }, where = '
     )
   }
   return Object.freeze({ id: raw.id, host: raw.host, port })
+}
+
+function parseFailoverNodes(value: unknown, nodes: readonly NodeSpec[] | undefined): ReadonlySet<string> {
+  if (value === undefined) return new Set()
+  const ids = typeof value === 'string' ? value.split(/[\s,]+/).filter(Boolean) : value
+  if (!Array.isArray(ids) || !ids.every((id) => typeof id === 'string')) {
+    throw new ConfigError(
+      `Expected \`failoverNodes\` to be node ids as a string ('n3') or an array (['n3']), got ${describe(value)}`,
+    )
+  }
+  if (!nodes) throw new ConfigError('Option `failoverNodes` needs `nodes`')
+  const known = new Set(nodes.map((node) => node.id))
+  for (const id of ids) {
+    if (!known.has(id)) {
+      throw new ConfigError(
+        `Expected every id in \`failoverNodes\` to be a configured node (${[...known].join(', ')}), got '${id}'`,
+      )
+    }
+  }
+  const failover = new Set<string>(ids)
+  if (failover.size === known.size) {
+    throw new ConfigError('Expected at least one node that is not in `failoverNodes`, got all of them')
+  }
+  return failover
+}
+
+/** A per-process route when none is configured: takeovers are still detected, the LB just cannot route by it. */
+function randomRoute(): string {
+  return `r${randomBytes(6).toString('hex')}`
 }
 
 function parseSecrets(value: unknown): readonly string[] {

@@ -92,7 +92,25 @@ describe('options', () => {
     [{ secret: 's', nodes, operationTimout: 5 }, 'Unknown option `operationTimout`'],
     [{ secret: 's', nodes, store: {} }, 'Option `store` is not supported'],
     [{ secret: 's', nodes, genid: () => 'x' }, 'Option `genid` is not supported'],
-    [{ secret: 's', nodes, sticky: true }, '`sticky: true` is not available in this version'],
+    [{ secret: 's', nodes, sticky: 'yes' }, 'Expected `sticky` to be a boolean'],
+    [{ secret: 's', nodes, route: 'a' }, 'Option `route` needs `sticky: true`'],
+    [{ secret: 's', nodes, backupAsync: true }, 'Option `backupAsync` needs `sticky: true`'],
+    [
+      { secret: 's', nodes, sticky: true, route: 'a.b' },
+      "Expected `route` to be 1-32 letters, digits or '_', got `'a.b'`",
+    ],
+    [
+      { secret: 's', nodes, sticky: true, localMaxSessions: 0 },
+      'Expected `localMaxSessions` to be an integer from 1 and up',
+    ],
+    [
+      { secret: 's', nodes, sticky: true, localMaxBytes: 10 },
+      'Expected `localMaxBytes` to be an integer from 1024 and up',
+    ],
+    [{ secret: 's', nodes, failoverNodes: 'n7' }, "to be a configured node (n1, n2), got 'n7'"],
+    [{ secret: 's', nodes, failoverNodes: ['n1', 'n2'] }, 'at least one node that is not in `failoverNodes`'],
+    [{ secret: 's', nodes, failoverNodes: 3 }, 'Expected `failoverNodes` to be node ids'],
+    [{ secret: 's', failoverNodes: 'n1' }, 'Option `failoverNodes` needs `nodes`'],
     [
       { secret: 's', nodes, logger: console.log },
       'Expected `logger` to have debug, info, warn and error methods',
@@ -100,6 +118,21 @@ describe('options', () => {
     ['s', 'Expected options to be an object like { secret, nodes }'],
   ])('rejects %j with a message saying what was expected and given', (options, expected) => {
     expect(message(options)).toContain(expected)
+  })
+
+  it('reads the sticky options with their defaults, and a random route when none is given', () => {
+    const a = parseOptions({ secret: 's', nodes, sticky: true })
+    const b = parseOptions({ secret: 's', nodes, sticky: true })
+    expect(a.sticky).toMatchObject({
+      backupAsync: false,
+      localMaxSessions: 10_000,
+      localMaxBytes: 64 * 1024 * 1024,
+    })
+    expect(a.sticky?.route).toMatch(/^r[0-9a-f]{12}$/)
+    expect(a.sticky?.route).not.toBe(b.sticky?.route)
+    expect(parseOptions({ secret: 's', nodes, sticky: true, route: 'app1' }).sticky?.route).toBe('app1')
+    expect(parseOptions({ secret: 's', nodes }).sticky).toBeUndefined()
+    expect([...parseOptions({ secret: 's', nodes, failoverNodes: 'n2' }).failoverNodeIds]).toEqual(['n2'])
   })
 
   it('refuses to start without nodes in production, naming what to configure', () => {

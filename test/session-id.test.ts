@@ -23,11 +23,11 @@ describe('session id codec', () => {
     })
   })
 
-  it('round-trips any random part and node id', () => {
+  it('round-trips any random part, node id and route', () => {
     fc.assert(
-      fc.property(nodeId, (node) => {
+      fc.property(nodeId, fc.option(nodeId, { nil: undefined }), (node, route) => {
         const random = newRandomPart()
-        expect(parseSessionId(formatSessionId(random, node))).toEqual({ random, nodeId: node })
+        expect(parseSessionId(formatSessionId(random, node, route))).toEqual({ random, nodeId: node, route })
       }),
     )
   })
@@ -42,7 +42,7 @@ describe('session id codec', () => {
     fc.assert(
       fc.property(fc.string({ maxLength: 80 }), (text) => {
         const parsed = parseSessionId(text)
-        if (parsed) expect(formatSessionId(parsed.random, parsed.nodeId)).toBe(text)
+        if (parsed) expect(formatSessionId(parsed.random, parsed.nodeId, parsed.route)).toBe(text)
       }),
     )
   })
@@ -56,6 +56,9 @@ describe('session id codec', () => {
     ['host in node id', `${'a'.repeat(24)}-10.0.0.1:11211`],
     ['node id too long', `${'a'.repeat(24)}-${'n'.repeat(33)}`],
     ['control character', `${'a'.repeat(23)}\n-n1`],
+    ['empty route', `${'a'.repeat(24)}-n1.`],
+    ['two routes', `${'a'.repeat(24)}-n1.a.b`],
+    ['route with a dash', `${'a'.repeat(24)}-n1.a-b`],
   ])('rejects %s', (_name, id) => {
     expect(parseSessionId(id)).toBeNull()
   })

@@ -1,5 +1,5 @@
+import type { SessionBackend } from './backend.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
-import type { ReplicatedStore } from './store.js'
 
 export interface OpenedSession {
   readonly state: SessionState
@@ -17,11 +17,11 @@ export interface CommitResult {
  * before the response is acknowledged. Adapters translate requests and cookies; every decision lives here.
  */
 export class SessionEngine {
-  readonly store: ReplicatedStore
+  readonly store: SessionBackend
   readonly policy: LifecyclePolicy
   readonly #defaultTtlSeconds: number
 
-  constructor(store: ReplicatedStore, policy: LifecyclePolicy, defaultTtlSeconds: number) {
+  constructor(store: SessionBackend, policy: LifecyclePolicy, defaultTtlSeconds: number) {
     this.store = store
     this.policy = policy
     this.#defaultTtlSeconds = defaultTtlSeconds

@@ -39,8 +39,6 @@ export class SessionState {
   record: SessionRecord | undefined = undefined
   /** The session must be written this request: it was restored from a backup or relocated. */
   mustWrite = false
-  /** A write happened during this request, so the client must learn the id. */
-  wroteThisRequest = false
   destroyed = false
 
   private constructor(cookieId: string | undefined, id: string, dataJson: string) {
@@ -106,7 +104,8 @@ export class SessionState {
 
   shouldSetCookie(snapshot: SessionSnapshot, policy: LifecyclePolicy): boolean {
     if (this.cookieId !== this.id) {
-      return policy.saveUninitialized || this.wroteThisRequest || this.isModified(snapshot.dataJson)
+      // A stored session whose id moved (relocation, takeover, regenerate) always sends the id it has now.
+      return policy.saveUninitialized || this.record !== undefined || this.isModified(snapshot.dataJson)
     }
     return policy.rolling || (snapshot.expires !== null && this.isModified(snapshot.dataJson))
   }
@@ -117,6 +116,5 @@ export class SessionState {
     this.savedJson = record.dataJson
     this.record = record
     this.mustWrite = false
-    this.wroteThisRequest = true
   }
 }

@@ -3,6 +3,7 @@ import { AllNodesDownError, CorruptSessionError, NodeRejectedError } from '../er
 import type { Logger } from '../logger.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
+import type { SessionBackend } from './backend.js'
 import { decodeRecord, encodeRecord, type SessionRecord } from './codec.js'
 import { type StorageKeys, storageKeys } from './keys.js'
 
@@ -34,7 +35,7 @@ const TOUCH_LOG_ENTRIES = 50_000
  * Sessions replicated on two nodes: the primary named in the session id and a backup on the next alive node.
  * Framework-free: it deals in session ids and records, never in requests.
  */
-export class ReplicatedStore {
+export class ReplicatedStore implements SessionBackend {
   readonly #ring: NodeRing
   readonly #options: StoreOptions
   readonly #lastRefresh = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
@@ -45,10 +46,13 @@ export class ReplicatedStore {
     this.#options = options
   }
 
-  /** A new id on the next alive node (round-robin). With every node down it still returns an id; saving it fails. */
-  newSessionId(): string {
+  /**
+   * A new id on the next alive node (round-robin), carrying `route` in sticky mode. With every node down it still
+   * returns an id; saving it relocates it or fails.
+   */
+  newSessionId(route?: string): string {
     const nodeId = this.#ring.nodeForNewSession() ?? this.#ring.firstNodeId()
-    return formatSessionId(newRandomPart(), nodeId)
+    return formatSessionId(newRandomPart(), nodeId, route)
   }
 
   /** Parses an id and checks its node is configured; the library never reaches a node named only by a cookie. */
@@ -97,7 +101,7 @@ export class ReplicatedStore {
     const target = this.#ring.nextAliveAfter(primary)
     if (!target) throw this.#allNodesDown()
     return {
-      id: formatSessionId(parsed.random, target),
+      id: formatSessionId(parsed.random, target, parsed.route),
       record: backup.record,
       mustWrite: true,
       relocatedFrom: primary,
@@ -130,7 +134,7 @@ export class ReplicatedStore {
         const now = Date.now()
         this.#lastRefresh.set(parsed.random, now)
         this.#lastBackupCheck.set(parsed.random, now)
-        return formatSessionId(parsed.random, primary)
+        return formatSessionId(parsed.random, primary, parsed.route)
       }
       if (primaryWrite.reason instanceof NodeRejectedError) throw primaryWrite.reason
     }
@@ -138,16 +142,22 @@ export class ReplicatedStore {
   }
 
   /**
-   * Keeps an unchanged session alive and its backup in place, without rewriting it:
+   * Keeps an unchanged session alive and its copies in place, without rewriting it:
    * - once `touchAfter` of its TTL has passed since the last write or refresh (per instance), both copies are
    *   touched to a full TTL;
    * - otherwise, at most once per `backupCheckIntervalMs`, the backup alone is touched to the expiry it already
    *   has: a check that it still exists. Without it, restarting the backup node and then the primary (a rolling
    *   restart) would lose every session that was only read in between.
-   * A missing backup is written again from `record`, the copy this request read. Never throws: a failed touch
-   * only costs node health.
+   * `verifyPrimary` checks the primary the same way (sticky mode, where the primary is never read). A missing
+   * copy is written again from `record`, the copy this request used. Never throws: a failed touch only costs
+   * node health.
    */
-  async refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
+  async refresh(
+    id: string,
+    record: SessionRecord,
+    ttlSeconds: number,
+    { verifyPrimary = false }: { verifyPrimary?: boolean } = {},
+  ): Promise<void> {
     const parsed = parseSessionId(id)
     if (!parsed) return
     const now = Date.now()
@@ -163,18 +173,20 @@ export class ReplicatedStore {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
     const backup = this.#ring.nextAliveAfter(primary)
+    // A touch that finds no copy writes it again from `record`: the node restarted empty.
+    const keep = (nodeId: string, key: string, ttl: number) =>
+      this.#ring.call(nodeId, async (node) => {
+        if (!(await node.touch(key, ttl))) await node.set(key, encodeRecord(record), ttl)
+      })
     await Promise.allSettled([
-      touchDue &&
-        this.#ring.isAlive(primary) &&
-        this.#ring.call(primary, (node) => node.touch(keys.primary, ttlSeconds)),
-      backup &&
-        this.#ring.call(backup, async (node) => {
-          if (!(await node.touch(keys.backup, backupTtl))) {
-            await node.set(keys.backup, encodeRecord(record), backupTtl)
-          }
-        }),
+      this.#ring.isAlive(primary) &&
+        (touchDue || verifyPrimary) &&
+        keep(primary, keys.primary, touchDue ? ttlSeconds : backupTtl),
+      backup && keep(backup, keys.backup, backupTtl),
     ])
   }
+
+  async close(): Promise<void> {}
 
   /**
    * Removes every copy. Both keys are deleted on every alive node, not only on the current primary and backup:

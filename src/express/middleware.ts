@@ -11,10 +11,15 @@ import { CookieClass, RequestStore, type SessionCookie, type SessionRequest } fr
 
 export interface SessionFailoverMiddleware {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
-  /** Closes every node connection. Call on shutdown (SIGTERM) after the HTTP server stopped accepting. */
+  /**
+   * Writes queued backups (sticky `backupAsync`), then closes every node connection. Call on shutdown (SIGTERM)
+   * after the HTTP server stopped accepting.
+   */
   close(): Promise<void>
   /** Per-node status: alive, or dead since when and why. */
   health(): NodeHealth[]
+  /** Sticky mode: sessions and bytes held in memory, and backups not yet written; undefined otherwise. */
+  localStatus(): { sessions: number; bytes: number; pendingBackups: number } | undefined
 }
 
 /**
@@ -108,5 +113,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       return engine.close()
     },
     health: () => engine.ring.health(),
+    localStatus: () =>
+      engine.sticky && { ...engine.sticky.localSize, pendingBackups: engine.sticky.pendingBackups },
   })
 }

@@ -4,6 +4,8 @@ import type { SessionNode } from './node.js'
 
 interface Member {
   readonly node: SessionNode
+  /** Used only when no other node is alive (MSM's failoverNodes): typically the memcached on this host. */
+  readonly failover: boolean
   alive: boolean
   deadSince: number | undefined
   lastError: string | undefined
@@ -20,6 +22,8 @@ export interface NodeHealth {
 }
 
 export interface RingOptions {
+  /** Ids of nodes used only when no other node is alive. */
+  readonly failoverNodeIds: ReadonlySet<string>
   readonly probeIntervalMs: number
   readonly logger: Logger
 }
@@ -39,6 +43,7 @@ export class NodeRing {
   constructor(nodes: readonly SessionNode[], options: RingOptions) {
     this.#members = nodes.map((node) => ({
       node,
+      failover: options.failoverNodeIds.has(node.id),
       alive: true,
       deadSince: undefined,
       lastError: undefined,
@@ -74,30 +79,45 @@ export class NodeRing {
     return first.node.id
   }
 
-  /** Round-robin over alive nodes, so new sessions spread evenly; undefined when none is alive. */
+  /**
+   * Round-robin over alive nodes, so new sessions spread evenly; failover nodes only when no other node is alive.
+   * Undefined when none is alive.
+   */
   nodeForNewSession(): string | undefined {
     const count = this.#members.length
-    for (let step = 0; step < count; step++) {
-      const member = this.#members[(this.#roundRobin + step) % count]
-      if (member?.alive) {
-        this.#roundRobin = (this.#roundRobin + step + 1) % count
-        return member.node.id
+    for (const failover of [false, true]) {
+      for (let step = 0; step < count; step++) {
+        const member = this.#members[(this.#roundRobin + step) % count]
+        if (member?.alive && member.failover === failover) {
+          this.#roundRobin = (this.#roundRobin + step + 1) % count
+          return member.node.id
+        }
       }
     }
     return undefined
   }
 
   /**
-   * The first alive node after `nodeId` in configured order, skipping `exclude`. This is where the backup of a
-   * session whose primary is `nodeId` lives, and where the session moves when `nodeId` dies: the choice is
-   * deterministic, so instances that fail over the same session at once agree on its new home.
+   * The first alive node after `nodeId` in configured order, skipping `exclude`, and preferring nodes that are
+   * not failover nodes. This is where the backup of a session whose primary is `nodeId` lives, and where the
+   * session moves when `nodeId` dies: the choice is deterministic, so instances that fail over the same session
+   * at once agree on its new home.
    */
   nextAliveAfter(nodeId: string, exclude?: ReadonlySet<string>): string | undefined {
     const count = this.#members.length
     const start = this.#members.findIndex((member) => member.node.id === nodeId)
-    for (let step = 1; step < count; step++) {
-      const member = this.#members[(start + step) % count]
-      if (member?.alive && member.node.id !== nodeId && !exclude?.has(member.node.id)) return member.node.id
+    for (const failover of [false, true]) {
+      for (let step = 1; step < count; step++) {
+        const member = this.#members[(start + step) % count]
+        if (
+          member?.alive &&
+          member.failover === failover &&
+          member.node.id !== nodeId &&
+          !exclude?.has(member.node.id)
+        ) {
+          return member.node.id
+        }
+      }
     }
     return undefined
   }
