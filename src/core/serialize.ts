@@ -13,10 +13,14 @@ export interface SessionContent {
  * The JSON form users of express-session already store. The cookie is kept apart from the data, so that a
  * cookie refresh is not a modification.
  */
-export function snapshotOf(session: object, cookie: { expires?: unknown }): SessionSnapshot {
+export function snapshotOf(session: object, cookie: object): SessionSnapshot {
   const { cookie: _ignored, ...data } = session as Record<string, unknown>
-  const expires = cookie.expires instanceof Date ? cookie.expires : null
-  return { dataJson: JSON.stringify(data), cookieJson: JSON.stringify(cookie), expires }
+  const { expires } = cookie as { expires?: unknown }
+  return {
+    dataJson: JSON.stringify(data),
+    cookieJson: JSON.stringify(cookie),
+    expires: expires instanceof Date ? expires : null,
+  }
 }
 
 export function contentOf(record: Pick<SessionRecord, 'dataJson' | 'cookieJson'>): SessionContent {

@@ -1,0 +1,222 @@
+import { afterEach, describe, expect, it } from 'vitest'
+import { storageKeys } from '../src/core/keys.js'
+import { snapshotOf } from '../src/core/serialize.js'
+import { createEngine } from '../src/create-engine.js'
+import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
+import { parseOptions } from '../src/options.js'
+import { Browser } from './support/app.js'
+import { type AppProcess, startAppProcess, stopAllAppProcesses } from './support/instance.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+describe('sticky mode', () => {
+  let servers: MemcachedServer[]
+
+  afterEach(async () => {
+    await stopAllAppProcesses()
+    await stopAllMemcached()
+  })
+
+  async function cluster(extra: Partial<SessionFailoverOptions> = {}) {
+    servers = await startCluster(3)
+    const options = (route: string): SessionFailoverOptions => ({
+      secret: 'sticky-secret',
+      nodes: nodesOption(servers),
+      sticky: true,
+      route,
+      operationTimeout: 250,
+      nodeProbeInterval: 100,
+      ...extra,
+    })
+    return { options, a: await startAppProcess(options('a')), b: await startAppProcess(options('b')) }
+  }
+  const keysOf = (id: string | undefined) => storageKeys('sf:', parseSessionId(id)?.random ?? '')
+  const primaryOf = (id: string | undefined) =>
+    servers[Number(parseSessionId(id)?.nodeId.slice(1)) - 1] as MemcachedServer
+  const backupOf = (id: string | undefined) =>
+    servers[Number(parseSessionId(id)?.nodeId.slice(1)) % 3] as MemcachedServer
+
+  async function fill(browser: Browser, app: AppProcess, items: string[]) {
+    for (const item of items) expect((await browser.send(app, 'POST', `/cart/${item}`)).status).toBe(200)
+  }
+
+  it('backs every change up to two nodes before answering, and carries the route in the id', async () => {
+    const { a } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple', 'pear'])
+    const id = browser.sessionId
+    expect(parseSessionId(id)?.route).toBe('a')
+    expect(await primaryOf(id).has(keysOf(id).primary)).toBe(true)
+    expect(await backupOf(id).has(keysOf(id).backup)).toBe(true)
+  })
+
+  it('serves a local session without reading memcached', async () => {
+    const { a } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple'])
+    const gets = async () =>
+      (await Promise.all(servers.map((s) => s.stats()))).reduce((n, s) => n + (s.cmd_get ?? 0), 0)
+    const before = await gets()
+    for (let i = 0; i < 5; i++) expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect(await gets()).toBe(before)
+  })
+
+  it('loses nothing acknowledged when its instance is killed: another instance takes over', async () => {
+    const { a, b } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple', 'pear', 'plum'])
+    await a.kill()
+    const reply = await browser.send(b, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple', 'pear', 'plum'])
+    expect(reply.setCookie).toBeDefined()
+    expect(parseSessionId(browser.sessionId)?.route).toBe('b')
+  })
+
+  it('loses nothing when the instance and the primary node die together', async () => {
+    const { a, b } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple', 'pear'])
+    const id = browser.sessionId
+    await Promise.all([a.kill(), primaryOf(id).kill()])
+    const reply = await browser.send(b, 'POST', '/cart/fig')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['apple', 'pear', 'fig'])
+    const moved = parseSessionId(browser.sessionId)
+    expect(moved?.route).toBe('b')
+    expect(moved?.nodeId).not.toBe(parseSessionId(id)?.nodeId)
+  })
+
+  it('never serves a stale local copy after another instance owned the session', async () => {
+    const { a, b } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple'])
+    const cookieForA = browser.cookie
+    // The balancer sends the session to b (a is slow, say): b takes over and changes it.
+    expect((await browser.send(b, 'POST', '/cart/pear')).body.cart).toEqual(['apple', 'pear'])
+    expect(parseSessionId(browser.sessionId)?.route).toBe('b')
+    // Back on a, which still holds its own copy ['apple']: it must take the session over again.
+    const back = await browser.send(a, 'GET', '/cart')
+    expect(back.body.cart).toEqual(['apple', 'pear'])
+    expect(back.setCookie).toBeDefined()
+    expect(parseSessionId(browser.sessionId)?.route).toBe('a')
+    // The old cookie (route a) is now just a route a owns: a serves its current copy, not the first one.
+    const old = new Browser()
+    old.cookie = cookieForA
+    expect((await old.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+  })
+
+  it('relocates the session when its primary node dies, without failing the request', async () => {
+    const { a } = await cluster()
+    const browser = new Browser()
+    await fill(browser, a, ['apple'])
+    const id = browser.sessionId
+    await primaryOf(id).kill()
+    const first = await browser.send(a, 'POST', '/cart/pear') // the write finds the node dead
+    expect(first.status).toBe(200)
+    const reply = await browser.send(a, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple', 'pear'])
+    const moved = browser.sessionId
+    expect(parseSessionId(moved)?.nodeId).not.toBe(parseSessionId(id)?.nodeId)
+    expect(await primaryOf(moved).has(keysOf(moved).primary)).toBe(true)
+    expect(await backupOf(moved).has(keysOf(moved).backup)).toBe(true)
+  })
+
+  it('keeps working from memory with every node down, and backs the sessions up when nodes return', async () => {
+    const { a } = await cluster()
+    const browsers = [new Browser(), new Browser(), new Browser()]
+    for (const browser of browsers) await fill(browser, a, ['apple'])
+    await Promise.all(servers.map((server) => server.kill()))
+    for (const browser of browsers) {
+      const reply = await browser.send(a, 'POST', '/cart/pear')
+      expect(reply.status).toBe(200)
+      expect(reply.body.cart).toEqual(['apple', 'pear'])
+    }
+    await Promise.all(servers.map((server) => server.restart()))
+    // Nodes come back one by one: a queued backup may relocate its session to the first one that answers,
+    // and the next response carries the new id. Either way there must be a primary and a backup copy again.
+    const copies = async (id: string | undefined) => {
+      const keys = keysOf(id)
+      const found = await Promise.all(
+        servers.map(async (s) => [await s.has(keys.primary), await s.has(keys.backup)]),
+      )
+      return { primary: found.some(([p]) => p), backup: found.some(([, b]) => b) }
+    }
+    const deadline = Date.now() + 5000
+    for (const browser of browsers) {
+      let found = await copies(browser.sessionId)
+      while (!(found.primary && found.backup) && Date.now() < deadline) {
+        await sleep(50)
+        found = await copies(browser.sessionId)
+      }
+      expect(found).toEqual({ primary: true, backup: true })
+      expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+      const id = browser.sessionId
+      expect(await primaryOf(id).has(keysOf(id).primary)).toBe(true)
+    }
+  })
+
+  it('flushes queued asynchronous backups on SIGTERM before the process exits', async () => {
+    const { a, b } = await cluster({ backupAsync: true })
+    // Kill the nodes so the backups cannot be written yet and must wait in the queue. (Freezing would not do:
+    // a stopped memcached still takes requests into its socket buffer and runs them after SIGCONT.)
+    await Promise.all(servers.map((server) => server.kill()))
+    const browsers = Array.from({ length: 5 }, () => new Browser())
+    for (const [index, browser] of browsers.entries()) {
+      const reply = await browser.send(a, 'POST', `/cart/item${index}`)
+      expect(reply.status).toBe(200) // acknowledged from memory
+    }
+    const exit = a.terminate()
+    await sleep(300)
+    await Promise.all(servers.map((server) => server.restart()))
+    expect(await exit).toBe('SIGTERM')
+    for (const [index, browser] of browsers.entries()) {
+      expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual([`item${index}`])
+    }
+  })
+
+  it('coalesces repeated asynchronous writes of one session and lands the newest', async () => {
+    const { a, b } = await cluster({ backupAsync: true })
+    const browser = new Browser()
+    for (let i = 0; i < 20; i++) await browser.send(a, 'POST', `/cart/i${i}`)
+    await sleep(300)
+    const reply = await browser.send(b, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(Array.from({ length: 20 }, (_, i) => `i${i}`))
+  })
+})
+
+describe('the sticky local cache', () => {
+  afterEach(() => stopAllMemcached())
+
+  it('stays within its bounds under 10 000 sessions, and evicted sessions still load from the nodes', async () => {
+    const servers = await startCluster(2)
+    const engine = createEngine(
+      parseOptions({
+        secret: 's',
+        nodes: nodesOption(servers),
+        sticky: true,
+        route: 'a',
+        localMaxSessions: 1000,
+        localMaxBytes: 200_000,
+      }),
+    )
+    try {
+      const ids: string[] = []
+      for (let i = 0; i < 10_000; i++) {
+        const { state } = await engine.session.open(undefined)
+        const data = { user: `user${i}`, padding: 'x'.repeat(i % 3 === 0 ? 400 : 20) }
+        const cookie = { path: '/', httpOnly: true, originalMaxAge: null }
+        await engine.session.save(state, snapshotOf({ ...data, cookie }, cookie))
+        ids.push(state.id)
+        const local = engine.sticky?.localSize
+        expect(local?.sessions).toBeLessThanOrEqual(1000)
+        expect(local?.bytes).toBeLessThanOrEqual(200_000)
+      }
+      expect(engine.sticky?.localSize.sessions).toBeGreaterThan(100)
+      const first = await engine.session.open(ids[0])
+      expect(first.stored?.dataJson).toContain('"user0"')
+    } finally {
+      await engine.close()
+    }
+  }, 60_000)
+})

@@ -1,0 +1,70 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { appendFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+import type { SessionFailoverOptions } from '../../src/index.js'
+import type { ShopApp } from './app.js'
+
+const main = fileURLToPath(new URL('./instance-main.ts', import.meta.url))
+const running = new Set<ChildProcess>()
+
+/** A shop app in a child process: `url` to send requests to, and a process to kill. */
+export interface AppProcess extends Pick<ShopApp, 'url'> {
+  readonly pid: number
+  /** SIGKILL, as a crash. */
+  kill(): Promise<void>
+  /** SIGTERM, as a deployment; resolves with the exit code or signal once the process is gone. */
+  terminate(): Promise<number | string | null>
+}
+
+export async function startAppProcess(options: SessionFailoverOptions): Promise<AppProcess> {
+  const child = spawn(process.execPath, ['--import', 'tsx', main], {
+    env: { ...process.env, SF_OPTIONS: JSON.stringify(options) },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  running.add(child)
+  const exited = new Promise<number | string | null>((resolve) =>
+    child.once('exit', (code, signal) => {
+      running.delete(child)
+      resolve(code ?? signal)
+    }),
+  )
+  const pidFile = process.env.SF_TEST_PID_FILE
+  if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
+  const port = await new Promise<number>((resolve, reject) => {
+    let output = ''
+    const timer = setTimeout(() => reject(new Error('app instance did not start within 15 s')), 15_000)
+    child.stdout?.on('data', (chunk: Buffer) => {
+      output += chunk.toString()
+      const match = /LISTENING (\d+)/.exec(output)
+      if (match) {
+        clearTimeout(timer)
+        resolve(Number(match[1]))
+      }
+    })
+    void exited.then((code) => reject(new Error(`app instance exited (${code}) before listening`)))
+  })
+  return {
+    url: `http://127.0.0.1:${port}`,
+    pid: child.pid ?? -1,
+    async kill() {
+      child.kill('SIGKILL')
+      await exited
+    },
+    async terminate() {
+      child.kill('SIGTERM')
+      return exited
+    },
+  }
+}
+
+export async function stopAllAppProcesses(): Promise<void> {
+  const children = [...running]
+  for (const child of children) child.kill('SIGKILL')
+  await Promise.all(
+    children.map((child) =>
+      child.exitCode !== null || child.signalCode !== null
+        ? undefined
+        : new Promise((resolve) => child.once('exit', resolve)),
+    ),
+  )
+}
