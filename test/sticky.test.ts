@@ -1,10 +1,11 @@
+import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { snapshotOf } from '../src/core/serialize.js'
 import { createEngine } from '../src/create-engine.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { parseOptions } from '../src/options.js'
-import { Browser } from './support/app.js'
+import { Browser, startShop } from './support/app.js'
 import { type AppProcess, startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 
@@ -182,6 +183,45 @@ describe('sticky mode', () => {
     await sleep(300)
     const reply = await browser.send(b, 'GET', '/cart')
     expect(reply.body.cart).toEqual(Array.from({ length: 20 }, (_, i) => `i${i}`))
+  })
+})
+
+describe('failover nodes', () => {
+  afterEach(() => stopAllMemcached())
+
+  it('are used only when no other node is alive', async () => {
+    const servers = await startCluster(3)
+    const shop = await startShop(express, {
+      secret: 's',
+      nodes: nodesOption(servers),
+      failoverNodes: 'n3',
+      operationTimeout: 250,
+      nodeProbeInterval: 100,
+    })
+    try {
+      const browsers = Array.from({ length: 6 }, () => new Browser())
+      for (const browser of browsers) await browser.send(shop, 'POST', '/cart/apple')
+      expect(new Set(browsers.map((b) => parseSessionId(b.sessionId)?.nodeId))).toEqual(new Set(['n1', 'n2']))
+      // n2's backup goes to n1, past the failover node n3.
+      const onN2 = browsers.find((b) => parseSessionId(b.sessionId)?.nodeId === 'n2') as Browser
+      expect(
+        await servers[0]?.has(storageKeys('sf:', parseSessionId(onN2.sessionId)?.random ?? '').backup),
+      ).toBe(true)
+      expect(await servers[2]?.stats()).toMatchObject({ cmd_set: 0 })
+
+      // With n1 gone, n3 is the only node left for n2's backup.
+      await servers[0]?.kill()
+      expect((await onN2.send(shop, 'POST', '/cart/pear')).body.cart).toEqual(['apple', 'pear'])
+      expect(
+        await servers[2]?.has(storageKeys('sf:', parseSessionId(onN2.sessionId)?.random ?? '').backup),
+      ).toBe(true)
+      // And when n2 goes too, the session moves there.
+      await servers[1]?.kill()
+      expect((await onN2.send(shop, 'POST', '/cart/plum')).body.cart).toEqual(['apple', 'pear', 'plum'])
+      expect(parseSessionId(onN2.sessionId)?.nodeId).toBe('n3')
+    } finally {
+      await shop.close()
+    }
   })
 })
 
