@@ -173,10 +173,11 @@ export class ReplicatedStore implements SessionBackend {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
     const backup = this.#ring.nextAliveAfter(primary)
-    // A touch that finds no copy writes it again from `record`: the node restarted empty.
+    // A touch that finds no copy writes it again from `record` (the node restarted empty). With `add`, not
+    // `set`: a newer version another instance wrote since this request read `record` is never overwritten.
     const keep = (nodeId: string, key: string, ttl: number) =>
       this.#ring.call(nodeId, async (node) => {
-        if (!(await node.touch(key, ttl))) await node.set(key, encodeRecord(record), ttl)
+        if (!(await node.touch(key, ttl))) await node.add(key, encodeRecord(record), ttl)
       })
     await Promise.allSettled([
       this.#ring.isAlive(primary) &&
