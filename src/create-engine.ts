@@ -55,6 +55,7 @@ export function createEngine(config: Config): Engine {
     ? new StickyStore(store, ring, {
         ...config.sticky,
         flushTimeoutMs: FLUSH_TIMEOUT_MS,
+        defaultTtlSeconds: config.ttlSeconds,
         retryDelayMs: config.nodeProbeIntervalMs,
         logger: config.logger,
       })

@@ -56,6 +56,19 @@ export class NodeRejectedError extends SessionFailoverError {
   override readonly code = 'ESF_NODE_REJECTED'
 }
 
+/**
+ * A session too large to store. Nothing is written: memcached deletes the stored item when a write of it is too
+ * large, so the check happens before the write and the previous copy stays as it was.
+ */
+export class SessionTooLargeError extends SessionFailoverError {
+  override readonly code = 'ESF_SESSION_TOO_LARGE'
+}
+
+/** A delayed write found a newer copy stored by another instance, and was not made. Internal. */
+export class StaleWriteError extends SessionFailoverError {
+  override readonly code = 'ESF_STALE_WRITE'
+}
+
 /** A stored blob could not be decoded: treated as no session, never shown to a client. */
 export class CorruptSessionError extends SessionFailoverError {
   override readonly code = 'ESF_CORRUPT_SESSION'

@@ -78,6 +78,20 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     expect(await backupServerOf(moved).has(keysOf(moved).backup)).toBe(true)
   })
 
+  it('finds the newest copy for a client that never received its relocated cookie', async () => {
+    const id = await fillCart()
+    const staleCookie = browser.cookie
+    await serverOf(id).kill()
+    // This response moves the session (primary and backup) and reissues the cookie; the client loses it.
+    expect((await browser.send(appB, 'POST', '/cart/plum')).body.cart).toEqual(['apple', 'pear', 'plum'])
+    const moved = browser.sessionId
+    await backupServerOf(moved).kill() // only the relocated primary copy is left, under the new node
+    const lost = new Browser()
+    lost.cookie = staleCookie
+    const reply = await lost.send(appA, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple', 'pear', 'plum'])
+  })
+
   it('gives the copy back to a primary that restarted empty, keeping the id', async () => {
     const id = await fillCart()
     const primary = serverOf(id)

@@ -1,36 +1,64 @@
-import { AllNodesDownError } from '../errors.js'
+import { AllNodesDownError, StaleWriteError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionRecord } from './codec.js'
 
 export interface BackupJob {
   readonly id: string
-  readonly record: SessionRecord
+  /** The copy to store; null deletes the session (a destroy made while no node was alive). */
+  readonly record: SessionRecord | null
   readonly ttlSeconds: number
+  /** Write only if the stored copy is not newer: set for writes that waited (async, or after an outage). */
+  readonly onlyIfNewer: boolean
 }
 
+/** written: stored (under `id`, which changes on relocation); not written: no node alive, the job stays queued. */
+export type JobOutcome = { readonly written: true; readonly id: string } | { readonly written: false }
+
 export interface BackupQueueOptions {
-  /** Most sessions waiting; past it offer() refuses and the caller writes synchronously. */
+  /** Most sessions waiting; past it offer() refuses. */
   readonly maxPending: number
-  /** Writes running at once. */
+  /** Background (offered) writes running at once; submitted writes are not limited by it. */
   readonly concurrency: number
   /** Wait before retrying while no node is alive. */
   readonly retryDelayMs: number
-  /** Writes one backup; resolves with the session's id afterwards (it changes on relocation). */
-  readonly write: (job: BackupJob) => Promise<string>
+  /** Performs one job; resolves with the session's id afterwards (it changes on relocation). */
+  readonly run: (job: BackupJob) => Promise<string>
   readonly onWritten: (key: string, job: BackupJob, id: string) => void
+  /** The stored copy was newer than the job's: another instance owns the session now. */
+  readonly onStale: (key: string, job: BackupJob) => void
   readonly logger: Logger
 }
 
+interface Waiter {
+  resolve(outcome: JobOutcome): void
+  reject(error: unknown): void
+}
+
+interface Entry {
+  job: BackupJob
+  waiters: Waiter[]
+  /** Submitted by a request that waits for it: started at once, not behind background writes. */
+  urgent: boolean
+}
+
+interface Running {
+  readonly entry: Entry
+  done: Promise<void>
+  /** withdraw() was called: a failure must not put the job back. */
+  withdrawn: boolean
+}
+
 /**
- * Backups written after the response (sticky mode's `backupAsync`, and any sticky write made while every node
- * was down). One pending job per session: a newer write replaces the queued one (coalescing), and a session is
- * never written by two jobs at once, so the newest copy is the one that lands. While no node is alive jobs stay
- * queued and are retried; nothing is dropped silently.
+ * Every sticky write of a session passes through here, so one session is never written by two jobs at once and
+ * the newest copy is the one that lands. One pending job per session: a newer write replaces the queued one
+ * (coalescing), and whoever waited for the older one learns the outcome of the newer. While no node is alive,
+ * jobs stay queued and are retried; nothing is dropped silently.
  */
 export class BackupQueue {
   readonly #options: BackupQueueOptions
-  readonly #pending = new Map<string, BackupJob>()
-  readonly #inFlight = new Map<string, Promise<void>>()
+  readonly #pending = new Map<string, Entry>()
+  readonly #running = new Map<string, Running>()
+  #backgroundRunning = 0
   #retryTimer: NodeJS.Timeout | undefined
   #idle: Array<() => void> = []
 
@@ -40,79 +68,123 @@ export class BackupQueue {
 
   /** Sessions waiting or being written. */
   get size(): number {
-    return this.#pending.size + this.#inFlight.size
+    return this.#pending.size + this.#running.size
   }
 
   has(key: string): boolean {
-    return this.#pending.has(key) || this.#inFlight.has(key)
+    return this.#pending.has(key) || this.#running.has(key)
   }
 
-  /** Queues (or replaces) the backup of one session; false when the queue is full. */
+  /** The newest job of a session not yet stored: what this instance acknowledged last. */
+  latest(key: string): BackupJob | undefined {
+    return (this.#pending.get(key) ?? this.#running.get(key)?.entry)?.job
+  }
+
+  /** Queues (or replaces) a background write; false when the queue is full. */
   offer(key: string, job: BackupJob): boolean {
-    if (!this.#pending.has(key) && this.#pending.size >= this.#options.maxPending) return false
-    this.#pending.set(key, job)
+    const entry = this.#pending.get(key)
+    if (entry) entry.job = job
+    else if (this.#pending.size >= this.#options.maxPending) return false
+    else this.#pending.set(key, { job, waiters: [], urgent: false })
     this.#pump()
     return true
   }
 
+  /** Queues a write and waits for it (or for a newer write of the same session that replaced it). */
+  submit(key: string, job: BackupJob): Promise<JobOutcome> {
+    return new Promise((resolve, reject) => {
+      const entry = this.#pending.get(key)
+      if (entry) {
+        entry.job = job
+        entry.urgent = true
+        entry.waiters.push({ resolve, reject })
+      } else {
+        this.#pending.set(key, { job, waiters: [{ resolve, reject }], urgent: true })
+      }
+      this.#pump()
+    })
+  }
+
   /**
-   * Removes a session's queued job and waits for one being written: afterwards the caller may write or delete
-   * the session without an older queued copy landing after it.
+   * Drops a session's queued job and waits for one being written, which will not be retried: afterwards the
+   * caller may write or delete the session without an older copy landing after it.
    */
   async withdraw(key: string): Promise<void> {
+    const entry = this.#pending.get(key)
     this.#pending.delete(key)
-    await this.#inFlight.get(key)
+    for (const waiter of entry?.waiters ?? []) waiter.resolve({ written: false })
+    const running = this.#running.get(key)
+    if (running) {
+      running.withdrawn = true
+      await running.done
+    }
   }
 
   /** Resolves true once nothing is queued or being written, false if `timeoutMs` passes first. */
   flush(timeoutMs: number): Promise<boolean> {
     if (this.size === 0) return Promise.resolve(true)
     return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        this.#idle = this.#idle.filter((waiter) => waiter !== done)
-        resolve(false)
-      }, timeoutMs)
       const done = (): void => {
         clearTimeout(timer)
         resolve(true)
       }
+      const timer = setTimeout(() => {
+        this.#idle = this.#idle.filter((waiter) => waiter !== done)
+        resolve(false)
+      }, timeoutMs)
       this.#idle.push(done)
       this.#pump()
     })
   }
 
-  /** Stops retrying; queued jobs are kept (a later flush() can still write them). */
+  /** Stops retrying; queued jobs are kept. */
   stop(): void {
     clearTimeout(this.#retryTimer)
     this.#retryTimer = undefined
   }
 
   #pump(): void {
-    if (this.#retryTimer) return
-    for (const [key, job] of this.#pending) {
-      if (this.#inFlight.size >= this.#options.concurrency) break
-      if (this.#inFlight.has(key)) continue
+    for (const [key, entry] of this.#pending) {
+      if (this.#running.has(key)) continue
+      // Background writes wait while no node is alive (the retry timer) or when enough are running.
+      if (!entry.urgent && (this.#retryTimer || this.#backgroundRunning >= this.#options.concurrency))
+        continue
       this.#pending.delete(key)
-      this.#inFlight.set(key, this.#run(key, job))
+      if (!entry.urgent) this.#backgroundRunning++
+      const running: Running = { entry, done: Promise.resolve(), withdrawn: false }
+      this.#running.set(key, running)
+      running.done = this.#run(key, running)
     }
     if (this.size === 0) for (const done of this.#idle.splice(0)) done()
   }
 
-  async #run(key: string, job: BackupJob): Promise<void> {
+  async #run(key: string, running: Running): Promise<void> {
+    const { entry } = running
     try {
-      const id = await this.#options.write(job)
-      this.#options.onWritten(key, job, id)
+      const id = await this.#options.run(entry.job)
+      this.#options.onWritten(key, entry.job, id)
+      for (const waiter of entry.waiters) waiter.resolve({ written: true, id })
     } catch (error) {
       if (error instanceof AllNodesDownError) {
-        // Keep it unless a newer version is already waiting, and try again once a node may be back.
-        if (!this.#pending.has(key)) this.#pending.set(key, job)
+        // Degraded: keep the job (as a conditional write: others may write meanwhile) unless a newer one waits.
+        for (const waiter of entry.waiters) waiter.resolve({ written: false })
+        if (!running.withdrawn && !this.#pending.has(key)) {
+          this.#pending.set(key, { job: { ...entry.job, onlyIfNewer: true }, waiters: [], urgent: false })
+        }
         this.#scheduleRetry()
+      } else if (error instanceof StaleWriteError) {
+        this.#options.onStale(key, entry.job)
+        for (const waiter of entry.waiters) waiter.resolve({ written: false })
       } else {
-        this.#options.logger.error({ err: String(error) }, 'session-failover: backup could not be written')
+        if (entry.waiters.length === 0) {
+          this.#options.logger.error({ err: String(error) }, 'session-failover: backup could not be written')
+        }
+        for (const waiter of entry.waiters) waiter.reject(error)
       }
     } finally {
-      this.#inFlight.delete(key)
-      // A write that finished may unblock a newer version of the same session.
+      this.#running.delete(key)
+      if (!entry.urgent) this.#backgroundRunning--
+      // A finished write may unblock a newer version of the same session.
       queueMicrotask(() => this.#pump())
     }
   }

@@ -98,8 +98,13 @@ export class SessionState {
     return uninitializedNew ? this.isModified(dataJson) : !this.isSaved(dataJson)
   }
 
+  /**
+   * A stored session that is not being saved gets its expiry refreshed (and its copies verified). Unlike
+   * express-session this does not require the cookie to carry the current id: the refresh is about the stored
+   * copies, which a relocated session needs as much as any other.
+   */
   shouldTouch(dataJson: string, policy: LifecyclePolicy): boolean {
-    return this.cookieId === this.id && this.record !== undefined && !this.shouldSave(dataJson, policy)
+    return this.record !== undefined && !this.shouldSave(dataJson, policy)
   }
 
   shouldSetCookie(snapshot: SessionSnapshot, policy: LifecyclePolicy): boolean {

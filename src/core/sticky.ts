@@ -6,7 +6,8 @@ import { formatSessionId, type ParsedSessionId, parseSessionId } from '../sessio
 import type { SessionBackend } from './backend.js'
 import { type BackupJob, BackupQueue } from './backup-queue.js'
 import type { SessionRecord } from './codec.js'
-import type { LoadedSession, ReplicatedStore } from './store.js'
+import { flushOnSigterm } from './shutdown.js'
+import { isNewer, type LoadedSession, type ReplicatedStore } from './store.js'
 
 export interface StickyOptions {
   /** This instance's name, carried in the ids of the sessions it owns. */
@@ -16,6 +17,8 @@ export interface StickyOptions {
   readonly localMaxBytes: number
   /** How long close() (and SIGTERM) wait for queued backups. */
   readonly flushTimeoutMs: number
+  /** Idle lifetime given to a session taken over from the nodes, until its request sets the exact one. */
+  readonly defaultTtlSeconds: number
   readonly retryDelayMs: number
   readonly logger: Logger
 }
@@ -24,17 +27,21 @@ interface LocalSession {
   /** The session's current id; it changes when a backup relocated it to another node. */
   id: string
   readonly record: SessionRecord
+  /** Epoch ms after which the session has been idle for its whole TTL: expired, as it is in memcached. */
+  expiresAt: number
+  /** False when no backup of this version could even be queued (queue full while no node was alive). */
+  backedUp: boolean
 }
 
-/** Bytes a local session is charged for in the memory bound: its JSON texts plus the entry's overhead. */
+/** Bytes a local session is charged for in the memory bound: its JSON texts (UTF-16) plus the entry's overhead. */
 const ENTRY_OVERHEAD = 200
 
 /**
  * Sticky mode: sessions live in this instance's memory and are served from it without a remote read while this
  * instance owns them (the route in their id is this instance's). Every modified session is backed up to its
- * primary and backup nodes, before the response by default or through a queue after it (`backupAsync`).
- * A session that names another route is taken over: read from the nodes (the local copy may be stale), owned
- * from then on, and its cookie reissued with this route.
+ * primary and backup nodes, before the response by default or after it (`backupAsync`); all writes of one
+ * session go through one queue, so they land in order. A session that names another route is taken over: read
+ * from the nodes (the local copy may be stale), owned from then on, and its cookie reissued with this route.
  */
 export class StickyStore implements SessionBackend {
   readonly #remote: ReplicatedStore
@@ -42,7 +49,7 @@ export class StickyStore implements SessionBackend {
   readonly #options: StickyOptions
   readonly #local: LRUCache<string, LocalSession>
   readonly #queue: BackupQueue
-  readonly #onSigterm: (() => void) | undefined
+  readonly #unregisterSigterm: (() => void) | undefined
 
   constructor(remote: ReplicatedStore, ring: NodeRing, options: StickyOptions) {
     this.#remote = remote
@@ -59,19 +66,24 @@ export class StickyStore implements SessionBackend {
       maxPending: options.localMaxSessions,
       concurrency: 8,
       retryDelayMs: options.retryDelayMs,
-      write: (job) => this.#remote.save(job.id, job.record, job.ttlSeconds),
-      onWritten: (key, job, id) => this.#written(key, job.record, id),
+      run: (job) => this.#perform(job),
+      onWritten: (key, job, id) => {
+        // The write may have relocated the session; the next response carries the new id in its cookie.
+        const local = this.#local.peek(key)
+        if (local && local.record === job.record) local.id = id
+      },
+      onStale: (key, job) => {
+        // Another instance stored a newer copy while this one waited: it owns the session now.
+        if (this.#local.peek(key)?.record === job.record) this.#local.delete(key)
+        options.logger.warn(
+          {},
+          'session-failover: a delayed backup was older than the stored copy and was dropped',
+        )
+      },
       logger: options.logger,
     })
     if (options.backupAsync) {
-      // Queued backups are acknowledged writes: a SIGTERM must not drop them. When nobody else handles the
-      // signal, terminate as Node would once they are flushed.
-      this.#onSigterm = () => {
-        void this.#queue.flush(options.flushTimeoutMs).then(() => {
-          if (process.listenerCount('SIGTERM') === 0) process.kill(process.pid, 'SIGTERM')
-        })
-      }
-      process.once('SIGTERM', this.#onSigterm)
+      this.#unregisterSigterm = flushOnSigterm(() => this.#queue.flush(options.flushTimeoutMs))
     }
   }
 
@@ -96,55 +108,81 @@ export class StickyStore implements SessionBackend {
   async load(id: string): Promise<LoadedSession | null> {
     const parsed = this.recognize(id)
     if (!parsed) return null
-    if (parsed.route === this.#options.route) {
-      const local = this.#local.get(parsed.random)
-      if (local) {
-        // Owned here: no remote read. A session whose primary died is moved (and its cookie reissued) now, so
-        // it has two copies again; with no node alive at all it is simply served from memory.
-        const primary = parseSessionId(local.id)?.nodeId
-        const relocate = primary !== undefined && !this.#ring.isAlive(primary) && this.#ring.anyAlive()
-        return { id: local.id, record: local.record, mustWrite: relocate, relocatedFrom: undefined }
+    const key = parsed.random
+    const local = this.#local.get(key)
+    if (local && parsed.route === this.#options.route) {
+      if (local.expiresAt <= Date.now()) {
+        this.#local.delete(key)
+        return null
       }
-    } else {
-      // Another instance owned the session since this one last saw it: never serve that copy.
-      this.#local.delete(parsed.random)
+      // Owned here: no remote read. A session whose primary died is moved (and its cookie reissued) now, so it
+      // has two copies again; one that could not be backed up at all is written once a node is back.
+      const primary = parseSessionId(local.id)?.nodeId
+      const anyAlive = this.#ring.anyAlive()
+      const mustWrite =
+        anyAlive &&
+        ((primary !== undefined && !this.#ring.isAlive(primary)) ||
+          (!local.backedUp && !this.#queue.has(key)))
+      return { id: local.id, record: local.record, mustWrite, relocatedFrom: undefined }
     }
-    const loaded = await this.#remote.load(id)
-    if (!loaded) return null
-    const owned = withRoute(loaded.id, this.#options.route)
-    this.#local.set(parsed.random, { id: owned, record: loaded.record })
-    return { ...loaded, id: owned }
+    // Not in memory, or another instance owned it since this one last saw it: never serve that local copy.
+    this.#local.delete(key)
+
+    // This instance may still hold an acknowledged copy that is not stored yet (queued, or evicted from memory
+    // meanwhile): it wins over the stored one unless another instance stored something newer since.
+    const queued = this.#queue.latest(key)
+    let loaded: LoadedSession | null = null
+    try {
+      loaded = await this.#remote.load(id)
+    } catch (error) {
+      if (!(error instanceof AllNodesDownError) || !queued) throw error
+    }
+    if (queued && (!loaded || (queued.record !== null && isNewer(queued.record, loaded.record)))) {
+      if (queued.record === null) return null // destroyed here, delete not stored yet
+      return this.#own(key, {
+        id: queued.id,
+        record: queued.record,
+        mustWrite: false,
+        relocatedFrom: undefined,
+      })
+    }
+    if (queued) await this.#queue.withdraw(key)
+    return loaded && this.#own(key, loaded)
   }
 
   async save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string> {
     const key = parseSessionId(id)?.random
     if (!key) throw new TypeError('save() needs an id issued by this store')
-    const local: LocalSession = { id, record }
-    this.#local.set(key, local)
-    const job: BackupJob = { id, record, ttlSeconds }
-    if (this.#options.backupAsync && this.#queue.offer(key, job)) return id
-
-    // Synchronous: an older queued copy of this session must not land after this one.
-    await this.#queue.withdraw(key)
-    try {
-      const saved = await this.#remote.save(id, record, ttlSeconds)
-      local.id = saved
-      return saved
-    } catch (error) {
-      if (!(error instanceof AllNodesDownError)) throw error
-      // Degraded: the session keeps working from memory and is backed up when a node answers again.
-      const queued = this.#queue.offer(key, job)
-      this.#options.logger.warn(
-        { queued, pending: this.#queue.size },
-        queued
-          ? 'session-failover: no node alive; sticky session kept in memory, backup queued'
-          : 'session-failover: no node alive and the backup queue is full; sticky session kept in memory only',
-      )
-      return id
+    const expiresAt = Date.now() + ttlSeconds * 1000
+    if (this.#options.backupAsync) {
+      const job: BackupJob = { id, record, ttlSeconds, onlyIfNewer: true }
+      if (this.#queue.offer(key, job)) {
+        this.#local.set(key, { id, record, expiresAt, backedUp: true })
+        return id
+      }
+      // Queue full: write this one synchronously.
     }
+    // Synchronous; a failure other than "no node" leaves memory as it was, so a rejected save is never served.
+    const outcome = await this.#queue.submit(key, { id, record, ttlSeconds, onlyIfNewer: false })
+    if (outcome.written) {
+      this.#local.set(key, { id: outcome.id, record, expiresAt, backedUp: true })
+      return outcome.id
+    }
+    // Degraded: no node alive. The session keeps working from memory; the queue retries the backup.
+    const backedUp = this.#queue.has(key)
+    this.#local.set(key, { id, record, expiresAt, backedUp })
+    this.#options.logger.warn(
+      { pending: this.#queue.size },
+      backedUp
+        ? 'session-failover: no node alive; sticky session kept in memory, backup queued'
+        : 'session-failover: no node alive and the backup queue is full; sticky session kept in memory only',
+    )
+    return id
   }
 
   refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
+    const local = this.#local.peek(parseSessionId(id)?.random ?? '')
+    if (local) local.expiresAt = Date.now() + ttlSeconds * 1000
     // Served from memory, so neither copy is read: both are verified, not only the backup.
     return this.#remote.refresh(id, record, ttlSeconds, { verifyPrimary: true })
   }
@@ -153,13 +191,19 @@ export class StickyStore implements SessionBackend {
     const key = parseSessionId(id)?.random
     if (!key) return
     this.#local.delete(key)
-    // A backup still queued or in flight must not bring the session back after the delete.
+    // A backup still queued or being written must not bring the session back after the delete.
     await this.#queue.withdraw(key)
-    await this.#remote.destroy(id)
+    try {
+      await this.#remote.destroy(id)
+    } catch (error) {
+      if (!(error instanceof AllNodesDownError)) throw error
+      // Degraded: the delete is queued like a write, so the old copies go once a node is back.
+      this.#queue.offer(key, { id, record: null, ttlSeconds: 0, onlyIfNewer: false })
+    }
   }
 
   async close(): Promise<void> {
-    if (this.#onSigterm) process.off('SIGTERM', this.#onSigterm)
+    this.#unregisterSigterm?.()
     const flushed = await this.#queue.flush(this.#options.flushTimeoutMs)
     this.#queue.stop()
     if (!flushed) {
@@ -171,10 +215,16 @@ export class StickyStore implements SessionBackend {
     this.#local.clear()
   }
 
-  #written(key: string, record: SessionRecord, id: string): void {
-    // The write may have relocated the session; the next response carries the new id in its cookie.
-    const local = this.#local.peek(key)
-    if (local && local.record === record) local.id = id
+  #own(key: string, loaded: LoadedSession): LoadedSession {
+    const id = withRoute(loaded.id, this.#options.route)
+    const expiresAt = Date.now() + this.#options.defaultTtlSeconds * 1000
+    this.#local.set(key, { id, record: loaded.record, expiresAt, backedUp: true })
+    return { ...loaded, id }
+  }
+
+  #perform(job: BackupJob): Promise<string> {
+    if (job.record === null) return this.#remote.destroy(job.id).then(() => job.id)
+    return this.#remote.save(job.id, job.record, job.ttlSeconds, { onlyIfNewer: job.onlyIfNewer })
   }
 }
 

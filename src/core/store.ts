@@ -1,5 +1,11 @@
 import { LRUCache } from 'lru-cache'
-import { AllNodesDownError, CorruptSessionError, NodeRejectedError } from '../errors.js'
+import {
+  AllNodesDownError,
+  CorruptSessionError,
+  NodeRejectedError,
+  SessionTooLargeError,
+  StaleWriteError,
+} from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
@@ -26,6 +32,17 @@ export interface LoadedSession {
   readonly mustWrite: boolean
   /** The dead node the session moved away from, when it was relocated. */
   readonly relocatedFrom: string | undefined
+}
+
+/** memcached's default item limit is 1 MiB, key and item header included; keep clear of it. */
+const MAX_STORED_BYTES = 1024 * 1024 - 1024
+
+/**
+ * Whether `a` was written after `b`: a higher version, or (two instances that started from the same version)
+ * the later write.
+ */
+export function isNewer(a: SessionRecord, b: SessionRecord): boolean {
+  return a.version > b.version || (a.version === b.version && a.writtenAt > b.writtenAt)
 }
 
 /** How many recently refreshed sessions are remembered, so each instance touches a session at most once per window. */
@@ -113,11 +130,30 @@ export class ReplicatedStore implements SessionBackend {
    * is dead (or dies during the write) the session is relocated to the next alive node and the returned id
    * names it: the caller must reissue the cookie.
    */
-  async save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string> {
+  async save(
+    id: string,
+    record: SessionRecord,
+    ttlSeconds: number,
+    { onlyIfNewer = false }: { onlyIfNewer?: boolean } = {},
+  ): Promise<string> {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const blob = encodeRecord(record)
+    if (blob.length > MAX_STORED_BYTES) {
+      throw new SessionTooLargeError(
+        `The session is ${blob.length} bytes stored; at most ${MAX_STORED_BYTES} fit in a memcached item. ` +
+          'It was not written; the stored copy is unchanged.',
+      )
+    }
+    if (onlyIfNewer) {
+      // A write that waited (async, or through an outage) must not replace what another instance stored since.
+      // Read-then-write is not atomic; it narrows the window from the wait to one round trip.
+      const stored = await this.#storedRecord(parsed.nodeId, keys)
+      if (stored && !isNewer(record, stored)) {
+        throw new StaleWriteError('a newer copy of this session was stored meanwhile')
+      }
+    }
 
     let primary = parsed.nodeId
     for (let attempt = 0; attempt < this.#ring.size; attempt++) {
@@ -190,8 +226,9 @@ export class ReplicatedStore implements SessionBackend {
   async close(): Promise<void> {}
 
   /**
-   * Removes every copy. Both keys are deleted on every alive node, not only on the current primary and backup:
-   * a node that held the session before a relocation must not be able to bring a destroyed session back.
+   * Removes every copy: both keys on every node, not only on the current primary and backup (a node that held
+   * the session before a relocation must not bring a destroyed session back), and on a node that is down, as
+   * soon as it is back.
    */
   async destroy(id: string): Promise<void> {
     const parsed = parseSessionId(id)
@@ -199,13 +236,7 @@ export class ReplicatedStore implements SessionBackend {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
-    const alive = this.#ring.aliveIds()
-    const results = await Promise.allSettled(
-      alive.map((nodeId) =>
-        this.#ring.call(nodeId, (node) => Promise.all([node.delete(keys.primary), node.delete(keys.backup)])),
-      ),
-    )
-    if (!results.some((result) => result.status === 'fulfilled')) throw this.#allNodesDown()
+    if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
   }
 
   async #writeBackup(
@@ -233,24 +264,41 @@ export class ReplicatedStore implements SessionBackend {
     primary: string,
     keys: StorageKeys,
   ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
-    // Read every other alive node: after earlier failures the backup may sit on a node further along, and a node
-    // that came back may hold an older copy. The highest version wins. This runs when the primary is down or has
-    // no copy (failover, restart, or a session that expired or was destroyed).
+    // Read both keys on every other alive node: after earlier failures the backup may sit on a node further
+    // along; a relocation whose new cookie never reached the client left the primary copy on another node;
+    // and a node that came back may hold an older copy. The highest version wins. This runs only when the
+    // primary is down or has no copy (failover, restart, or a session that expired or was destroyed).
     const candidates = this.#ring.aliveOthers(primary)
     const reads = await Promise.allSettled(
-      candidates.map(async (nodeId) => {
-        const blob = await this.#ring.call(nodeId, (node) => node.get(keys.backup))
-        return blob && this.#decode(blob, nodeId)
-      }),
+      candidates.map((nodeId) =>
+        this.#ring.call(nodeId, async (node) => {
+          const blobs = await Promise.all([node.get(keys.backup), node.get(keys.primary)])
+          return blobs.map((blob) => blob && this.#decode(blob, nodeId))
+        }),
+      ),
     )
     let record: SessionRecord | undefined
     let anyAnswered = false
     for (const read of reads) {
       if (read.status !== 'fulfilled') continue
       anyAnswered = true
-      if (read.value && (!record || read.value.version > record.version)) record = read.value
+      for (const copy of read.value) if (copy && (!record || isNewer(copy, record))) record = copy
     }
     return { record, anyAnswered }
+  }
+
+  /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
+  async #storedRecord(primary: string, keys: StorageKeys): Promise<SessionRecord | undefined> {
+    if (this.#ring.isAlive(primary)) {
+      try {
+        const blob = await this.#ring.call(primary, (node) => node.get(keys.primary))
+        const record = blob && this.#decode(blob, primary)
+        if (record) return record
+      } catch {
+        // fall back to the backups
+      }
+    }
+    return (await this.#freshestBackup(primary, keys)).record
   }
 
   #decode(blob: Buffer, nodeId: string): SessionRecord | undefined {

@@ -10,7 +10,12 @@ interface Member {
   deadSince: number | undefined
   lastError: string | undefined
   probeTimer: NodeJS.Timeout | undefined
+  /** Keys deleted while this node was dead: deleted on it before it counts as alive again. */
+  readonly pendingDeletes: Set<string>
 }
+
+/** Most deletes remembered per dead node; past it the oldest are forgotten (and a warning says so). */
+const MAX_PENDING_DELETES = 50_000
 
 export interface NodeHealth {
   readonly id: string
@@ -48,6 +53,7 @@ export class NodeRing {
       deadSince: undefined,
       lastError: undefined,
       probeTimer: undefined,
+      pendingDeletes: new Set<string>(),
     }))
     this.#byId = new Map(this.#members.map((member) => [member.node.id, member]))
     this.#options = options
@@ -149,6 +155,29 @@ export class NodeRing {
     }
   }
 
+  /**
+   * Deletes `keys` on every node: now on the alive ones, and on each dead one before it counts as alive again,
+   * so that a node that was down (or frozen) cannot bring a destroyed session back. Resolves whether any node
+   * took the delete now.
+   */
+  async deleteEverywhere(keys: readonly string[]): Promise<boolean> {
+    const results = await Promise.all(
+      this.#members.map(async (member) => {
+        if (member.alive) {
+          try {
+            await this.call(member.node.id, (node) => Promise.all(keys.map((key) => node.delete(key))))
+            return true
+          } catch {
+            // marked dead by call(): remembered below
+          }
+        }
+        this.#rememberDeletes(member, keys)
+        return false
+      }),
+    )
+    return results.some(Boolean)
+  }
+
   health(): NodeHealth[] {
     return this.#members.map((member) => ({
       id: member.node.id,
@@ -177,22 +206,49 @@ export class NodeRing {
     this.#scheduleProbe(member)
   }
 
+  #rememberDeletes(member: Member, keys: readonly string[]): void {
+    for (const key of keys) member.pendingDeletes.add(key)
+    if (member.pendingDeletes.size <= MAX_PENDING_DELETES) return
+    for (const key of member.pendingDeletes) {
+      member.pendingDeletes.delete(key)
+      if (member.pendingDeletes.size <= MAX_PENDING_DELETES) break
+    }
+    this.#options.logger.warn(
+      { node: member.node.id },
+      'session-failover: too many deletes waiting for a dead node; the oldest are forgotten',
+    )
+  }
+
   #scheduleProbe(member: Member): void {
     if (this.#closed) return
     clearTimeout(member.probeTimer)
     member.probeTimer = setTimeout(() => {
-      member.node.ping().then(
-        () => {
-          member.alive = true
-          member.deadSince = undefined
-          member.probeTimer = undefined
-          this.#options.logger.info({ node: member.node.id }, 'session-failover: node is back')
-        },
-        (error: unknown) => {
-          member.lastError = error instanceof Error ? error.message : String(error)
-          this.#scheduleProbe(member)
-        },
-      )
+      const node = member.node
+      const deletes = [...member.pendingDeletes]
+      node
+        .ping()
+        .then(() => Promise.all(deletes.map((key) => node.delete(key))))
+        .then(
+          () => {
+            for (const key of deletes) member.pendingDeletes.delete(key)
+            member.alive = true
+            member.deadSince = undefined
+            member.probeTimer = undefined
+            this.#options.logger.info({ node: member.node.id }, 'session-failover: node is back')
+            // Deletes remembered while this probe ran.
+            const late = [...member.pendingDeletes]
+            member.pendingDeletes.clear()
+            if (late.length > 0) {
+              this.call(node.id, (n) => Promise.all(late.map((key) => n.delete(key)))).catch(() =>
+                this.#rememberDeletes(member, late),
+              )
+            }
+          },
+          (error: unknown) => {
+            member.lastError = error instanceof Error ? error.message : String(error)
+            this.#scheduleProbe(member)
+          },
+        )
     }, this.#options.probeIntervalMs)
     member.probeTimer.unref()
   }

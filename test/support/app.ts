@@ -24,6 +24,7 @@ declare module 'express-session' {
 
 export interface ShopApp {
   readonly url: string
+  readonly server: Server
   readonly sessions: SessionFailoverMiddleware
   /** Runs inside POST /slow/:item after the session was loaded and before it is modified. */
   beforeModify: () => Promise<void>
@@ -59,6 +60,13 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     res.write('{"cart":')
     res.end(`${JSON.stringify(req.session.cart)}}`)
   })
+  app.post('/big/:kb', (req, res) => {
+    ;(req.session as unknown as { blob: string }).blob = 'x'.repeat(Number(req.params.kb) * 1024)
+    res.json({ ok: true })
+  })
+  app.post('/slow/answer', (_req, res) => {
+    setTimeout(() => res.json({ slow: true }), 400)
+  })
   app.post('/unset', (req, res) => {
     ;(req as { session: unknown }).session = null
     res.json({ ok: true })
@@ -91,6 +99,7 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   const { port } = server.address() as AddressInfo
   Object.assign(shop, {
     url: `http://127.0.0.1:${port}`,
+    server,
     sessions,
     async close() {
       server.closeAllConnections()

@@ -7,3 +7,12 @@ import { startShop } from './app.js'
 const options = JSON.parse(process.env.SF_OPTIONS ?? '{}') as SessionFailoverOptions
 const shop = await startShop(express, options)
 process.stdout.write(`LISTENING ${new URL(shop.url).port}\n`)
+
+if (process.env.SF_OWN_SIGTERM) {
+  // An application's own graceful shutdown: stop accepting, let requests in flight finish, close, exit 0.
+  process.once('SIGTERM', () => {
+    shop.server.close(() => {
+      void shop.sessions.close().then(() => process.exit(0))
+    })
+  })
+}

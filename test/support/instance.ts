@@ -16,9 +16,16 @@ export interface AppProcess extends Pick<ShopApp, 'url'> {
   terminate(): Promise<number | string | null>
 }
 
-export async function startAppProcess(options: SessionFailoverOptions): Promise<AppProcess> {
+export async function startAppProcess(
+  options: SessionFailoverOptions,
+  { ownSigtermHandler = false } = {},
+): Promise<AppProcess> {
   const child = spawn(process.execPath, ['--import', 'tsx', main], {
-    env: { ...process.env, SF_OPTIONS: JSON.stringify(options) },
+    env: {
+      ...process.env,
+      SF_OPTIONS: JSON.stringify(options),
+      ...(ownSigtermHandler ? { SF_OWN_SIGTERM: '1' } : {}),
+    },
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   running.add(child)

@@ -21,6 +21,8 @@ export interface MemcachedServer {
   stats(): Promise<Record<string, number>>
   /** True when `key` is stored. */
   has(key: string): Promise<boolean>
+  /** The bytes stored under `key`, or null. */
+  get(key: string): Promise<Buffer | null>
   /** Seconds until `key` expires (memcached meta command), or null when it is absent. */
   ttl(key: string): Promise<number | null>
   /** Stores raw bytes under `key`, bypassing the library. */
@@ -158,6 +160,13 @@ export async function startMemcached(): Promise<MemcachedServer> {
     async has(key: string) {
       const reply = await ask(port, `get ${key}\r\n`, /END\r\n$/)
       return reply.startsWith('VALUE ')
+    },
+    async get(key: string) {
+      const reply = await ask(port, `get ${key}\r\n`, /END\r\n$/)
+      const header = /^VALUE \S+ \d+ (\d+)\r\n/.exec(reply)
+      if (!header) return null
+      const start = header[0].length
+      return Buffer.from(reply.slice(start, start + Number(header[1])), 'latin1')
     },
     async ttl(key: string) {
       const reply = await ask(port, `mg ${key} t\r\n`, /\r\n$/)

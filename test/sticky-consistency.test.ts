@@ -1,0 +1,163 @@
+import express from 'express'
+import { afterEach, describe, expect, it } from 'vitest'
+import { decodeRecord } from '../src/core/codec.js'
+import { storageKeys } from '../src/core/keys.js'
+import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
+import { Browser, type ShopApp, startShop } from './support/app.js'
+import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { type CuttableProxy, startProxy } from './support/proxy.js'
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** What sticky mode must never do: lose an acknowledged change, or serve or store an older copy over a newer. */
+describe('sticky consistency', () => {
+  let servers: MemcachedServer[] = []
+  const shops: ShopApp[] = []
+  const proxies: CuttableProxy[] = []
+
+  afterEach(async () => {
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await Promise.all(proxies.splice(0).map((proxy) => proxy.close()))
+    await stopAllAppProcesses()
+    await stopAllMemcached()
+  })
+
+  const base = (nodes: string, extra: Partial<SessionFailoverOptions> = {}): SessionFailoverOptions => ({
+    secret: 'consistency',
+    nodes,
+    sticky: true,
+    operationTimeout: 250,
+    nodeProbeInterval: 100,
+    ...extra,
+  })
+  async function shop(options: SessionFailoverOptions): Promise<ShopApp> {
+    const started = await startShop(express, options)
+    shops.push(started)
+    return started
+  }
+  /** An instance reaching the nodes through proxies the test can cut. */
+  async function cuttableShop(extra: Partial<SessionFailoverOptions>) {
+    const own = await Promise.all(servers.map((server) => startProxy(server.port)))
+    proxies.push(...own)
+    const nodes = own.map((proxy, index) => `n${index + 1}:127.0.0.1:${proxy.port}`).join(' ')
+    return {
+      app: await shop(base(nodes, extra)),
+      cut: () => {
+        for (const proxy of own) proxy.cut()
+      },
+      restore: () => {
+        for (const proxy of own) proxy.restore()
+      },
+    }
+  }
+  const stored = async (id: string | undefined) => {
+    const keys = storageKeys('sf:', parseSessionId(id)?.random ?? '')
+    const copies = []
+    for (const server of servers) {
+      for (const key of [keys.primary, keys.backup]) {
+        const raw = await server.get(key)
+        if (raw) copies.push(JSON.parse(decodeRecord(raw).dataJson) as { cart?: string[] })
+      }
+    }
+    return copies
+  }
+
+  it('serves an acknowledged change that is still queued, even after it left the local cache', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a', backupAsync: true, localMaxSessions: 2 }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/apple')
+    await sleep(100) // stored
+    await Promise.all(servers.map((server) => server.kill()))
+    expect((await browser.send(a, 'POST', '/cart/pear')).status).toBe(200) // acknowledged, queued
+    for (let i = 0; i < 3; i++) await new Browser().send(a, 'POST', '/cart/other') // evicts the session
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+    await Promise.all(servers.map((server) => server.restart()))
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+  })
+
+  it('drops a delayed backup that another instance has overtaken, instead of overwriting it', async () => {
+    servers = await startCluster(2)
+    const a = await cuttableShop({ route: 'a' })
+    const b = await shop(base(nodesOption(servers), { route: 'b' }))
+    const browser = new Browser()
+    await browser.send(a.app, 'POST', '/cart/apple')
+    a.cut() // a loses its nodes (a network blip, a long pause): it acknowledges from memory and queues
+    expect((await browser.send(a.app, 'POST', '/cart/pear')).status).toBe(200)
+    // Meanwhile the user lands on b, which reads what is stored and changes it.
+    const other = new Browser()
+    other.cookie = browser.cookie
+    expect((await other.send(b, 'POST', '/cart/kiwi')).body.cart).toEqual(['apple', 'kiwi'])
+    a.restore()
+    await sleep(600) // a's retry runs, finds a newer copy, and drops its own
+    for (const copy of await stored(other.sessionId)) expect(copy.cart).toEqual(['apple', 'kiwi'])
+  })
+
+  it('does not serve a change whose save failed', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a' }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/apple')
+    const tooLarge = await browser.send(a, 'POST', '/big/1100')
+    expect(tooLarge.status).toBe(500)
+    const reply = await browser.send(a, 'GET', '/cart')
+    expect(reply.body.cart).toEqual(['apple'])
+    // memcached drops an item whose rewrite is too large; the write was never sent, so both copies remain.
+    expect(await stored(browser.sessionId)).toHaveLength(2)
+  })
+
+  it('lands concurrent writes of one session in the order memory has them', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a' }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/start')
+    await Promise.all(Array.from({ length: 12 }, (_, i) => browser.send(a, 'POST', `/cart/p${i}`)))
+    const inMemory = (await browser.send(a, 'GET', '/cart')).body.cart
+    const copies = await stored(browser.sessionId)
+    expect(copies).toHaveLength(2)
+    for (const copy of copies) expect(copy.cart).toEqual(inMemory)
+  })
+
+  it('expires an idle session in memory as memcached does', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a', ttl: 1 }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/apple')
+    await sleep(1300)
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
+  it('removes the stored copies of a session destroyed while no node was reachable, once they are back', async () => {
+    servers = await startCluster(2)
+    const a = await cuttableShop({ route: 'a' })
+    const b = await shop(base(nodesOption(servers), { route: 'b' }))
+    const browser = new Browser()
+    await browser.send(a.app, 'POST', '/cart/apple')
+    const cookie = browser.cookie
+    const id = browser.sessionId
+    expect(await stored(id)).toHaveLength(2)
+    a.cut()
+    expect((await browser.send(a.app, 'POST', '/logout')).status).toBe(200)
+    a.restore()
+    await sleep(600)
+    expect(await stored(id)).toEqual([])
+    const replay = new Browser()
+    replay.cookie = cookie
+    expect((await replay.send(b, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
+  it('lets an application that handles SIGTERM itself finish its requests and exit on its own terms', async () => {
+    servers = await startCluster(2)
+    const app = await startAppProcess(base(nodesOption(servers), { route: 'a', backupAsync: true }), {
+      ownSigtermHandler: true,
+    })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const slow = browser.send(app, 'POST', '/slow/answer')
+    await sleep(100)
+    const exit = app.terminate()
+    expect((await slow).status).toBe(200)
+    expect(await exit).toBe(0)
+  })
+})

@@ -1,0 +1,47 @@
+import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
+
+/**
+ * A loopback TCP proxy in front of one server, which a test can cut (every connection dropped, new ones
+ * refused) and restore: one app instance loses its nodes while the others still reach them.
+ */
+export interface CuttableProxy {
+  readonly port: number
+  cut(): void
+  restore(): void
+  close(): Promise<void>
+}
+
+export async function startProxy(targetPort: number): Promise<CuttableProxy> {
+  const sockets = new Set<Socket>()
+  let open = true
+  const server = createServer((client) => {
+    client.on('error', () => {})
+    if (!open) {
+      client.destroy()
+      return
+    }
+    const upstream = connect(targetPort, '127.0.0.1')
+    upstream.on('error', () => client.destroy())
+    client.on('close', () => upstream.destroy())
+    upstream.on('close', () => client.destroy())
+    sockets.add(client).add(upstream)
+    client.pipe(upstream).pipe(client)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const cut = (): void => {
+    open = false
+    for (const socket of sockets) socket.destroy()
+    sockets.clear()
+  }
+  return {
+    port: (server.address() as AddressInfo).port,
+    cut,
+    restore() {
+      open = true
+    },
+    close() {
+      cut()
+      return new Promise((resolve) => server.close(() => resolve()))
+    },
+  }
+}
