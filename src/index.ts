@@ -8,6 +8,7 @@ export {
   NodeRejectedError,
   OperationTimeoutError,
   SessionFailoverError,
+  SessionTooLargeError,
 } from './errors.js'
 export { type SessionFailoverMiddleware, sessionFailover } from './express/middleware.js'
 export type { Logger } from './logger.js'

@@ -88,7 +88,8 @@ export interface Config {
   readonly logger: Logger
 }
 
-const KNOWN_OPTIONS = new Set([
+/** Every option `sessionFailover()` accepts. */
+export const OPTION_NAMES: ReadonlySet<string> = new Set([
   'secret',
   'nodes',
   'sticky',
@@ -142,7 +143,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
   for (const key of Object.keys(options)) {
     const refusal = REFUSED_OPTIONS[key]
     if (refusal) throw new ConfigError(`Option \`${key}\` is not supported: ${refusal}`)
-    if (!KNOWN_OPTIONS.has(key)) throw new ConfigError(`Unknown option \`${key}\``)
+    if (!OPTION_NAMES.has(key)) throw new ConfigError(`Unknown option \`${key}\``)
   }
   const o = options as Record<string, unknown>
 

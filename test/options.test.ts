@@ -1,6 +1,7 @@
+import { readFileSync } from 'node:fs'
 import { describe, expect, it } from 'vitest'
 import { ConfigError } from '../src/errors.js'
-import { parseOptions } from '../src/options.js'
+import { OPTION_NAMES, parseOptions } from '../src/options.js'
 
 const nodes = 'n1:127.0.0.1:11211 n2:127.0.0.1:11212'
 
@@ -138,6 +139,12 @@ describe('options', () => {
   it('refuses to start without nodes in production, naming what to configure', () => {
     expect(message({ secret: 's' }, 'production')).toContain('Set `nodes`')
     expect(parseOptions({ secret: 's' }, 'development').nodes).toBeUndefined()
+  })
+
+  it('are all documented in the README options table', () => {
+    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+    const documented = new Set([...readme.matchAll(/^\| `(\w+)` \|/gm)].map((match) => match[1]))
+    expect([...OPTION_NAMES].filter((name) => !documented.has(name))).toEqual([])
   })
 
   it('never echoes a secret in an error', () => {
