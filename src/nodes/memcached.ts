@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net'
 import memjs from 'memjs'
 import { NodeOperationError, NodeRejectedError } from '../errors.js'
-import { memcachedExpiry, type SessionNode } from './node.js'
+import { type CasOutcome, type CasToken, memcachedExpiry, type SessionNode } from './node.js'
 import { withTimeout } from './timeout.js'
 
 export interface MemcachedNodeConfig {
@@ -13,6 +13,11 @@ export interface MemcachedNodeConfig {
 }
 
 const silentMemjsLogger = { log: (): void => {} }
+
+/** Binary protocol opcodes and response statuses used directly (memjs has no CAS variants). */
+const OPCODE = { get: 0x00, set: 0x01, delete: 0x04 } as const
+const STATUS = { ok: 0x0000, notFound: 0x0001, exists: 0x0002 } as const
+const EMPTY = Buffer.alloc(0)
 
 /**
  * One memjs client talking to exactly one memcached server. memjs's own multi-server hashing and `failover`
@@ -64,6 +69,25 @@ export class MemcachedNode implements SessionNode {
     return this.#run('touch', () => this.#client.touch(key, memcachedExpiry(ttlSeconds)))
   }
 
+  async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
+    const response = await this.#run('gets', () => this.#request(OPCODE.get, key, EMPTY, EMPTY))
+    if (response.header.status === STATUS.notFound) return null
+    if (response.header.status !== STATUS.ok) throw this.#rejected('gets', response.header.status)
+    return { value: Buffer.from(response.val), cas: Buffer.from(response.header.cas) as unknown as CasToken }
+  }
+
+  async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
+    const extras = Buffer.alloc(8) // flags (0), then the expiry
+    extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
+    const response = await this.#run('cas', () => this.#request(OPCODE.set, key, extras, value, cas))
+    return this.#casOutcome('cas', response.header.status)
+  }
+
+  async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    const response = await this.#run('cas delete', () => this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas))
+    return this.#casOutcome('cas delete', response.header.status)
+  }
+
   async ping(): Promise<void> {
     await this.get(this.#probeKey)
   }
@@ -71,6 +95,40 @@ export class MemcachedNode implements SessionNode {
   async close(): Promise<void> {
     this.#closed = true
     this.#server.error(new Error('node closed'))
+  }
+
+  /**
+   * One binary-protocol request through memjs's own connection handling, with the CAS field memjs's commands
+   * leave out (its set/delete send 0, "no check").
+   */
+  #request(
+    opcode: number,
+    key: string,
+    extras: Buffer,
+    value: Buffer,
+    cas?: CasToken,
+  ): Promise<memjs.Response> {
+    return new Promise((resolve, reject) => {
+      this.#client.incrSeq()
+      const seq = this.#client.seq
+      const request = memjs.Utils.makeRequestBuffer(opcode, key, extras, value, seq)
+      if (cas) (cas as unknown as Buffer).copy(request, 16)
+      this.#client.perform(key, request, seq, (error: Error | null, response?: memjs.Response) => {
+        if (error || !response) reject(error ?? new Error('no response'))
+        else resolve(response)
+      })
+    })
+  }
+
+  #casOutcome(operation: string, status: number): CasOutcome {
+    if (status === STATUS.ok) return 'stored'
+    if (status === STATUS.exists) return 'conflict'
+    if (status === STATUS.notFound) return 'missing'
+    throw this.#rejected(operation, status)
+  }
+
+  #rejected(operation: string, status: number): NodeRejectedError {
+    return new NodeRejectedError(`${this.address} refused ${operation}: status 0x${status.toString(16)}`)
   }
 
   #run<T>(operation: string, start: () => Promise<T>): Promise<T> {

@@ -1,8 +1,10 @@
-import type { SessionNode } from './node.js'
+import type { CasOutcome, CasToken, SessionNode } from './node.js'
 
 interface Entry {
   value: Buffer
   expiresAt: number
+  /** Changes on every write: the compare-and-set token. */
+  cas: number
 }
 
 /**
@@ -13,6 +15,7 @@ export class MemoryNode implements SessionNode {
   readonly id: string
   readonly address = 'in-process memory'
   readonly #entries = new Map<string, Entry>()
+  #nextCas = 1
   readonly #sweep: NodeJS.Timeout
 
   constructor(id: string) {
@@ -26,7 +29,28 @@ export class MemoryNode implements SessionNode {
   }
 
   async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
-    this.#entries.set(key, { value, expiresAt: Date.now() + ttlSeconds * 1000 })
+    this.#entries.set(key, { value, expiresAt: Date.now() + ttlSeconds * 1000, cas: this.#nextCas++ })
+  }
+
+  async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
+    const entry = this.#live(key)
+    return entry ? { value: entry.value, cas: entry.cas as unknown as CasToken } : null
+  }
+
+  async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
+    const entry = this.#live(key)
+    if (!entry) return 'missing'
+    if (entry.cas !== (cas as unknown as number)) return 'conflict'
+    await this.set(key, value, ttlSeconds)
+    return 'stored'
+  }
+
+  async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    const entry = this.#live(key)
+    if (!entry) return 'missing'
+    if (entry.cas !== (cas as unknown as number)) return 'conflict'
+    this.#entries.delete(key)
+    return 'stored'
   }
 
   async add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {

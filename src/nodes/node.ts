@@ -16,10 +16,24 @@ export interface SessionNode {
   delete(key: string): Promise<boolean>
   /** Moves the expiry without rewriting the value; false when the key was absent. */
   touch(key: string, ttlSeconds: number): Promise<boolean>
+  /** Reads a value with its compare-and-set token (memcached's CAS unique). */
+  gets(key: string): Promise<{ readonly value: Buffer; readonly cas: CasToken } | null>
+  /**
+   * Writes only if the value is unchanged since `cas` was read: 'stored', 'conflict' (written by someone else
+   * since), or 'missing' (deleted or expired since).
+   */
+  setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome>
+  /** Deletes only if the value is unchanged since `cas` was read. */
+  deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome>
   /** A cheap round trip used to decide whether a dead node is back. */
   ping(): Promise<void>
   close(): Promise<void>
 }
+
+/** An opaque compare-and-set token, valid only for the node that issued it. */
+export type CasToken = { readonly __cas: unique symbol }
+
+export type CasOutcome = 'stored' | 'conflict' | 'missing'
 
 /** memcached reads an expiry above 30 days as an absolute unix time, so long TTLs must be sent as one. */
 const MEMCACHED_RELATIVE_EXPIRY_LIMIT = 60 * 60 * 24 * 30
