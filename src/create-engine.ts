@@ -1,5 +1,7 @@
 import type { SessionBackend } from './core/backend.js'
-import { SessionEngine } from './core/engine.js'
+import { type Concurrency, SessionEngine } from './core/engine.js'
+import { LockManager } from './core/locking.js'
+import { LockingPolicy } from './core/locking-policy.js'
 import { StickyStore } from './core/sticky.js'
 import { ReplicatedStore } from './core/store.js'
 import { MemcachedNode } from './nodes/memcached.js'
@@ -51,6 +53,7 @@ export function createEngine(config: Config): Engine {
     retryAfterSeconds: Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000)),
     logger: config.logger,
   })
+
   const sticky = config.sticky
     ? new StickyStore(store, ring, {
         ...config.sticky,
@@ -61,6 +64,20 @@ export function createEngine(config: Config): Engine {
       })
     : undefined
   const backend: SessionBackend = sticky ?? store
+  const concurrency: Concurrency | undefined = config.locking && {
+    locks: new LockManager(ring, {
+      prefix: config.prefix,
+      lockExpirationSeconds: config.locking.lockExpirationSeconds,
+      lockTimeoutMs: config.locking.lockTimeoutMs,
+      // Locks are held for one request: a second is a sensible pause before trying again.
+      retryAfterSeconds: 1,
+    }),
+    policy: new LockingPolicy(config.locking.mode),
+    store,
+    prefix: config.prefix,
+    lockTimeoutAction: config.locking.lockTimeoutAction,
+    logger: config.logger,
+  }
   const session = new SessionEngine(
     backend,
     {
@@ -70,6 +87,7 @@ export function createEngine(config: Config): Engine {
       unsetDestroy: config.unsetDestroy,
     },
     config.ttlSeconds,
+    concurrency,
   )
   return {
     session,

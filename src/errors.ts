@@ -39,6 +39,29 @@ export class AllNodesDownError extends SessionFailoverError {
   }
 }
 
+/**
+ * The session's lock could not be had within `lockTimeout`: another request of the same session holds it. The
+ * request is not run unlocked (that is how updates get lost); the client may retry after `retryAfter` seconds.
+ */
+export class LockTimeoutError extends SessionFailoverError {
+  override readonly code = 'ESF_LOCK_TIMEOUT'
+  override readonly status = 503
+  readonly retryAfter: number
+  readonly headers: Readonly<Record<string, string>>
+
+  constructor(message: string, retryAfterSeconds: number) {
+    super(message)
+    this.retryAfter = retryAfterSeconds
+    this.headers = Object.freeze({ 'Retry-After': String(retryAfterSeconds) })
+  }
+}
+
+/** A merge kept finding the stored session changed under it (extreme write contention). */
+export class ConcurrentUpdateError extends SessionFailoverError {
+  override readonly code = 'ESF_CONCURRENT_UPDATE'
+  override readonly status = 503
+}
+
 /** One node did not answer within `operationTimeout`. Internal: the ring turns it into a dead node. */
 export class OperationTimeoutError extends SessionFailoverError {
   override readonly code = 'ESF_OPERATION_TIMEOUT'

@@ -1,9 +1,13 @@
 export type { SessionData } from 'express-session'
+export type { SessionCounters } from './core/engine.js'
+export type { LockingMode } from './core/locking-policy.js'
 export {
   AllNodesDownError,
   ClosedError,
+  ConcurrentUpdateError,
   ConfigError,
   CorruptSessionError,
+  LockTimeoutError,
   NodeOperationError,
   NodeRejectedError,
   OperationTimeoutError,

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import type { CookieOptions } from 'express-session'
+import type { LockingMode } from './core/locking-policy.js'
 import { ConfigError } from './errors.js'
 import { type Logger, silentLogger } from './logger.js'
 import { NODE_ID_PATTERN } from './session-id.js'
@@ -54,6 +55,14 @@ export interface SessionFailoverOptions {
   touchAfter?: number
   /** Milliseconds between checks (per session, per instance) that a read session's backup still exists. Default 60000. */
   backupCheckInterval?: number
+  /** Non-sticky: how parallel requests of one session are kept from losing updates. Default 'auto'. */
+  lockingMode?: LockingMode
+  /** Non-sticky: milliseconds a request waits for its session's lock. Default 3000. */
+  lockTimeout?: number
+  /** Non-sticky: seconds a lock lives, so a holder that died blocks the session at most this long. Default 10. */
+  lockExpiration?: number
+  /** Non-sticky: 'fail' (503) or 'proceed' (run, and merge the write) when the lock times out. Default 'fail'. */
+  lockTimeoutAction?: 'fail' | 'proceed'
   /** A pino-compatible logger. Default: silent. */
   logger?: Logger
 }
@@ -85,6 +94,15 @@ export interface Config {
   readonly nodeProbeIntervalMs: number
   readonly touchAfter: number
   readonly backupCheckIntervalMs: number
+  /** Set in non-sticky mode only. */
+  readonly locking:
+    | {
+        readonly mode: LockingMode
+        readonly lockTimeoutMs: number
+        readonly lockExpirationSeconds: number
+        readonly lockTimeoutAction: 'fail' | 'proceed'
+      }
+    | undefined
   readonly logger: Logger
 }
 
@@ -111,6 +129,10 @@ export const OPTION_NAMES: ReadonlySet<string> = new Set([
   'nodeProbeInterval',
   'touchAfter',
   'backupCheckInterval',
+  'lockingMode',
+  'lockTimeout',
+  'lockExpiration',
+  'lockTimeoutAction',
   'logger',
 ])
 
@@ -152,6 +174,18 @@ export function parseOptions(options: unknown, env: string | undefined = process
     for (const key of ['route', 'backupAsync', 'localMaxSessions', 'localMaxBytes']) {
       if (o[key] !== undefined) throw new ConfigError(`Option \`${key}\` needs \`sticky: true\``)
     }
+  } else {
+    for (const key of ['lockingMode', 'lockTimeout', 'lockExpiration', 'lockTimeoutAction']) {
+      if (o[key] !== undefined) {
+        throw new ConfigError(`Option \`${key}\` applies to non-sticky mode; a sticky session has one owner`)
+      }
+    }
+  }
+  const lockTimeoutAction = o.lockTimeoutAction ?? 'fail'
+  if (lockTimeoutAction !== 'fail' && lockTimeoutAction !== 'proceed') {
+    throw new ConfigError(
+      `Expected \`lockTimeoutAction\` to be 'fail' or 'proceed', got ${describe(lockTimeoutAction)}`,
+    )
   }
 
   const nodes = o.nodes === undefined ? undefined : parseNodes(o.nodes)
@@ -206,6 +240,18 @@ export function parseOptions(options: unknown, env: string | undefined = process
     nodeProbeIntervalMs: optionalNumber(o, 'nodeProbeInterval', 2000, { min: 1, unit: 'milliseconds' }),
     touchAfter: optionalNumber(o, 'touchAfter', 0.1, { min: 0, max: 1, unit: 'fraction of the TTL' }),
     backupCheckIntervalMs: optionalNumber(o, 'backupCheckInterval', 60_000, { min: 1, unit: 'milliseconds' }),
+    locking: sticky
+      ? undefined
+      : Object.freeze({
+          mode: parseLockingMode(o.lockingMode),
+          lockTimeoutMs: optionalNumber(o, 'lockTimeout', 3000, { min: 1, unit: 'milliseconds' }),
+          lockExpirationSeconds: optionalNumber(o, 'lockExpiration', 10, {
+            min: 1,
+            integer: true,
+            unit: 'seconds',
+          }),
+          lockTimeoutAction,
+        }),
     logger: parseLogger(o.logger),
   })
 }
@@ -268,6 +314,22 @@ function checkNode(raw: { id: unknown; host: unknown; port: unknown }, where = '
     )
   }
   return Object.freeze({ id: raw.id, host: raw.host, port })
+}
+
+const LOCKING_MODES = new Set(['none', 'all', 'auto', 'merge'])
+
+function parseLockingMode(value: unknown): LockingMode {
+  if (value === undefined) return 'auto'
+  if (
+    (typeof value === 'string' && LOCKING_MODES.has(value)) ||
+    value instanceof RegExp ||
+    typeof value === 'function'
+  ) {
+    return value as LockingMode
+  }
+  throw new ConfigError(
+    `Expected \`lockingMode\` to be 'none', 'all', 'auto', 'merge', a RegExp or a function of the request, got ${describe(value)}`,
+  )
 }
 
 function parseFailoverNodes(value: unknown, nodes: readonly NodeSpec[] | undefined): ReadonlySet<string> {

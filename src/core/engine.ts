@@ -1,10 +1,37 @@
+import { LockTimeoutError } from '../errors.js'
+import type { Logger } from '../logger.js'
 import type { SessionBackend } from './backend.js'
+import { storageKeys } from './keys.js'
+import type { LockManager } from './locking.js'
+import type { LockingPolicy, RequestFacts } from './locking-policy.js'
+import { changesBetween } from './merge.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
+import type { ReplicatedStore } from './store.js'
 
 export interface OpenedSession {
   readonly state: SessionState
   /** Stored cookie and data JSON, for a session that was found; undefined for a new one. */
   readonly stored: { readonly cookieJson: string; readonly dataJson: string } | undefined
+}
+
+/** Non-sticky mode's protection of parallel requests of one session. */
+export interface Concurrency {
+  readonly locks: LockManager
+  readonly policy: LockingPolicy
+  /** The replicated store, for merged writes. */
+  readonly store: ReplicatedStore
+  readonly prefix: string
+  /** 'proceed': a request whose lock timed out runs anyway, and its write is a merge. */
+  readonly lockTimeoutAction: 'fail' | 'proceed'
+  readonly logger: Logger
+}
+
+/** Counters of the concurrency machinery. */
+export interface SessionCounters {
+  locksAcquired: number
+  lockTimeouts: number
+  merges: number
+  mergeConflicts: number
 }
 
 export interface CommitResult {
@@ -19,28 +46,85 @@ export interface CommitResult {
 export class SessionEngine {
   readonly store: SessionBackend
   readonly policy: LifecyclePolicy
+  readonly counters: SessionCounters = { locksAcquired: 0, lockTimeouts: 0, merges: 0, mergeConflicts: 0 }
   readonly #defaultTtlSeconds: number
+  readonly #concurrency: Concurrency | undefined
 
-  constructor(store: SessionBackend, policy: LifecyclePolicy, defaultTtlSeconds: number) {
+  constructor(
+    store: SessionBackend,
+    policy: LifecyclePolicy,
+    defaultTtlSeconds: number,
+    concurrency?: Concurrency,
+  ) {
     this.store = store
     this.policy = policy
     this.#defaultTtlSeconds = defaultTtlSeconds
+    this.#concurrency = concurrency
   }
 
-  /** Loads the presented session, or starts a new one. Rejects with AllNodesDownError when nothing can answer. */
-  async open(cookieId: string | undefined): Promise<OpenedSession> {
-    const loaded = cookieId === undefined ? null : await this.store.load(cookieId)
-    if (cookieId !== undefined && loaded) {
-      return { state: SessionState.loaded(cookieId, loaded, this.policy), stored: loaded.record }
+  /**
+   * Loads the presented session, or starts a new one. When the locking mode says so, the session's lock is taken
+   * first. Rejects with AllNodesDownError when nothing can answer, LockTimeoutError when the lock stays taken.
+   */
+  async open(cookieId: string | undefined, request?: RequestFacts): Promise<OpenedSession> {
+    const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)
+    let loaded: Awaited<ReturnType<SessionBackend['load']>>
+    try {
+      loaded = cookieId === undefined ? null : await this.store.load(cookieId)
+    } catch (error) {
+      await lock?.release()
+      throw error
     }
-    return { state: SessionState.fresh(cookieId, this.store.newSessionId()), stored: undefined }
+    const opened: OpenedSession =
+      cookieId !== undefined && loaded
+        ? { state: SessionState.loaded(cookieId, loaded, this.policy), stored: loaded.record }
+        : { state: SessionState.fresh(cookieId, this.store.newSessionId()), stored: undefined }
+    opened.state.lock = lock
+    return opened
+  }
+
+  /**
+   * The request is over (answered, failed or abandoned): after any commit in flight, the lock is released, and
+   * 'auto' mode learns whether the route wrote the session.
+   */
+  async finish(state: SessionState, request?: RequestFacts): Promise<void> {
+    await state.committing?.catch(() => {})
+    await state.lock?.release()
+    if (request && state.record !== undefined) this.#concurrency?.policy.learn(request, state.wrote)
+  }
+
+  async #lock(cookieId: string, request: RequestFacts) {
+    const concurrency = this.#concurrency
+    const parsed = this.store.recognize(cookieId)
+    if (!concurrency || !parsed || !concurrency.policy.shouldLock(request)) return undefined
+    try {
+      const lock = await concurrency.locks.acquire(
+        parsed.random,
+        parsed.nodeId,
+        storageKeys(concurrency.prefix, parsed.random).lock,
+      )
+      this.counters.locksAcquired++
+      return lock
+    } catch (error) {
+      if (!(error instanceof LockTimeoutError)) throw error
+      this.counters.lockTimeouts++
+      concurrency.logger.warn({ path: request.path }, 'session-failover: session lock timed out')
+      if (concurrency.lockTimeoutAction === 'proceed') return undefined
+      throw error
+    }
   }
 
   /**
    * Stores what must be stored, before the response goes out. `snapshot` is null when the application removed
    * the session object (express-session's `unset`).
    */
-  async commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
+  commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
+    const committing = this.#commit(state, snapshot)
+    state.committing = committing
+    return committing
+  }
+
+  async #commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
     if (snapshot === null) {
       if (this.policy.unsetDestroy && !state.destroyed) await this.destroy(state)
       return { setCookie: false }
@@ -59,6 +143,26 @@ export class SessionEngine {
   }
 
   async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
+    const concurrency = this.#concurrency
+    if (
+      concurrency?.policy.mergesUnlockedWrites &&
+      state.record &&
+      !state.lock?.held &&
+      state.id === state.originalId
+    ) {
+      // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
+      const changes = changesBetween(state.baseJson, snapshot.dataJson)
+      const merged = await concurrency.store.merge(
+        state.id,
+        changes,
+        snapshot.cookieJson,
+        this.ttlSeconds(snapshot.expires),
+      )
+      this.counters.merges++
+      this.counters.mergeConflicts += merged.conflicts
+      state.markSaved(merged.id, merged.record)
+      return
+    }
     const record = {
       version: state.version + 1,
       writtenAt: Date.now(),

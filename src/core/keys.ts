@@ -3,6 +3,8 @@ import { createHash } from 'node:crypto'
 export interface StorageKeys {
   readonly primary: string
   readonly backup: string
+  /** The session's lock (non-sticky locking modes). */
+  readonly lock: string
 }
 
 /**
@@ -11,5 +13,5 @@ export interface StorageKeys {
  */
 export function storageKeys(prefix: string, random: string): StorageKeys {
   const digest = createHash('sha256').update(random).digest('base64url')
-  return { primary: `${prefix}${digest}`, backup: `${prefix}bak:${digest}` }
+  return { primary: `${prefix}${digest}`, backup: `${prefix}bak:${digest}`, lock: `${prefix}lock:${digest}` }
 }

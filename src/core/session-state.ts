@@ -1,4 +1,5 @@
 import type { SessionRecord } from './codec.js'
+import type { SessionLock } from './locking.js'
 import type { LoadedSession } from './store.js'
 
 /** express-session's save/cookie options, with its meanings. */
@@ -40,6 +41,12 @@ export class SessionState {
   /** The session must be written this request: it was restored from a backup or relocated. */
   mustWrite = false
   destroyed = false
+  /** The session's lock, when this request holds one. */
+  lock: SessionLock | undefined = undefined
+  /** A write of this session made by this request: what 'auto' locking learns from. */
+  wrote = false
+  /** The commit in progress; the lock is released only after it. */
+  committing: Promise<unknown> | undefined = undefined
 
   private constructor(cookieId: string | undefined, id: string, dataJson: string) {
     this.cookieId = cookieId
@@ -121,5 +128,11 @@ export class SessionState {
     this.savedJson = record.dataJson
     this.record = record
     this.mustWrite = false
+    this.wrote = true
+  }
+
+  /** What a merge diffs against: the data this request last read or wrote. */
+  get baseJson(): string {
+    return this.savedJson ?? this.originalJson
   }
 }

@@ -1,6 +1,7 @@
 import { LRUCache } from 'lru-cache'
 import {
   AllNodesDownError,
+  ConcurrentUpdateError,
   CorruptSessionError,
   NodeRejectedError,
   SessionTooLargeError,
@@ -12,6 +13,7 @@ import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } 
 import type { SessionBackend } from './backend.js'
 import { decodeRecord, encodeRecord, type SessionRecord } from './codec.js'
 import { type StorageKeys, storageKeys } from './keys.js'
+import { applyChanges, type SessionChanges } from './merge.js'
 
 export interface StoreOptions {
   readonly prefix: string
@@ -33,6 +35,9 @@ export interface LoadedSession {
   /** The dead node the session moved away from, when it was relocated. */
   readonly relocatedFrom: string | undefined
 }
+
+/** Rounds of read-apply-write a merge tries before giving up under contention. */
+const MAX_MERGE_ATTEMPTS = 8
 
 /** memcached's default item limit is 1 MiB, key and item header included; keep clear of it. */
 const MAX_STORED_BYTES = 1024 * 1024 - 1024
@@ -139,13 +144,7 @@ export class ReplicatedStore implements SessionBackend {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
-    const blob = encodeRecord(record)
-    if (blob.length > MAX_STORED_BYTES) {
-      throw new SessionTooLargeError(
-        `The session is ${blob.length} bytes stored; at most ${MAX_STORED_BYTES} fit in a memcached item. ` +
-          'It was not written; the stored copy is unchanged.',
-      )
-    }
+    const blob = this.#encodeWithinLimit(record)
     if (onlyIfNewer) {
       // A write that waited (async, or through an outage) must not replace what another instance stored since.
       // Read-then-write is not atomic; it narrows the window from the wait to one round trip.
@@ -226,6 +225,55 @@ export class ReplicatedStore implements SessionBackend {
   async close(): Promise<void> {}
 
   /**
+   * Writes this request's changes onto the stored session instead of overwriting it (lockingMode 'merge', and
+   * any write made without the lock): read the primary with its CAS token, apply the changed keys, write only
+   * if nothing was stored in between (else read and apply again), then write the backup unless a newer copy is
+   * already there. Atomic on the primary; the backup follows it.
+   */
+  async merge(
+    id: string,
+    changes: SessionChanges,
+    cookieJson: string,
+    ttlSeconds: number,
+  ): Promise<{ id: string; record: SessionRecord; conflicts: number }> {
+    const parsed = parseSessionId(id)
+    if (!parsed) throw new TypeError('merge() needs an id issued by this store')
+    const keys = storageKeys(this.#options.prefix, parsed.random)
+    for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
+      const primary = this.#ring.isAlive(parsed.nodeId)
+        ? parsed.nodeId
+        : this.#ring.nextAliveAfter(parsed.nodeId)
+      if (!primary) break
+      try {
+        const current = await this.#ring.call(primary, (node) => node.gets(keys.primary))
+        const base =
+          (current && this.#decode(current.value, primary)) ??
+          (await this.#freshestBackup(primary, keys)).record
+        const { dataJson, conflicts } = applyChanges(base?.dataJson ?? '{}', changes)
+        const record = { version: (base?.version ?? 0) + 1, writtenAt: Date.now(), cookieJson, dataJson }
+        const blob = this.#encodeWithinLimit(record)
+        const stored = current
+          ? (await this.#ring.call(primary, (node) =>
+              node.setIfUnchanged(keys.primary, blob, ttlSeconds, current.cas),
+            )) === 'stored'
+          : await this.#ring.call(primary, (node) => node.add(keys.primary, blob, ttlSeconds))
+        if (!stored) continue
+        await this.#writeBackupIfOlder(primary, keys.backup, record, blob, ttlSeconds)
+        this.#lastRefresh.set(parsed.random, record.writtenAt)
+        this.#lastBackupCheck.set(parsed.random, record.writtenAt)
+        return { id: formatSessionId(parsed.random, primary, parsed.route), record, conflicts }
+      } catch (error) {
+        if (error instanceof NodeRejectedError || error instanceof SessionTooLargeError) throw error
+        // The node is marked dead; the next attempt merges where the session moves to.
+      }
+    }
+    if (!this.#ring.anyAlive()) throw this.#allNodesDown()
+    throw new ConcurrentUpdateError(
+      `The session kept changing under this request's write (${MAX_MERGE_ATTEMPTS} attempts); nothing was written`,
+    )
+  }
+
+  /**
    * Removes every copy: both keys on every node, not only on the current primary and backup (a node that held
    * the session before a relocation must not bring a destroyed session back), and on a node that is down, as
    * soon as it is back.
@@ -237,6 +285,32 @@ export class ReplicatedStore implements SessionBackend {
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
+  }
+
+  /** Writes the backup copy unless the backup node already holds this version or a newer one. */
+  async #writeBackupIfOlder(
+    primary: string,
+    key: string,
+    record: SessionRecord,
+    blob: Buffer,
+    ttlSeconds: number,
+  ): Promise<void> {
+    for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
+      const backup = this.#ring.nextAliveAfter(primary)
+      if (!backup) return
+      try {
+        const done = await this.#ring.call(backup, async (node) => {
+          const current = await node.gets(key)
+          if (!current) return node.add(key, blob, ttlSeconds)
+          const existing = this.#decode(current.value, backup)
+          if (existing && !isNewer(record, existing)) return true
+          return (await node.setIfUnchanged(key, blob, ttlSeconds, current.cas)) === 'stored'
+        })
+        if (done) return
+      } catch (error) {
+        if (error instanceof NodeRejectedError) throw error
+      }
+    }
   }
 
   async #writeBackup(
@@ -312,6 +386,17 @@ export class ReplicatedStore implements SessionBackend {
       )
       return undefined
     }
+  }
+
+  #encodeWithinLimit(record: SessionRecord): Buffer {
+    const blob = encodeRecord(record)
+    if (blob.length > MAX_STORED_BYTES) {
+      throw new SessionTooLargeError(
+        `The session is ${blob.length} bytes stored; at most ${MAX_STORED_BYTES} fit in a memcached item. ` +
+          'It was not written; the stored copy is unchanged.',
+      )
+    }
+    return blob
   }
 
   #allNodesDown(): AllNodesDownError {

@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { OpenedSession } from '../core/engine.js'
+import type { OpenedSession, SessionCounters } from '../core/engine.js'
 import { contentOf, snapshotOf } from '../core/serialize.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
@@ -18,6 +18,8 @@ export interface SessionFailoverMiddleware {
   close(): Promise<void>
   /** Per-node status: alive, or dead since when and why. */
   health(): NodeHealth[]
+  /** Counters of locking and merging (non-sticky mode). */
+  stats(): Readonly<SessionCounters>
   /** Sticky mode: sessions and bytes held in memory, and backups not yet written; undefined otherwise. */
   localStatus(): { sessions: number; bytes: number; pendingBackups: number } | undefined
 }
@@ -58,6 +60,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     const recognized = presented !== undefined && engine.session.store.recognize(presented.id) !== null
     const cookieId = recognized ? presented?.id : undefined
     const resign = recognized && presented?.resign === true
+    const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
 
     const begin = ({ state, stored }: OpenedSession): void => {
       const store = new RequestStore(req, engine.session, state, newCookie)
@@ -94,9 +97,11 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         }
       }
       holdResponse(res, commit, next)
+      // Answered, failed or abandoned by the client: the lock goes (after any commit in flight) either way.
+      res.once('close', () => void engine.session.finish(state, request))
     }
 
-    engine.session.open(cookieId).then((opened) => {
+    engine.session.open(cookieId, request).then((opened) => {
       try {
         begin(opened)
       } catch (error) {
@@ -113,6 +118,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       return engine.close()
     },
     health: () => engine.ring.health(),
+    stats: () => ({ ...engine.session.counters }),
     localStatus: () =>
       engine.sticky && { ...engine.sticky.localSize, pendingBackups: engine.sticky.pendingBackups },
   })

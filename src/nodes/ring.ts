@@ -10,8 +10,11 @@ interface Member {
   deadSince: number | undefined
   lastError: string | undefined
   probeTimer: NodeJS.Timeout | undefined
-  /** Keys deleted while this node was dead: deleted on it before it counts as alive again. */
-  readonly pendingDeletes: Set<string>
+  /**
+   * Keys to delete on this node before it counts as alive again: deleted while it was dead, or (with a value)
+   * a lock whose add may have been applied after its timeout, deleted only if it still holds that value.
+   */
+  readonly pendingDeletes: Map<string, Buffer | undefined>
 }
 
 /** Most deletes remembered per dead node; past it the oldest are forgotten (and a warning says so). */
@@ -53,7 +56,7 @@ export class NodeRing {
       deadSince: undefined,
       lastError: undefined,
       probeTimer: undefined,
-      pendingDeletes: new Set<string>(),
+      pendingDeletes: new Map<string, Buffer | undefined>(),
     }))
     this.#byId = new Map(this.#members.map((member) => [member.node.id, member]))
     this.#options = options
@@ -178,6 +181,16 @@ export class NodeRing {
     return results.some(Boolean)
   }
 
+  /**
+   * For a dead node: once it answers again, delete `key` there if it still holds `value`, before it counts as
+   * alive. An add that timed out (a frozen node runs its buffered requests when it resumes) may have taken a
+   * lock nobody will release.
+   */
+  deleteWhenBack(nodeId: string, key: string, value: Buffer): void {
+    const member = this.#byId.get(nodeId)
+    if (member && !member.alive) this.#rememberDeletes(member, [key], value)
+  }
+
   health(): NodeHealth[] {
     return this.#members.map((member) => ({
       id: member.node.id,
@@ -206,10 +219,10 @@ export class NodeRing {
     this.#scheduleProbe(member)
   }
 
-  #rememberDeletes(member: Member, keys: readonly string[]): void {
-    for (const key of keys) member.pendingDeletes.add(key)
+  #rememberDeletes(member: Member, keys: readonly string[], ifValue?: Buffer): void {
+    for (const key of keys) member.pendingDeletes.set(key, ifValue)
     if (member.pendingDeletes.size <= MAX_PENDING_DELETES) return
-    for (const key of member.pendingDeletes) {
+    for (const key of member.pendingDeletes.keys()) {
       member.pendingDeletes.delete(key)
       if (member.pendingDeletes.size <= MAX_PENDING_DELETES) break
     }
@@ -227,10 +240,10 @@ export class NodeRing {
       const deletes = [...member.pendingDeletes]
       node
         .ping()
-        .then(() => Promise.all(deletes.map((key) => node.delete(key))))
+        .then(() => Promise.all(deletes.map(([key, ifValue]) => deleteOn(node, key, ifValue))))
         .then(
           () => {
-            for (const key of deletes) member.pendingDeletes.delete(key)
+            for (const [key] of deletes) member.pendingDeletes.delete(key)
             member.alive = true
             member.deadSince = undefined
             member.probeTimer = undefined
@@ -239,9 +252,11 @@ export class NodeRing {
             const late = [...member.pendingDeletes]
             member.pendingDeletes.clear()
             if (late.length > 0) {
-              this.call(node.id, (n) => Promise.all(late.map((key) => n.delete(key)))).catch(() =>
-                this.#rememberDeletes(member, late),
-              )
+              this.call(node.id, (n) =>
+                Promise.all(late.map(([key, ifValue]) => deleteOn(n, key, ifValue))),
+              ).catch(() => {
+                for (const [key, ifValue] of late) this.#rememberDeletes(member, [key], ifValue)
+              })
             }
           },
           (error: unknown) => {
@@ -252,4 +267,12 @@ export class NodeRing {
     }, this.#options.probeIntervalMs)
     member.probeTimer.unref()
   }
+}
+
+/** Deletes `key`, or only if it holds `ifValue` (compare-and-set, so a newer value is never removed). */
+async function deleteOn(node: SessionNode, key: string, ifValue: Buffer | undefined): Promise<unknown> {
+  if (!ifValue) return node.delete(key)
+  const current = await node.gets(key)
+  if (current?.value.equals(ifValue)) return node.deleteIfUnchanged(key, current.cas)
+  return undefined
 }

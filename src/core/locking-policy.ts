@@ -1,0 +1,64 @@
+import { LRUCache } from 'lru-cache'
+
+/** How parallel requests of one session are kept from losing each other's changes (non-sticky mode). */
+export type LockingMode = 'none' | 'all' | 'auto' | 'merge' | RegExp | ((request: unknown) => boolean)
+
+export interface RequestFacts {
+  readonly method: string
+  readonly path: string
+  /** The framework's request object, for a function `lockingMode`. */
+  readonly raw: unknown
+}
+
+/** Routes remembered by 'auto' mode. */
+const LEARNED_ROUTES = 2000
+/** Path segments that are ids (numbers, uuids, long tokens) are one route, not thousands. */
+const ID_SEGMENT = /^(\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[A-Za-z0-9_-]{20,})$/i
+
+/**
+ * Which requests lock their session, and how a request that does not hold a lock writes:
+ * - 'none': no lock; a write overwrites (last writer wins, as express-session).
+ * - 'all': every request of an existing session holds its lock.
+ * - 'auto': every request locks, except on routes learned to only read the session (a request that did not
+ *   modify it marks its route read-only; one that modifies it marks the route as writing again).
+ * - 'merge': no lock; a write re-reads the stored session and applies only this request's changed keys.
+ * - a RegExp tested against "METHOD /path", or a function of the request: true locks.
+ * In every mode but 'none', a write made without the lock (an unlocked route, a lock that expired, a request
+ * whose client went away) is a merge, never a blind overwrite.
+ */
+export class LockingPolicy {
+  readonly #mode: LockingMode
+  readonly #readOnlyRoutes = new LRUCache<string, true>({ max: LEARNED_ROUTES })
+
+  constructor(mode: LockingMode) {
+    this.#mode = mode
+  }
+
+  get mergesUnlockedWrites(): boolean {
+    return this.#mode !== 'none'
+  }
+
+  shouldLock(request: RequestFacts): boolean {
+    const mode = this.#mode
+    if (mode === 'none' || mode === 'merge') return false
+    if (mode === 'all') return true
+    if (mode === 'auto') return !this.#readOnlyRoutes.has(routeKey(request))
+    if (mode instanceof RegExp) return mode.test(`${request.method} ${request.path}`)
+    return mode(request.raw) === true
+  }
+
+  /** 'auto' mode learns from every finished request whether its route writes the session. */
+  learn(request: RequestFacts, modified: boolean): void {
+    if (this.#mode !== 'auto') return
+    const key = routeKey(request)
+    if (modified) this.#readOnlyRoutes.delete(key)
+    else this.#readOnlyRoutes.set(key, true)
+  }
+}
+
+function routeKey({ method, path }: RequestFacts): string {
+  return `${method} ${path
+    .split('/')
+    .map((segment) => (ID_SEGMENT.test(segment) ? ':id' : segment))
+    .join('/')}`
+}

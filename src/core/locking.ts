@@ -1,0 +1,160 @@
+import { randomBytes } from 'node:crypto'
+import { AllNodesDownError, LockTimeoutError, NodeRejectedError } from '../errors.js'
+import type { NodeRing } from '../nodes/ring.js'
+
+export interface LockOptions {
+  readonly prefix: string
+  /** Seconds a lock lives in memcached: how long a holder that died blocks the session. */
+  readonly lockExpirationSeconds: number
+  /** Milliseconds a request waits for the lock before LockTimeoutError. */
+  readonly lockTimeoutMs: number
+  readonly retryAfterSeconds: number
+}
+
+/** A held session lock. */
+export interface SessionLock {
+  /** False once released, or once it expired while the request was still running. */
+  readonly held: boolean
+  /** Releases it, in memcached only if this request still owns it. Idempotent; never rejects. */
+  release(): Promise<void>
+}
+
+/** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
+const FIRST_PAUSE_MS = 4
+const MAX_PAUSE_MS = 50
+
+/**
+ * Session locks for non-sticky mode. In this process, requests of one session wait in one queue, so only the
+ * request at its head polls memcached. Across processes the lock is a memcached key added with `add` (it
+ * succeeds for one request only) holding a random token and an expiry, on the node that holds the session (or,
+ * when that node is dead, where the session moves to, so every instance agrees). It is released only by its
+ * owner, with a compare-and-set delete: a request whose lock expired cannot delete the next owner's lock.
+ */
+export class LockManager {
+  readonly #ring: NodeRing
+  readonly #options: LockOptions
+  /** Per session, the promise the next local request waits for. */
+  readonly #queues = new Map<string, Promise<void>>()
+
+  constructor(ring: NodeRing, options: LockOptions) {
+    this.#ring = ring
+    this.#options = options
+  }
+
+  /** Waits for the session's lock (in this process, then in memcached); throws LockTimeoutError on timeout. */
+  async acquire(random: string, primaryNodeId: string, lockKey: string): Promise<SessionLock> {
+    const deadline = Date.now() + this.#options.lockTimeoutMs
+    const previous = this.#queues.get(random) ?? Promise.resolve()
+    let leaveQueue = (): void => {}
+    const mine = new Promise<void>((resolve) => {
+      leaveQueue = resolve
+    })
+    const tail = previous.then(() => mine)
+    this.#queues.set(random, tail)
+    const done = (): void => {
+      leaveQueue()
+      if (this.#queues.get(random) === tail) this.#queues.delete(random)
+    }
+
+    try {
+      if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
+      const token = randomBytes(12).toString('base64url')
+      const nodeId = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, done)
+    } catch (error) {
+      done()
+      throw error
+    }
+  }
+
+  async #addLock(primaryNodeId: string, lockKey: string, token: string, deadline: number): Promise<string> {
+    const value = Buffer.from(token)
+    for (let pause = FIRST_PAUSE_MS; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5)) {
+      const nodeId = this.#lockNode(primaryNodeId)
+      if (!nodeId)
+        throw new AllNodesDownError(
+          'No session node is reachable to lock the session',
+          this.#options.retryAfterSeconds,
+        )
+      try {
+        const added = await this.#ring.call(nodeId, (node) =>
+          node.add(lockKey, value, this.#options.lockExpirationSeconds),
+        )
+        if (added) return nodeId
+      } catch (error) {
+        if (error instanceof NodeRejectedError) throw error
+        // The node is marked dead now; the next pass locks where the session moves to. The add may still have
+        // been applied (a frozen node runs it when it resumes): that lock is removed before the node is back.
+        this.#ring.deleteWhenBack(nodeId, lockKey, value)
+        continue
+      }
+      const wait = pause * (0.5 + Math.random())
+      if (Date.now() + wait >= deadline) throw this.#timeout()
+      await new Promise((resolve) => setTimeout(resolve, wait))
+    }
+  }
+
+  #held(nodeId: string, lockKey: string, token: string, leave: () => void): SessionLock {
+    let held = true
+    let releasing: Promise<void> | undefined
+    // Past its expiry the memcached lock is gone, so the local queue must not wait on this request any longer.
+    const expiry = setTimeout(() => {
+      held = false
+      leave()
+    }, this.#options.lockExpirationSeconds * 1000)
+    expiry.unref()
+    const release = (): Promise<void> => {
+      releasing ??= (async () => {
+        clearTimeout(expiry)
+        const stillMine = held
+        held = false
+        try {
+          if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
+        } catch {
+          // Unreachable node: the lock expires by itself.
+        } finally {
+          leave()
+        }
+      })()
+      return releasing
+    }
+    return {
+      get held() {
+        return held
+      },
+      release,
+    }
+  }
+
+  async #deleteIfMine(nodeId: string, lockKey: string, token: string): Promise<void> {
+    await this.#ring.call(nodeId, async (node) => {
+      const current = await node.gets(lockKey)
+      if (current && current.value.toString() === token) await node.deleteIfUnchanged(lockKey, current.cas)
+    })
+  }
+
+  #lockNode(primaryNodeId: string): string | undefined {
+    return this.#ring.isAlive(primaryNodeId) ? primaryNodeId : this.#ring.nextAliveAfter(primaryNodeId)
+  }
+
+  #timeout(): LockTimeoutError {
+    return new LockTimeoutError(
+      `The session is locked by another request and its lock was not free within ${this.#options.lockTimeoutMs} ms`,
+      this.#options.retryAfterSeconds,
+    )
+  }
+}
+
+/** Whether `promise` settles within `ms`. */
+async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  if (ms <= 0) return false
+  let timer: NodeJS.Timeout | undefined
+  const timedOut = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms)
+  })
+  try {
+    return await Promise.race([promise.then(() => true), timedOut])
+  } finally {
+    clearTimeout(timer)
+  }
+}
