@@ -1,6 +1,7 @@
 import { LockTimeoutError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionBackend } from './backend.js'
+import { KeyedQueue } from './keyed-queue.js'
 import { storageKeys } from './keys.js'
 import type { LockManager } from './locking.js'
 import type { LockingPolicy, RequestFacts } from './locking-policy.js'
@@ -49,6 +50,7 @@ export class SessionEngine {
   readonly counters: SessionCounters = { locksAcquired: 0, lockTimeouts: 0, merges: 0, mergeConflicts: 0 }
   readonly #defaultTtlSeconds: number
   readonly #concurrency: Concurrency | undefined
+  readonly #merges = new KeyedQueue()
 
   constructor(
     store: SessionBackend,
@@ -151,12 +153,12 @@ export class SessionEngine {
       state.id === state.originalId
     ) {
       // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
+      // Merges of one session in this process take turns, so they contend only with other instances.
       const changes = changesBetween(state.baseJson, snapshot.dataJson)
-      const merged = await concurrency.store.merge(
-        state.id,
-        changes,
-        snapshot.cookieJson,
-        this.ttlSeconds(snapshot.expires),
+      const ttlSeconds = this.ttlSeconds(snapshot.expires)
+      const key = this.store.recognize(state.id)?.random ?? state.id
+      const merged = await this.#merges.run(key, () =>
+        concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds),
       )
       this.counters.merges++
       this.counters.mergeConflicts += merged.conflicts

@@ -37,7 +37,7 @@ export interface LoadedSession {
 }
 
 /** Rounds of read-apply-write a merge tries before giving up under contention. */
-const MAX_MERGE_ATTEMPTS = 8
+const MAX_MERGE_ATTEMPTS = 12
 
 /** memcached's default item limit is 1 MiB, key and item header included; keep clear of it. */
 const MAX_STORED_BYTES = 1024 * 1024 - 1024

@@ -67,6 +67,28 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   app.post('/slow/answer', (_req, res) => {
     setTimeout(() => res.json({ slow: true }), 400)
   })
+  app.post('/count', (req, res) => {
+    req.session.views = (req.session.views ?? 0) + 1
+    res.json({ views: req.session.views })
+  })
+  app.post('/count/slow', (req, res) => {
+    // Read at the start, write 30 ms later: parallel requests that are not kept apart overwrite each other.
+    const views = req.session.views ?? 0
+    setTimeout(() => {
+      req.session.views = views + 1
+      res.json({ views: req.session.views })
+    }, 30)
+  })
+  app.post('/key/:name', (req, res) => {
+    ;(req.session as unknown as Record<string, boolean>)[`k_${req.params.name}`] = true
+    res.json({ ok: true })
+  })
+  app.get('/keys', (req, res) => {
+    res.json({ keys: Object.keys(req.session).filter((key) => key.startsWith('k_')) })
+  })
+  app.post('/hang', () => {
+    // Never answers: holds the session's lock until the client goes away or the lock expires.
+  })
   app.post('/unset', (req, res) => {
     ;(req as { session: unknown }).session = null
     res.json({ ok: true })

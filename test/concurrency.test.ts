@@ -1,0 +1,171 @@
+import express from 'express'
+import { afterEach, describe, expect, it } from 'vitest'
+import type { SessionFailoverOptions } from '../src/index.js'
+import { Browser, type ShopApp, startShop } from './support/app.js'
+import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** Parallel requests of one session, split over two app instances sharing the nodes (non-sticky mode). */
+describe('parallel requests of one session', () => {
+  let servers: MemcachedServer[]
+  const shops: ShopApp[] = []
+
+  afterEach(async () => {
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await stopAllAppProcesses()
+    await stopAllMemcached()
+  })
+
+  async function instances(options: Partial<SessionFailoverOptions>): Promise<[ShopApp, ShopApp]> {
+    servers = await startCluster(3)
+    const all = { secret: 'parallel', nodes: nodesOption(servers), lockTimeout: 10_000, ...options }
+    const pair = [await startShop(express, all), await startShop(express, all)] as [ShopApp, ShopApp]
+    shops.push(...pair)
+    return pair
+  }
+  async function session(app: ShopApp): Promise<Browser> {
+    const browser = new Browser()
+    expect((await browser.send(app, 'POST', '/cart/start')).status).toBe(200)
+    return browser
+  }
+  const inParallel = (count: number, send: (i: number) => Promise<{ status: number }>) =>
+    Promise.all(Array.from({ length: count }, (_, i) => send(i)))
+
+  it.each([
+    'all',
+    'auto',
+  ] as const)("counts 40 parallel increments exactly with lockingMode '%s'", async (mode) => {
+    const [a, b] = await instances({ lockingMode: mode })
+    const browser = await session(a)
+    const replies = await inParallel(40, (i) => browser.send(i % 2 ? a : b, 'POST', '/count'))
+    expect(replies.every((reply) => reply.status === 200)).toBe(true)
+    expect((await browser.send(a, 'POST', '/count')).body.views).toBe(41)
+    expect(a.sessions.stats().locksAcquired + b.sessions.stats().locksAcquired).toBeGreaterThanOrEqual(40)
+  })
+
+  it('keeps the slow increments apart too, so the lock really spans read to write', async () => {
+    const [a, b] = await instances({ lockingMode: 'all' })
+    const browser = await session(a)
+    await inParallel(10, (i) => browser.send(i % 2 ? a : b, 'POST', '/count/slow'))
+    expect((await browser.send(b, 'POST', '/count')).body.views).toBe(11)
+  })
+
+  it("loses updates with lockingMode 'none', as express-session does (the reason the other modes exist)", async () => {
+    const [a, b] = await instances({ lockingMode: 'none' })
+    const browser = await session(a)
+    await inParallel(10, (i) => browser.send(i % 2 ? a : b, 'POST', '/count/slow'))
+    expect((await browser.send(a, 'POST', '/count')).body.views).toBeLessThan(11)
+  })
+
+  it("keeps all 40 keys written by 40 parallel requests with lockingMode 'merge'", async () => {
+    const [a, b] = await instances({ lockingMode: 'merge' })
+    const browser = await session(a)
+    const replies = await inParallel(40, (i) => browser.send(i % 2 ? a : b, 'POST', `/key/${i}`))
+    expect(replies.every((reply) => reply.status === 200)).toBe(true)
+    const keys = (await browser.send(a, 'GET', '/keys')).body.keys as string[]
+    expect(keys.sort()).toEqual(Array.from({ length: 40 }, (_, i) => `k_${i}`).sort())
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['start'])
+    expect(a.sessions.stats().merges + b.sessions.stats().merges).toBe(40)
+  })
+
+  it("counts a same-key conflict under 'merge', and the last writer wins", async () => {
+    const [a, b] = await instances({ lockingMode: 'merge' })
+    const browser = await session(a)
+    let release = (): void => {}
+    a.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+    const slow = browser.send(a, 'POST', '/slow/late') // reads cart ['start'] now, writes it later
+    await sleep(50)
+    expect((await browser.send(b, 'POST', '/cart/early')).body.cart).toEqual(['start', 'early'])
+    release()
+    expect((await slow).status).toBe(200)
+    expect(a.sessions.stats().mergeConflicts).toBe(1)
+    expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', 'late'])
+  })
+
+  it('answers 503 with Retry-After when the lock stays taken past lockTimeout, and never runs unlocked', async () => {
+    const [a, b] = await instances({ lockingMode: 'all', lockTimeout: 300 })
+    const browser = await session(a)
+    const abort = new AbortController()
+    void fetch(`${a.url}/hang`, {
+      method: 'POST',
+      headers: { cookie: browser.cookie ?? '' },
+      signal: abort.signal,
+    }).catch(() => {})
+    await sleep(100)
+    const blocked = await browser.send(b, 'POST', '/count')
+    expect(blocked.status).toBe(503)
+    expect(blocked.headers.get('retry-after')).toBe('1')
+    expect(b.sessions.stats().lockTimeouts).toBe(1)
+    abort.abort()
+    await sleep(100)
+    // The blocked request did not run: the count was never incremented.
+    expect((await browser.send(b, 'POST', '/count')).body.views).toBe(1)
+  })
+
+  it('releases the lock of a request whose client went away', async () => {
+    const [a, b] = await instances({ lockingMode: 'all', lockExpiration: 30 })
+    const browser = await session(a)
+    const abort = new AbortController()
+    const hanging = fetch(`${a.url}/hang`, {
+      method: 'POST',
+      headers: { cookie: browser.cookie ?? '' },
+      signal: abort.signal,
+    }).catch(() => 'aborted')
+    await sleep(100)
+    abort.abort()
+    expect(await hanging).toBe('aborted')
+    const reply = await browser.send(b, 'POST', '/count')
+    expect(reply.status).toBe(200)
+    expect(reply.elapsedMs).toBeLessThan(5000) // not the 30 s the lock would otherwise live
+  })
+
+  it('lets others proceed after lockExpiration when the lock holder process is killed, with nothing corrupt', async () => {
+    servers = await startCluster(3)
+    // memcached counts expiry in whole seconds, so a 1 s lock may lapse at once: 2 s lives between 1 and 2 s.
+    const options = {
+      secret: 'parallel',
+      nodes: nodesOption(servers),
+      lockingMode: 'all' as const,
+      lockExpiration: 2,
+    }
+    const holder = await startAppProcess(options)
+    const other = await startShop(express, { ...options, lockTimeout: 5000 })
+    shops.push(other)
+    const browser = new Browser()
+    await browser.send(holder, 'POST', '/cart/apple')
+    void fetch(`${holder.url}/hang`, { method: 'POST', headers: { cookie: browser.cookie ?? '' } }).catch(
+      () => {},
+    )
+    await sleep(200)
+    await holder.kill()
+    const reply = await browser.send(other, 'POST', '/cart/pear')
+    expect(reply.status).toBe(200)
+    expect(reply.body.cart).toEqual(['apple', 'pear'])
+    expect(reply.elapsedMs).toBeGreaterThan(300) // it did wait for the dead holder's lock
+  })
+
+  it("skips the lock on a route 'auto' has learned only reads", async () => {
+    const lockWrites = async () =>
+      (await Promise.all(servers.map((s) => s.stats()))).reduce(
+        (n, s) => n + (s.cmd_set ?? 0) + (s.delete_hits ?? 0) + (s.delete_misses ?? 0),
+        0,
+      )
+    const [auto] = await instances({ lockingMode: 'auto' })
+    const browser = await session(auto)
+    await browser.send(auto, 'GET', '/cart') // locked: the route is not known yet; it only reads
+    const before = await lockWrites()
+    for (let i = 0; i < 5; i++) await browser.send(auto, 'GET', '/cart')
+    expect(await lockWrites()).toBe(before)
+    // The same requests under 'all' take and release the lock every time.
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await stopAllMemcached()
+    const [all] = await instances({ lockingMode: 'all' })
+    const other = await session(all)
+    await other.send(all, 'GET', '/cart')
+    const beforeAll = await lockWrites()
+    for (let i = 0; i < 5; i++) await other.send(all, 'GET', '/cart')
+    expect(await lockWrites()).toBeGreaterThanOrEqual(beforeAll + 10)
+  })
+})
