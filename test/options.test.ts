@@ -113,6 +113,22 @@ describe('options', () => {
     [{ secret: 's', nodes, failoverNodes: 3 }, 'Expected `failoverNodes` to be node ids'],
     [{ secret: 's', failoverNodes: 'n1' }, 'Option `failoverNodes` needs `nodes`'],
     [
+      { secret: 's', nodes, lockingMode: 'sometimes' },
+      "Expected `lockingMode` to be 'none', 'all', 'auto', 'merge', a RegExp or a function",
+    ],
+    [
+      { secret: 's', nodes, lockTimeoutAction: 'maybe' },
+      "Expected `lockTimeoutAction` to be 'fail' or 'proceed'",
+    ],
+    [
+      { secret: 's', nodes, lockExpiration: 0.5 },
+      'Expected `lockExpiration` to be an integer from 1 and up (seconds)',
+    ],
+    [
+      { secret: 's', nodes, sticky: true, lockingMode: 'all' },
+      'Option `lockingMode` applies to non-sticky mode',
+    ],
+    [
       { secret: 's', nodes, logger: console.log },
       'Expected `logger` to have debug, info, warn and error methods',
     ],
@@ -134,6 +150,20 @@ describe('options', () => {
     expect(parseOptions({ secret: 's', nodes, sticky: true, route: 'app1' }).sticky?.route).toBe('app1')
     expect(parseOptions({ secret: 's', nodes }).sticky).toBeUndefined()
     expect([...parseOptions({ secret: 's', nodes, failoverNodes: 'n2' }).failoverNodeIds]).toEqual(['n2'])
+  })
+
+  it("defaults to lockingMode 'auto', and takes a RegExp or a function", () => {
+    expect(parseOptions({ secret: 's', nodes }).locking).toEqual({
+      mode: 'auto',
+      lockTimeoutMs: 3000,
+      lockExpirationSeconds: 10,
+      lockTimeoutAction: 'fail',
+    })
+    const pattern = /^POST /
+    expect(parseOptions({ secret: 's', nodes, lockingMode: pattern }).locking?.mode).toBe(pattern)
+    const decide = () => true
+    expect(parseOptions({ secret: 's', nodes, lockingMode: decide }).locking?.mode).toBe(decide)
+    expect(parseOptions({ secret: 's', nodes, sticky: true }).locking).toBeUndefined()
   })
 
   it('refuses to start without nodes in production, naming what to configure', () => {

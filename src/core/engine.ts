@@ -86,10 +86,12 @@ export class SessionEngine {
   }
 
   /**
-   * The request is over (answered, failed or abandoned): after any commit in flight, the lock is released, and
-   * 'auto' mode learns whether the route wrote the session.
+   * The request is over: after any commit in flight the lock is released. Given the request (it was answered,
+   * not abandoned), 'auto' mode also learns whether its route wrote the session.
    */
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
+    if (state.finished) return
+    state.finished = true
     await state.committing?.catch(() => {})
     await state.lock?.release()
     if (request && state.record !== undefined) this.#concurrency?.policy.learn(request, state.wrote)

@@ -47,6 +47,8 @@ export class SessionState {
   wrote = false
   /** The commit in progress; the lock is released only after it. */
   committing: Promise<unknown> | undefined = undefined
+  /** finish() ran: the lock is released and the route learned. */
+  finished = false
 
   private constructor(cookieId: string | undefined, id: string, dataJson: string) {
     this.cookieId = cookieId

@@ -27,7 +27,8 @@ const HIGH_WATER_MARK = 16 * 1024
  */
 export function holdResponse(
   res: ServerResponse,
-  commit: () => Promise<ApplyHeaders | undefined>,
+  /** `final`: the response ends after this commit (no later commit will follow). */
+  commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
   onCommitError: (error: unknown) => void,
 ): void {
   const target = res as unknown as Record<WireMethod | HeaderMethod, AnyFunction | undefined>
@@ -59,10 +60,10 @@ export function holdResponse(
     res.on('error', () => {})
     res.destroy()
   }
-  const start = (): void => {
+  const start = (final: boolean): void => {
     if (phase !== 'open') return
     phase = 'committing'
-    commit().then(release, fail)
+    commit(final).then(release, fail)
   }
 
   const release = (applyHeaders: ApplyHeaders | undefined): void => {
@@ -120,7 +121,7 @@ export function holdResponse(
   /** end() after bytes went out: store changes made meanwhile, then end, or cut the connection. */
   const finishAfterCommit = (args: unknown[]): void => {
     phase = 'ending'
-    commit().then(
+    commit(true).then(
       () => {
         phase = 'done'
         target.end = wire.end
@@ -157,7 +158,7 @@ export function holdResponse(
     applyWriteHead(res, headers, args)
     // Status and headers are already applied; one marker is enough to send them at the right point.
     if (!queue.some((call) => call.method === 'writeHead')) queue.push({ method: 'writeHead', args: [] })
-    start()
+    start(false)
     return res
   }
   target.write = function write(...args: unknown[]): unknown {
@@ -165,7 +166,7 @@ export function holdResponse(
     if (endQueued) return false
     queuedBytes += chunkLength(args[0], true)
     queue.push({ method: 'write', args })
-    start()
+    start(false)
     if (queuedBytes < HIGH_WATER_MARK) return true
     producerWaiting = true
     return false
@@ -183,14 +184,14 @@ export function holdResponse(
     endQueued = true
     freezeHeaders()
     queue.push({ method: 'end', args })
-    start()
+    start(true)
     return res
   }
   target.flushHeaders = function flushHeaders(...args: unknown[]): unknown {
     if (phase !== 'open' && phase !== 'committing') return wire.flushHeaders.apply(res, args)
     if (endQueued) return undefined
     queue.push({ method: 'flushHeaders', args })
-    start()
+    start(false)
     return undefined
   }
 }

@@ -78,14 +78,17 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         store.generate()
       }
 
-      const commit = async (): Promise<ApplyHeaders | undefined> => {
+      const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
         const current = req.session
         if (!current) {
           await engine.session.commit(state, null)
+          if (final) await engine.session.finish(state, request)
           return undefined
         }
         current.touch()
         const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
+        // The lock is free before the client hears back, so its next request never waits on this one.
+        if (final) await engine.session.finish(state, request)
         req.sessionID = state.id
         if (!(setCookie || resign) || (current.cookie.secure && !isSecure(req, config.proxy)))
           return undefined
@@ -97,8 +100,8 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         }
       }
       holdResponse(res, commit, next)
-      // Answered, failed or abandoned by the client: the lock goes (after any commit in flight) either way.
-      res.once('close', () => void engine.session.finish(state, request))
+      // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
+      res.once('close', () => void engine.session.finish(state))
     }
 
     engine.session.open(cookieId, request).then((opened) => {
