@@ -1,0 +1,121 @@
+import express from 'express'
+import { afterEach, describe, expect, it } from 'vitest'
+import { LockManager } from '../src/core/locking.js'
+import { silentLogger } from '../src/logger.js'
+import { MemcachedNode } from '../src/nodes/memcached.js'
+import { NodeRing } from '../src/nodes/ring.js'
+import { Browser, type ShopApp, startShop } from './support/app.js'
+import {
+  type MemcachedServer,
+  nodesOption,
+  startCluster,
+  startMemcached,
+  stopAllMemcached,
+} from './support/memcached.js'
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+describe('session locks', () => {
+  const shops: ShopApp[] = []
+  afterEach(async () => {
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await stopAllMemcached()
+  })
+
+  function lockManager(server: MemcachedServer, lockExpirationSeconds: number) {
+    const node = new MemcachedNode({
+      id: 'n1',
+      host: '127.0.0.1',
+      port: server.port,
+      operationTimeoutMs: 1000,
+      probeKey: 'p',
+    })
+    const ring = new NodeRing([node], {
+      failoverNodeIds: new Set(),
+      probeIntervalMs: 100,
+      logger: silentLogger,
+    })
+    return {
+      ring,
+      locks: new LockManager(ring, {
+        prefix: 't:',
+        lockExpirationSeconds,
+        lockTimeoutMs: 3000,
+        retryAfterSeconds: 1,
+      }),
+    }
+  }
+
+  it("never lets a request whose lock expired delete the next holder's lock", async () => {
+    const server = await startMemcached()
+    const { ring, locks } = lockManager(server, 10)
+    try {
+      const slow = await locks.acquire('r', 'n1', 't:lock:r')
+      // The lock expired in memcached while the request ran, and another request took it.
+      await server.put('t:lock:r', Buffer.from('the-next-holder'))
+      await slow.release()
+      expect((await server.get('t:lock:r'))?.toString()).toBe('the-next-holder')
+      // Its own lock, it does release.
+      const again = await locks.acquire('s', 'n1', 't:lock:s')
+      await again.release()
+      expect(await server.has('t:lock:s')).toBe(false)
+    } finally {
+      await ring.close()
+    }
+  })
+
+  it('lets only the head of the in-process queue poll memcached', async () => {
+    const servers = await startCluster(1)
+    const app = await startShop(express, { secret: 's', nodes: nodesOption(servers), lockingMode: 'all' })
+    shops.push(app)
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/start')
+    const sets = async () => (await servers[0]?.stats())?.cmd_set ?? 0
+    const before = await sets()
+    await Promise.all(Array.from({ length: 20 }, () => browser.send(app, 'POST', '/count/slow')))
+    // Per request: one lock add and the session's set (one node: no backup). Polling would add many more adds.
+    expect((await sets()) - before).toBe(40)
+    expect((await browser.send(app, 'POST', '/count')).body.views).toBe(21)
+  })
+
+  it('locks only the routes a RegExp matches, and merges the writes of the others', async () => {
+    const servers = await startCluster(2)
+    const app = await startShop(express, {
+      secret: 's',
+      nodes: nodesOption(servers),
+      lockingMode: /^POST \/count/,
+    })
+    shops.push(app)
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/start')
+    await browser.send(app, 'POST', '/count')
+    await browser.send(app, 'POST', '/cart/more')
+    expect(app.sessions.stats()).toMatchObject({ locksAcquired: 1, merges: 1 })
+  })
+
+  it("runs a request whose lock timed out with lockTimeoutAction 'proceed', merging its write", async () => {
+    const servers = await startCluster(2)
+    const options = { secret: 's', nodes: nodesOption(servers), lockingMode: 'all' as const }
+    const holder = await startShop(express, options)
+    const other = await startShop(express, {
+      ...options,
+      lockTimeout: 200,
+      lockTimeoutAction: 'proceed' as const,
+    })
+    shops.push(holder, other)
+    const browser = new Browser()
+    await browser.send(holder, 'POST', '/cart/apple')
+    const abort = new AbortController()
+    void fetch(`${holder.url}/hang`, {
+      method: 'POST',
+      headers: { cookie: browser.cookie ?? '' },
+      signal: abort.signal,
+    }).catch(() => {})
+    await sleep(100)
+    const reply = await browser.send(other, 'POST', '/cart/pear')
+    abort.abort()
+    expect(reply.status).toBe(200)
+    expect(other.sessions.stats()).toMatchObject({ lockTimeouts: 1, merges: 1 })
+    expect((await browser.send(holder, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+  })
+})
