@@ -1,7 +1,7 @@
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import type { SessionFailoverOptions } from '../src/index.js'
-import { Browser, type ShopApp, startShop } from './support/app.js'
+import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 
@@ -87,18 +87,13 @@ describe('parallel requests of one session', () => {
   it('answers 503 with Retry-After when the lock stays taken past lockTimeout, and never runs unlocked', async () => {
     const [a, b] = await instances({ lockingMode: 'all', lockTimeout: 300 })
     const browser = await session(a)
-    const abort = new AbortController()
-    void fetch(`${a.url}/hang`, {
-      method: 'POST',
-      headers: { cookie: browser.cookie ?? '' },
-      signal: abort.signal,
-    }).catch(() => {})
+    const hanging = hangingRequest(a, browser.cookie)
     await sleep(100)
     const blocked = await browser.send(b, 'POST', '/count')
     expect(blocked.status).toBe(503)
     expect(blocked.headers.get('retry-after')).toBe('1')
     expect(b.sessions.stats().lockTimeouts).toBe(1)
-    abort.abort()
+    hanging.abort()
     await sleep(100)
     // The blocked request did not run: the count was never incremented.
     expect((await browser.send(b, 'POST', '/count')).body.views).toBe(1)
@@ -107,15 +102,10 @@ describe('parallel requests of one session', () => {
   it('releases the lock of a request whose client went away', async () => {
     const [a, b] = await instances({ lockingMode: 'all', lockExpiration: 30 })
     const browser = await session(a)
-    const abort = new AbortController()
-    const hanging = fetch(`${a.url}/hang`, {
-      method: 'POST',
-      headers: { cookie: browser.cookie ?? '' },
-      signal: abort.signal,
-    }).catch(() => 'aborted')
+    const hanging = hangingRequest(a, browser.cookie)
     await sleep(100)
-    abort.abort()
-    expect(await hanging).toBe('aborted')
+    hanging.abort()
+    expect(await hanging.done).toBe('aborted')
     const reply = await browser.send(b, 'POST', '/count')
     expect(reply.status).toBe(200)
     expect(reply.elapsedMs).toBeLessThan(5000) // not the 30 s the lock would otherwise live
@@ -135,9 +125,7 @@ describe('parallel requests of one session', () => {
     shops.push(other)
     const browser = new Browser()
     await browser.send(holder, 'POST', '/cart/apple')
-    void fetch(`${holder.url}/hang`, { method: 'POST', headers: { cookie: browser.cookie ?? '' } }).catch(
-      () => {},
-    )
+    void hangingRequest(holder, browser.cookie).done
     await sleep(200)
     await holder.kill()
     const reply = await browser.send(other, 'POST', '/cart/pear')

@@ -4,7 +4,7 @@ import { LockManager } from '../src/core/locking.js'
 import { silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { NodeRing } from '../src/nodes/ring.js'
-import { Browser, type ShopApp, startShop } from './support/app.js'
+import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
 import {
   type MemcachedServer,
   nodesOption,
@@ -105,15 +105,10 @@ describe('session locks', () => {
     shops.push(holder, other)
     const browser = new Browser()
     await browser.send(holder, 'POST', '/cart/apple')
-    const abort = new AbortController()
-    void fetch(`${holder.url}/hang`, {
-      method: 'POST',
-      headers: { cookie: browser.cookie ?? '' },
-      signal: abort.signal,
-    }).catch(() => {})
+    const hanging = hangingRequest(holder, browser.cookie)
     await sleep(100)
     const reply = await browser.send(other, 'POST', '/cart/pear')
-    abort.abort()
+    hanging.abort()
     expect(reply.status).toBe(200)
     expect(other.sessions.stats()).toMatchObject({ lockTimeouts: 1, merges: 1 })
     expect((await browser.send(holder, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])

@@ -173,3 +173,20 @@ export class Browser {
     return value.slice(2, value.lastIndexOf('.'))
   }
 }
+
+/**
+ * Starts a request to POST /hang, which never answers: it holds its session's lock until `abort()` (the client
+ * going away) or until the lock expires. `done` settles once the request is over.
+ */
+export function hangingRequest(app: Pick<ShopApp, 'url'>, cookie: string | undefined) {
+  const controller = new AbortController()
+  const done = fetch(`${app.url}/hang`, {
+    method: 'POST',
+    headers: { cookie: cookie ?? '' },
+    signal: controller.signal,
+  }).then(
+    () => 'answered',
+    () => 'aborted',
+  )
+  return { abort: () => controller.abort(), done }
+}
