@@ -7,6 +7,7 @@ import { ReplicatedStore } from './core/store.js'
 import { MemcachedNode } from './nodes/memcached.js'
 import { MemoryNode } from './nodes/memory.js'
 import type { SessionNode } from './nodes/node.js'
+import { RedisNode } from './nodes/redis.js'
 import { NodeRing } from './nodes/ring.js'
 import type { Config } from './options.js'
 
@@ -29,14 +30,13 @@ const FLUSH_TIMEOUT_MS = 10_000
 export function createEngine(config: Config): Engine {
   let nodes: SessionNode[]
   if (config.nodes) {
-    nodes = config.nodes.map(
-      (spec) =>
-        new MemcachedNode({
-          ...spec,
-          operationTimeoutMs: config.operationTimeoutMs,
-          probeKey: `${config.prefix}probe`,
-        }),
-    )
+    const common = { operationTimeoutMs: config.operationTimeoutMs, probeKey: `${config.prefix}probe` }
+    nodes = config.nodes.map((spec): SessionNode => {
+      if (spec.kind === 'memcached')
+        return new MemcachedNode({ ...common, id: spec.id, host: spec.host, port: spec.port })
+      if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })
+      return new RedisNode({ ...common, id: spec.id, cluster: spec.cluster })
+    })
   } else {
     process.emitWarning(DEV_WARNING, { type: 'SessionFailoverWarning', code: 'ESF_NO_NODES' })
     nodes = [new MemoryNode('local')]

@@ -5,12 +5,21 @@ import { ConfigError } from './errors.js'
 import { type Logger, silentLogger } from './logger.js'
 import { NODE_ID_PATTERN } from './session-id.js'
 
-/** A memcached node in the array form of `nodes`. */
-export interface NodeSpec {
-  readonly id: string
-  readonly host: string
-  readonly port: number
-}
+/**
+ * A node in the array form of `nodes`: a memcached server `{ id, host, port }`, a Redis server
+ * `{ id, url: 'redis://…' }` (`rediss://` for TLS; credentials in the URL), or a Redis Cluster counted as one
+ * node `{ id, cluster: ['redis://…', …] }`.
+ */
+export type NodeSpec =
+  | { readonly id: string; readonly host: string; readonly port?: number }
+  | { readonly id: string; readonly url: string }
+  | { readonly id: string; readonly cluster: readonly string[] }
+
+/** A validated node. */
+export type NodeConfig =
+  | { readonly kind: 'memcached'; readonly id: string; readonly host: string; readonly port: number }
+  | { readonly kind: 'redis'; readonly id: string; readonly url: string }
+  | { readonly kind: 'redis-cluster'; readonly id: string; readonly cluster: readonly string[] }
 
 export interface SessionFailoverOptions {
   /** Signs the session cookie. An array rotates secrets: the first signs, every one verifies. */
@@ -70,7 +79,7 @@ export interface SessionFailoverOptions {
 export interface Config {
   readonly secrets: readonly string[]
   /** undefined: no nodes configured, the in-process development store is used. */
-  readonly nodes: readonly NodeSpec[] | undefined
+  readonly nodes: readonly NodeConfig[] | undefined
   readonly failoverNodeIds: ReadonlySet<string>
   /** Set in sticky mode only. */
   readonly sticky:
@@ -257,63 +266,115 @@ export function parseOptions(options: unknown, env: string | undefined = process
 }
 
 const NODE_ENTRY = /^([^:\s]+):(\[[0-9A-Fa-f:.]+\]|[^:\s[\]]+)(?::(\d{1,5}))?$/
+const REDIS_ENTRY = /^([^:\s]+):(rediss?:\/\/\S+)$/
 
-export function parseNodes(value: unknown): NodeSpec[] {
-  let specs: NodeSpec[]
+export function parseNodes(value: unknown): NodeConfig[] {
+  let nodes: NodeConfig[]
   if (typeof value === 'string') {
-    const entries = value.split(/[\s,]+/).filter(Boolean)
-    specs = entries.map((entry) => {
-      const match = NODE_ENTRY.exec(entry)
-      if (!match) {
-        throw new ConfigError(`Expected each entry of \`nodes\` to look like 'id:host:port', got '${entry}'`)
-      }
-      const [, id = '', host = '', port] = match
-      return checkNode({
-        id,
-        host: host.replace(/^\[|\]$/g, ''),
-        port: port === undefined ? 11211 : Number(port),
+    nodes = value
+      .split(/[\s,]+/)
+      .filter(Boolean)
+      .map((entry) => {
+        const redis = REDIS_ENTRY.exec(entry)
+        if (redis) return redisNode(redis[1], redis[2], 'nodes')
+        const match = NODE_ENTRY.exec(entry)
+        if (!match) {
+          throw new ConfigError(
+            `Expected each entry of \`nodes\` to look like 'id:host:port' or 'id:redis://host:port', got '${entry}'`,
+          )
+        }
+        const [, id = '', host = '', port] = match
+        return memcachedNode({
+          id,
+          host: host.replace(/^\[|\]$/g, ''),
+          port: port === undefined ? 11211 : Number(port),
+        })
       })
-    })
   } else if (Array.isArray(value)) {
-    specs = value.map((entry: unknown, index) => {
+    nodes = value.map((entry: unknown, index) => {
+      const where = `nodes[${index}]`
       if (!isPlainObject(entry)) {
-        throw new ConfigError(`Expected \`nodes[${index}]\` to be { id, host, port }, got ${describe(entry)}`)
+        throw new ConfigError(
+          `Expected \`${where}\` to be { id, host, port }, { id, url } or { id, cluster }, got ${describe(entry)}`,
+        )
       }
-      const { id, host, port } = entry as Record<string, unknown>
-      return checkNode({ id, host, port: port ?? 11211 }, `nodes[${index}]`)
+      const fields = entry as Record<string, unknown>
+      if (fields.cluster !== undefined) return clusterNode(fields.id, fields.cluster, where)
+      if (fields.url !== undefined) return redisNode(fields.id, fields.url, where)
+      return memcachedNode({ id: fields.id, host: fields.host, port: fields.port ?? 11211 }, where)
     })
   } else {
     throw new ConfigError(
-      `Expected \`nodes\` to be a string like 'n1:10.0.0.1:11211 n2:10.0.0.2:11211' or an array of { id, host, port }, got ${describe(value)}`,
+      `Expected \`nodes\` to be a string like 'n1:10.0.0.1:11211 n2:10.0.0.2:11211' or an array of nodes, got ${describe(value)}`,
     )
   }
-  if (specs.length === 0) throw new ConfigError('Expected `nodes` to name at least one node, got none')
+  if (nodes.length === 0) throw new ConfigError('Expected `nodes` to name at least one node, got none')
   const seen = new Set<string>()
-  for (const spec of specs) {
-    if (seen.has(spec.id)) throw new ConfigError(`Expected node ids to be unique, got '${spec.id}' twice`)
-    seen.add(spec.id)
+  for (const node of nodes) {
+    if (seen.has(node.id)) throw new ConfigError(`Expected node ids to be unique, got '${node.id}' twice`)
+    seen.add(node.id)
   }
-  return specs
+  return nodes
 }
 
-function checkNode(raw: { id: unknown; host: unknown; port: unknown }, where = 'nodes'): NodeSpec {
-  if (typeof raw.id !== 'string' || !NODE_ID_PATTERN.test(raw.id)) {
+function checkId(id: unknown, where: string): string {
+  if (typeof id !== 'string' || !NODE_ID_PATTERN.test(id)) {
     throw new ConfigError(
-      `Expected a node id in \`${where}\` to be 1-32 letters, digits or '_', got ${describe(raw.id)}`,
+      `Expected a node id in \`${where}\` to be 1-32 letters, digits or '_', got ${describe(id)}`,
     )
   }
+  return id
+}
+
+function memcachedNode(raw: { id: unknown; host: unknown; port: unknown }, where = 'nodes'): NodeConfig {
+  const id = checkId(raw.id, where)
   if (typeof raw.host !== 'string' || raw.host.length === 0) {
     throw new ConfigError(
-      `Expected the host of node '${raw.id}' to be a non-empty string, got ${describe(raw.host)}`,
+      `Expected the host of node '${id}' to be a non-empty string, got ${describe(raw.host)}`,
     )
   }
   const port = raw.port
   if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
     throw new ConfigError(
-      `Expected the port of node '${raw.id}' to be an integer from 1 to 65535, got ${describe(port)}`,
+      `Expected the port of node '${id}' to be an integer from 1 to 65535, got ${describe(port)}`,
     )
   }
-  return Object.freeze({ id: raw.id, host: raw.host, port })
+  return Object.freeze({ kind: 'memcached', id, host: raw.host, port })
+}
+
+function redisUrl(id: string, url: unknown): string {
+  let parsed: URL | undefined
+  try {
+    parsed = typeof url === 'string' ? new URL(url) : undefined
+  } catch {
+    parsed = undefined
+  }
+  if (!parsed || (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') || !parsed.hostname) {
+    // Never echo the URL: it may hold a password.
+    throw new ConfigError(
+      `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? 'another URL' : describe(url)}`,
+    )
+  }
+  return url as string
+}
+
+function redisNode(rawId: unknown, url: unknown, where: string): NodeConfig {
+  const id = checkId(rawId, where)
+  return Object.freeze({ kind: 'redis', id, url: redisUrl(id, url) })
+}
+
+function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfig {
+  const id = checkId(rawId, where)
+  if (!Array.isArray(cluster) || cluster.length === 0) {
+    throw new ConfigError(
+      `Expected the cluster of node '${id}' to be a non-empty array of redis:// URLs, got ${describe(cluster)}`,
+    )
+  }
+  return Object.freeze({
+    kind: 'redis-cluster',
+    id,
+    cluster: Object.freeze(cluster.map((url) => redisUrl(id, url))),
+  })
 }
 
 const LOCKING_MODES = new Set(['none', 'all', 'auto', 'merge'])
@@ -332,7 +393,7 @@ function parseLockingMode(value: unknown): LockingMode {
   )
 }
 
-function parseFailoverNodes(value: unknown, nodes: readonly NodeSpec[] | undefined): ReadonlySet<string> {
+function parseFailoverNodes(value: unknown, nodes: readonly NodeConfig[] | undefined): ReadonlySet<string> {
   if (value === undefined) return new Set()
   const ids = typeof value === 'string' ? value.split(/[\s,]+/).filter(Boolean) : value
   if (!Array.isArray(ids) || !ids.every((id) => typeof id === 'string')) {

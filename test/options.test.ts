@@ -35,20 +35,42 @@ describe('options', () => {
       backupCheckIntervalMs: 60_000,
     })
     expect(config.nodes).toEqual([
-      { id: 'n1', host: '127.0.0.1', port: 11211 },
-      { id: 'n2', host: '127.0.0.1', port: 11212 },
+      { kind: 'memcached', id: 'n1', host: '127.0.0.1', port: 11211 },
+      { kind: 'memcached', id: 'n2', host: '127.0.0.1', port: 11212 },
     ])
     expect(Object.isFrozen(config)).toBe(true)
   })
 
   it('reads nodes as a string (spaces or commas, IPv6 in brackets, default port) or an array', () => {
     expect(parseOptions({ secret: 's', nodes: 'a:h1:1,b:[::1]:2 c:h3' }).nodes).toEqual([
-      { id: 'a', host: 'h1', port: 1 },
-      { id: 'b', host: '::1', port: 2 },
-      { id: 'c', host: 'h3', port: 11211 },
+      { kind: 'memcached', id: 'a', host: 'h1', port: 1 },
+      { kind: 'memcached', id: 'b', host: '::1', port: 2 },
+      { kind: 'memcached', id: 'c', host: 'h3', port: 11211 },
     ])
     expect(parseOptions({ secret: 's', nodes: [{ id: 'x', host: 'h', port: 5 }] }).nodes).toEqual([
-      { id: 'x', host: 'h', port: 5 },
+      { kind: 'memcached', id: 'x', host: 'h', port: 5 },
+    ])
+  })
+
+  it('reads Redis nodes (redis://, rediss://, credentials, a cluster) beside memcached ones', () => {
+    const nodes = 'm1:10.0.0.1:11211 r1:redis://10.0.0.2:6379 r2:rediss://user:pw@10.0.0.3:6380/2'
+    expect(parseOptions({ secret: 's', nodes }).nodes).toEqual([
+      { kind: 'memcached', id: 'm1', host: '10.0.0.1', port: 11211 },
+      { kind: 'redis', id: 'r1', url: 'redis://10.0.0.2:6379' },
+      { kind: 'redis', id: 'r2', url: 'rediss://user:pw@10.0.0.3:6380/2' },
+    ])
+    const cluster = ['redis://10.0.0.4:7000', 'redis://10.0.0.5:7000']
+    expect(
+      parseOptions({
+        secret: 's',
+        nodes: [
+          { id: 'c1', cluster },
+          { id: 'r', url: 'redis://h:1' },
+        ],
+      }).nodes,
+    ).toEqual([
+      { kind: 'redis-cluster', id: 'c1', cluster },
+      { kind: 'redis', id: 'r', url: 'redis://h:1' },
     ])
   })
 
@@ -64,7 +86,15 @@ describe('options', () => {
     ],
     [{ secret: 's', nodes: 'n-1:h:1' }, "got `'n-1'` (string)"],
     [{ secret: 's', nodes: 'n1:h:1 n1:h:2' }, "Expected node ids to be unique, got 'n1' twice"],
-    [{ secret: 's', nodes: 'n1' }, "to look like 'id:host:port', got 'n1'"],
+    [{ secret: 's', nodes: 'n1' }, "to look like 'id:host:port' or 'id:redis://host:port', got 'n1'"],
+    [
+      { secret: 's', nodes: [{ id: 'r', url: 'http://secret@h:1' }] },
+      "Expected the url of node 'r' to be redis://host:port",
+    ],
+    [
+      { secret: 's', nodes: [{ id: 'c', cluster: [] }] },
+      "Expected the cluster of node 'c' to be a non-empty array",
+    ],
     [{ secret: 's', nodes: '' }, 'at least one node'],
     [{ secret: 's', nodes: 42 }, 'got `42` (number)'],
     [
@@ -177,7 +207,10 @@ describe('options', () => {
     expect([...OPTION_NAMES].filter((name) => !documented.has(name))).toEqual([])
   })
 
-  it('never echoes a secret in an error', () => {
+  it('never echoes a secret or a node password in an error', () => {
     expect(message({ secret: ['good-secret', ''], nodes })).not.toContain('good-secret')
+    expect(message({ secret: 's', nodes: [{ id: 'r', url: 'http://user:hunter2@h:1' }] })).not.toContain(
+      'hunter2',
+    )
   })
 })

@@ -3,21 +3,25 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { memcachedBinary } from './memcached.js'
+import { redisBinary } from './redis.js'
 
 /**
- * Makes sure memcached is installed (installing Debian's package when running as root), and keeps a pid file
- * that the teardown uses to kill any server a test worker left running, whatever happened to the worker.
+ * Makes sure memcached and redis-server are installed (installing Debian's packages when running as root), and
+ * keeps a pid file that the teardown uses to kill any server a test worker left running, whatever happened to
+ * the worker.
  */
 export default function setup(): () => void {
-  if (!memcachedBinary()) {
+  const missing = [memcachedBinary() ? '' : 'memcached', redisBinary() ? '' : 'redis-server'].filter(Boolean)
+  if (missing.length > 0) {
+    const packages = missing.join(' ')
     if (process.getuid?.() !== 0) {
       throw new Error(
-        'memcached is not installed: run `sudo apt-get install -y memcached`, then the tests again',
+        `${packages} not installed: run \`sudo apt-get install -y ${packages}\`, then the tests again`,
       )
     }
     execFileSync(
       'sh',
-      ['-c', 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached'],
+      ['-c', `apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${packages}`],
       {
         stdio: 'inherit',
       },

@@ -2,25 +2,24 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
-import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
+import { RedisNode } from '../src/nodes/redis.js'
+import { startMemcached, stopAllMemcached } from './support/memcached.js'
+import { startRedis, stopAllRedis } from './support/redis.js'
 
+/** Every backend keeps the same small contract: the core cannot tell them apart. */
 describe.each([
   ['memcached', 'memcached'],
+  ['Redis', 'redis'],
   ['the in-process development node', 'memory'],
-] as const)('compare-and-set on %s', (_name, kind) => {
-  let server: MemcachedServer
+] as const)('the node contract on %s', (_name, kind) => {
   let node: SessionNode
 
   beforeAll(async () => {
+    const common = { id: 'n1', operationTimeoutMs: 1000, probeKey: 'p' }
     if (kind === 'memcached') {
-      server = await startMemcached()
-      node = new MemcachedNode({
-        id: 'n1',
-        host: '127.0.0.1',
-        port: server.port,
-        operationTimeoutMs: 1000,
-        probeKey: 'p',
-      })
+      node = new MemcachedNode({ ...common, host: '127.0.0.1', port: (await startMemcached()).port })
+    } else if (kind === 'redis') {
+      node = new RedisNode({ ...common, url: `redis://127.0.0.1:${(await startRedis()).port}` })
     } else {
       node = new MemoryNode('local')
     }
@@ -28,6 +27,19 @@ describe.each([
   afterAll(async () => {
     await node.close()
     await stopAllMemcached()
+    await stopAllRedis()
+  })
+
+  it('stores, adds only when absent, touches and deletes', async () => {
+    await node.set('s', Buffer.from('v'), 60)
+    expect((await node.get('s'))?.toString()).toBe('v')
+    expect(await node.add('s', Buffer.from('w'), 60)).toBe(false)
+    expect(await node.add('t', Buffer.from('w'), 60)).toBe(true)
+    expect(await node.touch('s', 120)).toBe(true)
+    expect(await node.touch('absent', 120)).toBe(false)
+    expect(await node.delete('s')).toBe(true)
+    expect(await node.delete('s')).toBe(false)
+    expect(await node.get('s')).toBeNull()
   })
 
   it('writes only over the value it read', async () => {

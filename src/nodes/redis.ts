@@ -1,0 +1,182 @@
+import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis'
+import { NodeOperationError, NodeRejectedError } from '../errors.js'
+import type { CasOutcome, CasToken, SessionNode } from './node.js'
+import { withTimeout } from './timeout.js'
+
+export interface RedisNodeConfig {
+  readonly id: string
+  /** `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. */
+  readonly url?: string
+  /** The seed URLs of a Redis Cluster, which counts as one node. */
+  readonly cluster?: readonly string[]
+  readonly operationTimeoutMs: number
+  readonly probeKey: string
+}
+
+/** Compare-and-set on a value: 0 missing, 1 changed since it was read, 2 stored. */
+const COMPARE_AND_SET = `
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if current ~= ARGV[1] then return 1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 2`
+
+/** Compare-and-delete: 0 missing, 1 changed since it was read, 2 deleted. */
+const COMPARE_AND_DELETE = `
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if current ~= ARGV[1] then return 1 end
+redis.call('DEL', KEYS[1])
+return 2`
+
+const OUTCOMES: readonly CasOutcome[] = ['missing', 'conflict', 'stored']
+
+/** Replies that mean the server cannot serve now (the node is down for us), not that it refused the command. */
+const UNAVAILABLE_REPLY = /^(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN|READONLY|BUSY|MOVED|ASK)\b/
+
+type ScriptedClient = (Redis | Cluster) & {
+  compareAndSet(key: string, expected: Buffer, value: Buffer, ttlMs: number): Promise<number>
+  compareAndDelete(key: string, expected: Buffer): Promise<number>
+}
+
+/**
+ * One ioredis client (or Cluster) as one node. Redis's own primitives stand in for memcached's: SET PX for
+ * expiry, SET NX PX for add, PEXPIRE for touch, and Lua scripts for compare-and-set and compare-and-delete,
+ * where the compare-and-set token is the value read.
+ *
+ * ioredis would queue commands while disconnected and retry them without end, so a request could wait on a
+ * dead server and a stale write could run long after it was given up on. The offline queue is off (a command on
+ * a down server fails at once) and no command is retried; ioredis keeps reconnecting in the background, and
+ * the ring's probe notices when the server is back.
+ */
+export class RedisNode implements SessionNode {
+  readonly id: string
+  readonly address: string
+  readonly #client: ScriptedClient
+  readonly #timeoutMs: number
+  readonly #probeKey: string
+  /** Resolves once the first connection is ready: commands before it wait for it (within the timeout). */
+  readonly #firstReady: Promise<void>
+  #ready = false
+  #closed = false
+
+  constructor(config: RedisNodeConfig) {
+    this.id = config.id
+    this.#timeoutMs = config.operationTimeoutMs
+    this.#probeKey = config.probeKey
+    const options: RedisOptions = {
+      enableOfflineQueue: false,
+      maxRetriesPerRequest: 0,
+      connectTimeout: config.operationTimeoutMs,
+      commandTimeout: config.operationTimeoutMs,
+      retryStrategy: (attempt: number) => Math.min(50 * attempt, 1000),
+    }
+    if (config.cluster) {
+      this.address = `redis cluster ${config.cluster.map(withoutCredentials).join(',')}`
+      this.#client = new Cluster([...config.cluster], {
+        enableOfflineQueue: false,
+        clusterRetryStrategy: (attempt: number) => Math.min(50 * attempt, 1000),
+        slotsRefreshTimeout: config.operationTimeoutMs,
+        redisOptions: options,
+      }) as ScriptedClient
+    } else {
+      const url = config.url ?? ''
+      this.address = `redis ${withoutCredentials(url)}`
+      this.#client = new Redis(url, options) as ScriptedClient
+    }
+    this.#client.defineCommand('compareAndSet', { numberOfKeys: 1, lua: COMPARE_AND_SET })
+    this.#client.defineCommand('compareAndDelete', { numberOfKeys: 1, lua: COMPARE_AND_DELETE })
+    // ioredis reports connection trouble as 'error' events; the ring learns of it from failed commands.
+    this.#client.on('error', () => {})
+    this.#firstReady = new Promise((resolve) => this.#client.once('ready', resolve))
+    void this.#firstReady.then(() => {
+      this.#ready = true
+    })
+  }
+
+  get(key: string): Promise<Buffer | null> {
+    return this.#run('get', () => this.#client.getBuffer(key))
+  }
+
+  async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
+    await this.#run('set', () => this.#client.set(key, value, 'PX', toMs(ttlSeconds)))
+  }
+
+  async add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
+    return (await this.#run('add', () => this.#client.set(key, value, 'PX', toMs(ttlSeconds), 'NX'))) === 'OK'
+  }
+
+  async delete(key: string): Promise<boolean> {
+    return (await this.#run('delete', () => this.#client.del(key))) > 0
+  }
+
+  async touch(key: string, ttlSeconds: number): Promise<boolean> {
+    return (await this.#run('touch', () => this.#client.pexpire(key, toMs(ttlSeconds)))) === 1
+  }
+
+  async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
+    const value = await this.get(key)
+    return value ? { value, cas: value as unknown as CasToken } : null
+  }
+
+  async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
+    const code = await this.#run('cas', () =>
+      this.#client.compareAndSet(key, cas as unknown as Buffer, value, toMs(ttlSeconds)),
+    )
+    return OUTCOMES[code] ?? 'conflict'
+  }
+
+  async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    const code = await this.#run('cas delete', () =>
+      this.#client.compareAndDelete(key, cas as unknown as Buffer),
+    )
+    return OUTCOMES[code] ?? 'conflict'
+  }
+
+  async ping(): Promise<void> {
+    await this.get(this.#probeKey)
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true
+    this.#client.disconnect()
+  }
+
+  #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
+    if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
+    // A command waiting for the first connection is dropped once its request gave up on it: it must not run
+    // (a stale write) whenever the server finally comes up.
+    let abandoned = false
+    const begin = this.#ready
+      ? start()
+      : this.#firstReady.then(() => {
+          if (abandoned) throw new Error('abandoned before the connection was ready')
+          return start()
+        })
+    const pending = begin.catch((cause: unknown) => {
+      const message = `${this.address} failed ${operation}: ${cause instanceof Error ? cause.message : String(cause)}`
+      if (cause instanceof ReplyError && !UNAVAILABLE_REPLY.test((cause as Error).message)) {
+        throw new NodeRejectedError(message, { cause })
+      }
+      throw new NodeOperationError(message, { cause })
+    })
+    return withTimeout(
+      pending,
+      this.#timeoutMs,
+      () => `${this.address} (${operation})`,
+      () => {
+        abandoned = true
+      },
+    )
+  }
+}
+
+/** Redis takes milliseconds; a session's TTL is whole seconds. */
+function toMs(ttlSeconds: number): number {
+  return Math.max(1, Math.ceil(ttlSeconds)) * 1000
+}
+
+/** Never put a password in a log line or in health output. */
+function withoutCredentials(url: string): string {
+  return url.replace(/\/\/[^@/]*@/, '//')
+}

@@ -1,0 +1,137 @@
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
+import { appendFileSync, readFileSync } from 'node:fs'
+import { connect } from 'node:net'
+import { Redis } from 'ioredis'
+import { freePort } from './memcached.js'
+
+/** A real redis-server on a free loopback port, killed, frozen and restarted empty like the memcached ones. */
+export interface RedisServer {
+  readonly kind: 'redis'
+  readonly port: number
+  readonly pid: number
+  kill(): Promise<void>
+  freeze(): Promise<void>
+  thaw(): void
+  restart(): Promise<void>
+  has(key: string): Promise<boolean>
+  get(key: string): Promise<Buffer | null>
+  put(key: string, value: Buffer): Promise<void>
+  /** Write commands served so far (SET, DEL, PEXPIRE, scripts). */
+  writes(): Promise<number>
+}
+
+const running = new Set<ChildProcess>()
+
+export function redisBinary(): string {
+  try {
+    return execFileSync('sh', ['-c', 'command -v redis-server'], { encoding: 'utf8' }).trim()
+  } catch {
+    return ''
+  }
+}
+
+function spawnRedis(port: number, extra: readonly string[] = []): ChildProcess {
+  const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extra]
+  const child = spawn('redis-server', args, { stdio: 'ignore' })
+  running.add(child)
+  child.once('exit', () => running.delete(child))
+  const pidFile = process.env.SF_TEST_PID_FILE
+  if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
+  return child
+}
+
+async function waitUntilListening(port: number, child: ChildProcess): Promise<void> {
+  const deadline = Date.now() + 5000
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`redis-server on port ${port} exited with ${child.exitCode}`)
+    const ok = await new Promise<boolean>((resolve) => {
+      const socket = connect(port, '127.0.0.1')
+      socket.once('connect', () => {
+        socket.destroy()
+        resolve(true)
+      })
+      socket.once('error', () => resolve(false))
+    })
+    if (ok) return
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  throw new Error(`redis-server on port ${port} did not start within 5 s`)
+}
+
+const exited = (child: ChildProcess) =>
+  child.exitCode !== null || child.signalCode !== null
+    ? Promise.resolve()
+    : new Promise<void>((resolve) => child.once('exit', () => resolve()))
+
+async function stateOf(child: ChildProcess, state: string): Promise<void> {
+  const deadline = Date.now() + 5000
+  while (Date.now() < deadline) {
+    const stat = readFileSync(`/proc/${child.pid}/stat`, 'utf8')
+    if (stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === state) return
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+  throw new Error(`redis-server pid ${child.pid} did not reach state ${state}`)
+}
+
+/** One command through a short-lived real client. */
+async function command<T>(port: number, run: (client: Redis) => Promise<T>): Promise<T> {
+  const client = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0 })
+  client.on('error', () => {})
+  try {
+    await client.connect()
+    return await run(client)
+  } finally {
+    client.disconnect()
+  }
+}
+
+export async function startRedis(extra: readonly string[] = []): Promise<RedisServer> {
+  const port = await freePort()
+  let child = spawnRedis(port, extra)
+  await waitUntilListening(port, child)
+  return {
+    kind: 'redis',
+    port,
+    get pid() {
+      return child.pid ?? -1
+    },
+    async kill() {
+      child.kill('SIGKILL')
+      await exited(child)
+    },
+    async freeze() {
+      child.kill('SIGSTOP')
+      await stateOf(child, 'T')
+    },
+    thaw() {
+      child.kill('SIGCONT')
+    },
+    async restart() {
+      child.kill('SIGKILL')
+      await exited(child)
+      child = spawnRedis(port, extra)
+      await waitUntilListening(port, child)
+    },
+    has: (key) => command(port, async (client) => (await client.exists(key)) === 1),
+    get: (key) => command(port, (client) => client.getBuffer(key)),
+    put: (key, value) => command(port, async (client) => void (await client.set(key, value))),
+    writes: () =>
+      command(port, async (client) => {
+        const info = await client.info('commandstats')
+        let total = 0
+        for (const match of info.matchAll(/cmdstat_(set|del|pexpire|evalsha|eval):calls=(\d+)/g)) {
+          total += Number(match[2])
+        }
+        return total
+      }),
+  }
+}
+
+export async function stopAllRedis(): Promise<void> {
+  const children = [...running]
+  for (const child of children) {
+    child.kill('SIGCONT')
+    child.kill('SIGKILL')
+  }
+  await Promise.all(children.map(exited))
+}
