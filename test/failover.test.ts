@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
-import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { type CacheServer, nodesFor, startBackend, stopAllServers } from './support/backends.js'
 
 const SECRET = 'test-secret'
 const OPERATION_TIMEOUT = 250
@@ -11,17 +11,25 @@ const PROBE_INTERVAL = 100
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
-describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => {
-  let servers: MemcachedServer[]
+const [express4, express5] = expressVersions
+const matrix = [
+  { name: 'memcached, Express 4', backend: 'memcached', express: express4.express },
+  { name: 'memcached, Express 5', backend: 'memcached', express: express5.express },
+  { name: 'Redis, Express 5', backend: 'redis', express: express5.express },
+  { name: 'a ring of memcached and Redis, Express 5', backend: 'mixed', express: express5.express },
+] as const
+
+describe.each(matrix)('non-sticky failover on $name', ({ express, backend }) => {
+  let servers: CacheServer[]
   let appA: ShopApp
   let appB: ShopApp
   let browser: Browser
 
   beforeEach(async () => {
-    servers = await startCluster(3)
+    servers = await startBackend(backend, 3)
     const options = {
       secret: SECRET,
-      nodes: nodesOption(servers),
+      nodes: nodesFor(servers),
       operationTimeout: OPERATION_TIMEOUT,
       nodeProbeInterval: PROBE_INTERVAL,
     }
@@ -32,14 +40,14 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
 
   afterEach(async () => {
     await Promise.all([appA.close(), appB.close()])
-    await stopAllMemcached()
+    await stopAllServers()
   })
 
   const nodeIndex = (id: string | undefined): number => Number(parseSessionId(id)?.nodeId.slice(1)) - 1
-  const serverOf = (id: string | undefined): MemcachedServer => servers[nodeIndex(id)] as MemcachedServer
+  const serverOf = (id: string | undefined): CacheServer => servers[nodeIndex(id)] as CacheServer
   /** The node after the primary in configured order: where the backup copy lives. */
-  const backupServerOf = (id: string | undefined): MemcachedServer =>
-    servers[(nodeIndex(id) + 1) % servers.length] as MemcachedServer
+  const backupServerOf = (id: string | undefined): CacheServer =>
+    servers[(nodeIndex(id) + 1) % servers.length] as CacheServer
   const keysOf = (id: string | undefined) => storageKeys('sf:', parseSessionId(id)?.random ?? '')
 
   async function fillCart(): Promise<string> {
@@ -113,7 +121,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     expect(reply.status).toBe(200)
     expect(reply.body.cart).toEqual(['apple', 'pear', 'fig'])
     expect(browser.sessionId).toBe(id)
-    const third = servers.find((s) => s !== serverOf(id) && s !== backupServerOf(id)) as MemcachedServer
+    const third = servers.find((s) => s !== serverOf(id) && s !== backupServerOf(id)) as CacheServer
     expect(await third.has(keysOf(id).backup)).toBe(true)
 
     // And the copy on that third node is what saves the session when the primary dies next.
@@ -125,7 +133,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
   it('survives a rolling restart (backup node, then primary) of a session that is only read', async () => {
     const options = {
       secret: SECRET,
-      nodes: nodesOption(servers),
+      nodes: nodesFor(servers),
       backupCheckInterval: 100,
       nodeProbeInterval: 50,
     }
@@ -173,7 +181,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
       expect(reply.status).toBe(200)
       expect(reply.elapsedMs).toBeLessThan(OPERATION_TIMEOUT * 6)
       expect(browser.sessionId).toBe(id)
-      const third = servers.find((s) => s !== serverOf(id) && s !== backup) as MemcachedServer
+      const third = servers.find((s) => s !== serverOf(id) && s !== backup) as CacheServer
       expect(await third.has(keysOf(id).backup)).toBe(true)
     } finally {
       backup.thaw()
@@ -239,14 +247,7 @@ describe.each(expressVersions)('non-sticky failover on $name', ({ express }) => 
     // lockingMode 'auto' locks a route until it has seen it only read: one request on each instance teaches it.
     await browser.send(appA, 'GET', '/cart')
     await browser.send(appB, 'GET', '/cart')
-    const writes = async () => {
-      const all = await Promise.all(servers.map((server) => server.stats()))
-      return all.map((s) => ({
-        set: s.cmd_set,
-        touch: s.cmd_touch,
-        delete: (s.delete_hits ?? 0) + (s.delete_misses ?? 0),
-      }))
-    }
+    const writes = () => Promise.all(servers.map((server) => server.writes()))
     const before = await writes()
     for (let i = 0; i < 10; i++) {
       const reply = await browser.send(i % 2 ? appA : appB, 'GET', '/cart')

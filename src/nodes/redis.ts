@@ -55,10 +55,9 @@ export class RedisNode implements SessionNode {
   readonly #client: ScriptedClient
   readonly #timeoutMs: number
   readonly #probeKey: string
-  /** Resolves once the first connection is ready: commands before it wait for it (within the timeout). */
-  readonly #firstReady: Promise<void>
-  #ready = false
   #closed = false
+  /** One wait for the next 'ready' shared by every command of an outage (no listener per command). */
+  #readyWait: Promise<void> | undefined
 
   constructor(config: RedisNodeConfig) {
     this.id = config.id
@@ -69,13 +68,13 @@ export class RedisNode implements SessionNode {
       maxRetriesPerRequest: 0,
       connectTimeout: config.operationTimeoutMs,
       commandTimeout: config.operationTimeoutMs,
-      retryStrategy: (attempt: number) => Math.min(50 * attempt, 1000),
+      retryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
     }
     if (config.cluster) {
       this.address = `redis cluster ${config.cluster.map(withoutCredentials).join(',')}`
       this.#client = new Cluster([...config.cluster], {
         enableOfflineQueue: false,
-        clusterRetryStrategy: (attempt: number) => Math.min(50 * attempt, 1000),
+        clusterRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
         slotsRefreshTimeout: config.operationTimeoutMs,
         redisOptions: options,
       }) as ScriptedClient
@@ -88,10 +87,6 @@ export class RedisNode implements SessionNode {
     this.#client.defineCommand('compareAndDelete', { numberOfKeys: 1, lua: COMPARE_AND_DELETE })
     // ioredis reports connection trouble as 'error' events; the ring learns of it from failed commands.
     this.#client.on('error', () => {})
-    this.#firstReady = new Promise((resolve) => this.#client.once('ready', resolve))
-    void this.#firstReady.then(() => {
-      this.#ready = true
-    })
   }
 
   get(key: string): Promise<Buffer | null> {
@@ -142,17 +137,29 @@ export class RedisNode implements SessionNode {
     this.#client.disconnect()
   }
 
+  #connected(): Promise<void> {
+    this.#readyWait ??= new Promise((resolve) => {
+      this.#client.once('ready', () => {
+        this.#readyWait = undefined
+        resolve()
+      })
+    })
+    return this.#readyWait
+  }
+
   #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
-    // A command waiting for the first connection is dropped once its request gave up on it: it must not run
-    // (a stale write) whenever the server finally comes up.
+    // While (re)connecting, a command waits for the connection, within the timeout: a server that just restarted
+    // is back in milliseconds. A command whose request gave up is dropped; it must not run (a stale write)
+    // whenever the server comes back.
     let abandoned = false
-    const begin = this.#ready
-      ? start()
-      : this.#firstReady.then(() => {
-          if (abandoned) throw new Error('abandoned before the connection was ready')
-          return start()
-        })
+    const begin =
+      this.#client.status === 'ready'
+        ? start()
+        : this.#connected().then(() => {
+            if (abandoned) throw new Error('abandoned before the connection was ready')
+            return start()
+          })
     const pending = begin.catch((cause: unknown) => {
       const message = `${this.address} failed ${operation}: ${cause instanceof Error ? cause.message : String(cause)}`
       if (cause instanceof ReplyError && !UNAVAILABLE_REPLY.test((cause as Error).message)) {

@@ -8,6 +8,7 @@ import { connect, createServer } from 'node:net'
  * worker left behind.
  */
 export interface MemcachedServer {
+  readonly kind: 'memcached'
   readonly port: number
   readonly pid: number
   /** SIGKILL, as a crash. Resolves when the process is gone. */
@@ -27,6 +28,8 @@ export interface MemcachedServer {
   ttl(key: string): Promise<number | null>
   /** Stores raw bytes under `key`, bypassing the library. */
   put(key: string, value: Buffer): Promise<void>
+  /** Write commands served so far (set, add, cas, touch, delete). */
+  writes(): Promise<number>
 }
 
 const running = new Set<ChildProcess>()
@@ -127,6 +130,7 @@ export async function startMemcached(): Promise<MemcachedServer> {
   let child = spawnMemcached(port)
   await waitUntilListening(port, child)
   const server: MemcachedServer = {
+    kind: 'memcached',
     port,
     get pid() {
       return child.pid ?? -1
@@ -172,6 +176,12 @@ export async function startMemcached(): Promise<MemcachedServer> {
       const reply = await ask(port, `mg ${key} t\r\n`, /\r\n$/)
       const match = /^HD t(-?\d+)/.exec(reply)
       return match ? Number(match[1]) : null
+    },
+    async writes() {
+      const stats = await server.stats()
+      return (
+        (stats.cmd_set ?? 0) + (stats.cmd_touch ?? 0) + (stats.delete_hits ?? 0) + (stats.delete_misses ?? 0)
+      )
     },
     async put(key: string, value: Buffer) {
       const header = Buffer.from(`set ${key} 0 0 ${value.length}\r\n`)
