@@ -1,6 +1,9 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
-import { appendFileSync, readFileSync } from 'node:fs'
+import { randomUUID } from 'node:crypto'
+import { appendFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { connect } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { freePort } from './memcached.js'
 
@@ -21,6 +24,7 @@ export interface RedisServer {
 }
 
 const running = new Set<ChildProcess>()
+const clusterDirs = new Set<string>()
 
 export function redisBinary(): string {
   try {
@@ -30,9 +34,9 @@ export function redisBinary(): string {
   }
 }
 
-function spawnRedis(port: number, extra: readonly string[] = []): ChildProcess {
+function spawnRedis(port: number, extra: readonly string[] = [], cwd?: string): ChildProcess {
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extra]
-  const child = spawn('redis-server', args, { stdio: 'ignore' })
+  const child = spawn('redis-server', args, { stdio: 'ignore', cwd })
   running.add(child)
   child.once('exit', () => running.delete(child))
   const pidFile = process.env.SF_TEST_PID_FILE
@@ -85,9 +89,9 @@ async function command<T>(port: number, run: (client: Redis) => Promise<T>): Pro
   }
 }
 
-export async function startRedis(extra: readonly string[] = []): Promise<RedisServer> {
+export async function startRedis(extra: readonly string[] = [], cwd?: string): Promise<RedisServer> {
   const port = await freePort()
-  let child = spawnRedis(port, extra)
+  let child = spawnRedis(port, extra, cwd)
   await waitUntilListening(port, child)
   return {
     kind: 'redis',
@@ -109,7 +113,7 @@ export async function startRedis(extra: readonly string[] = []): Promise<RedisSe
     async restart() {
       child.kill('SIGKILL')
       await exited(child)
-      child = spawnRedis(port, extra)
+      child = spawnRedis(port, extra, cwd)
       await waitUntilListening(port, child)
     },
     has: (key) => command(port, async (client) => (await client.exists(key)) === 1),
@@ -134,4 +138,43 @@ export async function stopAllRedis(): Promise<void> {
     child.kill('SIGKILL')
   }
   await Promise.all(children.map(exited))
+  for (const dir of clusterDirs) rmSync(dir, { recursive: true, force: true })
+  clusterDirs.clear()
+}
+
+/**
+ * A Redis Cluster of `masters` masters (no replicas) on free ports, created with redis-cli, ready when every
+ * master reports cluster_state:ok. Its files live in a temporary directory.
+ */
+export async function startRedisCluster(
+  masters: number,
+): Promise<{ servers: RedisServer[]; urls: string[] }> {
+  const dir = mkdtempSync(join(tmpdir(), 'sf-redis-cluster-'))
+  clusterDirs.add(dir)
+  const extra = ['--cluster-enabled', 'yes', '--cluster-node-timeout', '1000']
+  const servers = await Promise.all(
+    Array.from({ length: masters }, () =>
+      startRedis([...extra, '--cluster-config-file', `nodes-${randomUUID()}.conf`], dir),
+    ),
+  )
+  execFileSync(
+    'redis-cli',
+    [
+      '--cluster',
+      'create',
+      ...servers.map((s) => `127.0.0.1:${s.port}`),
+      '--cluster-replicas',
+      '0',
+      '--cluster-yes',
+    ],
+    { stdio: 'ignore', timeout: 30_000 },
+  )
+  const deadline = Date.now() + 15_000
+  for (const server of servers) {
+    while (!(await command(server.port, (client) => client.cluster('INFO'))).includes('cluster_state:ok')) {
+      if (Date.now() > deadline) throw new Error('the Redis Cluster did not become ready within 15 s')
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+  }
+  return { servers, urls: servers.map((s) => `redis://127.0.0.1:${s.port}`) }
 }

@@ -1,0 +1,48 @@
+import express from 'express'
+import { afterEach, describe, expect, it } from 'vitest'
+import { parseSessionId } from '../src/index.js'
+import { Browser, startShop } from './support/app.js'
+import { stopAllServers } from './support/backends.js'
+import { startMemcached } from './support/memcached.js'
+import { startRedisCluster } from './support/redis.js'
+
+describe('a Redis Cluster as one node', () => {
+  afterEach(() => stopAllServers())
+
+  it('holds sessions like any node, and when a master dies its sessions fail over to the other node', async () => {
+    const cluster = await startRedisCluster(3)
+    const memcached = await startMemcached()
+    const shop = await startShop(express, {
+      secret: 'cluster',
+      nodes: [
+        { id: 'c1', cluster: cluster.urls },
+        { id: 'm1', host: '127.0.0.1', port: memcached.port },
+      ],
+      operationTimeout: 500,
+      nodeProbeInterval: 200,
+    })
+    try {
+      const browsers = Array.from({ length: 12 }, () => new Browser())
+      for (const [index, browser] of browsers.entries()) {
+        await browser.send(shop, 'POST', `/cart/item${index}`)
+        await browser.send(shop, 'POST', '/cart/more')
+      }
+      const onCluster = browsers.filter((b) => parseSessionId(b.sessionId)?.nodeId === 'c1')
+      expect(onCluster.length).toBe(6) // new sessions alternate between the two nodes
+      for (const browser of browsers)
+        expect((await browser.send(shop, 'GET', '/cart')).body.cart).toHaveLength(2)
+
+      // One master goes: the cluster stops answering for its slots (and, with full coverage required, for all).
+      await cluster.servers[0]?.kill()
+      for (const [index, browser] of browsers.entries()) {
+        const reply = await browser.send(shop, 'POST', '/cart/after')
+        expect(reply.status).toBe(200)
+        expect(reply.body.cart).toEqual([`item${index}`, 'more', 'after'])
+        expect(parseSessionId(browser.sessionId)?.nodeId).toBe('m1')
+      }
+      expect(shop.sessions.health().find((node) => node.id === 'c1')?.alive).toBe(false)
+    } finally {
+      await shop.close()
+    }
+  }, 60_000)
+})
