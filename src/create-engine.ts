@@ -69,6 +69,7 @@ export function createEngine(config: Config): Engine {
       prefix: config.prefix,
       lockExpirationSeconds: config.locking.lockExpirationSeconds,
       lockTimeoutMs: config.locking.lockTimeoutMs,
+      operationTimeoutMs: config.operationTimeoutMs,
       // Locks are held for one request: a second is a sensible pause before trying again.
       retryAfterSeconds: 1,
     }),

@@ -254,11 +254,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
       : Object.freeze({
           mode: parseLockingMode(o.lockingMode),
           lockTimeoutMs: optionalNumber(o, 'lockTimeout', 3000, { min: 1, unit: 'milliseconds' }),
-          lockExpirationSeconds: optionalNumber(o, 'lockExpiration', 10, {
-            min: 1,
-            integer: true,
-            unit: 'seconds',
-          }),
+          lockExpirationSeconds: lockExpiration(o),
           lockTimeoutAction,
         }),
     logger: parseLogger(o.logger),
@@ -374,6 +370,21 @@ function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfi
     kind: 'redis-cluster',
     id,
     cluster: Object.freeze(cluster.map((url) => redisUrl(id, url))),
+  })
+}
+
+/**
+ * A lock may lapse up to a second early (memcached counts whole seconds) and a write must end before it does,
+ * so a lock must outlive one second plus an operation timeout.
+ */
+function lockExpiration(o: Record<string, unknown>): number {
+  const operationTimeoutMs = typeof o.operationTimeout === 'number' ? o.operationTimeout : 1000
+  const min = Math.floor((operationTimeoutMs + 100) / 1000) + 2
+  return optionalNumber(o, 'lockExpiration', Math.max(10, min), {
+    min,
+    max: 86_400,
+    integer: true,
+    unit: `seconds; at least 2 s more than operationTimeout`,
   })
 }
 

@@ -1,6 +1,6 @@
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { SessionFailoverOptions } from '../src/index.js'
+import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
 import {
   type Backend,
@@ -126,6 +126,7 @@ describe.each(backends)('parallel requests of one session (%s)', (backend: Backe
       nodes: nodesFor(servers),
       lockingMode: 'all' as const,
       lockExpiration: 2,
+      operationTimeout: 250,
     }
     const holder = await startAppProcess(options)
     const other = await startShop(express, { ...options, lockTimeout: 5000 })
@@ -159,5 +160,109 @@ describe.each(backends)('parallel requests of one session (%s)', (backend: Backe
     const beforeAll = await lockWrites()
     for (let i = 0; i < 5; i++) await other.send(all, 'GET', '/cart')
     expect(await lockWrites()).toBeGreaterThanOrEqual(beforeAll + 10)
+  })
+})
+
+/** What the locks and merges must also get right when things go wrong around them. */
+describe.each(backends)('locks and merges under failure (%s)', (backend: Backend) => {
+  let servers: CacheServer[]
+  const shops: ShopApp[] = []
+
+  afterEach(async () => {
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await stopAllServers()
+  })
+
+  async function pair(
+    options: Partial<SessionFailoverOptions>,
+    other: Partial<SessionFailoverOptions> = options,
+  ) {
+    servers = await startBackend(backend, 3)
+    const base = {
+      secret: 'failure',
+      nodes: nodesFor(servers),
+      operationTimeout: 250,
+      nodeProbeInterval: 100,
+    }
+    const a = await startShop(express, { ...base, ...options })
+    const b = await startShop(express, { ...base, ...other })
+    shops.push(a, b)
+    return [a, b] as const
+  }
+
+  it('keeps the whole session when a merge follows a failover', async () => {
+    const [a] = await pair({ lockingMode: 'merge' })
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/precious')
+    const primary = servers[Number(parseSessionId(browser.sessionId)?.nodeId.slice(1)) - 1]
+    await primary?.kill()
+    expect((await browser.send(a, 'POST', '/key/after')).status).toBe(200)
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['precious'])
+    expect((await browser.send(a, 'GET', '/keys')).body.keys).toEqual(['k_after'])
+  })
+
+  it("does not delete another request's keys when it saves twice under 'merge'", async () => {
+    const [a, b] = await pair({ lockingMode: 'merge' })
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/start')
+    a.beforeModify = () => browser.send(b, 'POST', '/key/theirs').then(() => undefined)
+    expect((await browser.send(a, 'POST', '/save-twice/mine')).status).toBe(200)
+    expect((await browser.send(b, 'GET', '/keys')).body.keys).toEqual(['k_theirs'])
+    expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', 'mine', 'again'])
+  })
+
+  it('merges instead of overwriting when the copy changed under a held lock', async () => {
+    // b writes blindly ('none'), as a request whose lock lapsed would: a's locked write must not erase it.
+    const [a, b] = await pair({ lockingMode: 'all' }, { lockingMode: 'none' })
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/start')
+    a.beforeModify = () => browser.send(b, 'POST', '/key/blind').then(() => undefined)
+    expect((await browser.send(a, 'POST', '/slow/locked')).status).toBe(200)
+    expect((await browser.send(b, 'GET', '/keys')).body.keys).toEqual(['k_blind'])
+    expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', 'locked'])
+  })
+
+  it("keeps locking a route that destroys sessions under 'auto'", async () => {
+    const [a] = await pair({ lockingMode: 'auto' })
+    for (let i = 0; i < 3; i++) {
+      const browser = new Browser()
+      await browser.send(a, 'POST', '/cart/x')
+      await browser.send(a, 'POST', '/logout')
+    }
+    // Each /cart/x starts a new session (no lock needed); each /logout destroys an existing one and, being a
+    // write, keeps its route locked: three locks. Learned as read-only, the route would lock once.
+    expect(a.sessions.stats().locksAcquired).toBe(3)
+  })
+
+  it('does not leave a lock behind when the client leaves while waiting for it', async () => {
+    const [a, b] = await pair({ lockingMode: 'all', lockExpiration: 30, lockTimeout: 5000 })
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/start')
+    const holder = hangingRequest(a, browser.cookie)
+    await sleep(100)
+    const waiter = hangingRequest(b, browser.cookie) // waits for the lock...
+    await sleep(100)
+    waiter.abort() // ...and its client gives up
+    holder.abort()
+    const reply = await browser.send(a, 'POST', '/count')
+    expect(reply.status).toBe(200)
+    expect(reply.elapsedMs).toBeLessThan(4000)
+  })
+
+  it('releases the lock once a streamed response has sent its headers', async () => {
+    const [a, b] = await pair({ lockingMode: 'all', lockExpiration: 30, lockTimeout: 3000 })
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/start')
+    const controller = new AbortController()
+    const stream = await fetch(`${a.url}/stream-open`, {
+      method: 'POST',
+      headers: { cookie: browser.cookie ?? '' },
+      signal: controller.signal,
+    })
+    expect(stream.status).toBe(200)
+    const reply = await browser.send(b, 'POST', '/count')
+    controller.abort()
+    expect(reply.status).toBe(200)
+    expect(reply.body.views).toBe(2) // the stream's own increment is stored, and this one after it
   })
 })

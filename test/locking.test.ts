@@ -42,6 +42,7 @@ describe('session locks', () => {
         lockExpirationSeconds,
         lockTimeoutMs: 3000,
         retryAfterSeconds: 1,
+        operationTimeoutMs: 1000,
       }),
     }
   }

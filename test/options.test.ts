@@ -152,7 +152,7 @@ describe('options', () => {
     ],
     [
       { secret: 's', nodes, lockExpiration: 0.5 },
-      'Expected `lockExpiration` to be an integer from 1 and up (seconds)',
+      'Expected `lockExpiration` to be an integer from 3 to 86400 (seconds; at least 2 s more than operationTimeout)',
     ],
     [
       { secret: 's', nodes, sticky: true, lockingMode: 'all' },
@@ -194,6 +194,13 @@ describe('options', () => {
     const decide = () => true
     expect(parseOptions({ secret: 's', nodes, lockingMode: decide }).locking?.mode).toBe(decide)
     expect(parseOptions({ secret: 's', nodes, sticky: true }).locking).toBeUndefined()
+  })
+
+  it('treats a RegExp lockingMode the same on every request, whatever its flags', async () => {
+    const { LockingPolicy } = await import('../src/core/locking-policy.js')
+    const policy = new LockingPolicy(/^POST /g)
+    const request = { method: 'POST', path: '/cart', raw: {} }
+    expect([1, 2, 3].map(() => policy.shouldLock(request))).toEqual([true, true, true])
   })
 
   it('refuses to start without nodes in production, naming what to configure', () => {

@@ -32,12 +32,20 @@ describe('a Redis Cluster as one node', () => {
       for (const browser of browsers)
         expect((await browser.send(shop, 'GET', '/cart')).body.cart).toHaveLength(2)
 
-      // One master goes: the cluster stops answering for its slots (and, with full coverage required, for all).
+      // One master goes: the cluster stops answering for its slots at once; those sessions move to m1.
       await cluster.servers[0]?.kill()
       for (const [index, browser] of browsers.entries()) {
         const reply = await browser.send(shop, 'POST', '/cart/after')
         expect(reply.status).toBe(200)
         expect(reply.body.cart).toEqual([`item${index}`, 'more', 'after'])
+      }
+      expect(browsers.filter((b) => parseSessionId(b.sessionId)?.nodeId === 'm1').length).toBeGreaterThan(6)
+      // Past cluster-node-timeout the cluster declares itself down (full coverage required): every session is
+      // on m1 now, and c1 counts as dead.
+      await new Promise((resolve) => setTimeout(resolve, 2000))
+      for (const [index, browser] of browsers.entries()) {
+        const reply = await browser.send(shop, 'POST', '/cart/later')
+        expect(reply.body.cart).toEqual([`item${index}`, 'more', 'after', 'later'])
         expect(parseSessionId(browser.sessionId)?.nodeId).toBe('m1')
       }
       expect(shop.sessions.health().find((node) => node.id === 'c1')?.alive).toBe(false)

@@ -1,4 +1,4 @@
-import { LockTimeoutError } from '../errors.js'
+import { LockTimeoutError, StaleWriteError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionBackend } from './backend.js'
 import { KeyedQueue } from './keyed-queue.js'
@@ -90,11 +90,12 @@ export class SessionEngine {
    * not abandoned), 'auto' mode also learns whether its route wrote the session.
    */
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
-    if (state.finished) return
-    state.finished = true
     await state.committing?.catch(() => {})
     await state.lock?.release()
-    if (request && state.record !== undefined) this.#concurrency?.policy.learn(request, state.wrote)
+    if (request && !state.finished && state.record !== undefined) {
+      state.finished = true
+      this.#concurrency?.policy.learn(request, state.wrote)
+    }
   }
 
   async #lock(cookieId: string, request: RequestFacts) {
@@ -148,42 +149,56 @@ export class SessionEngine {
 
   async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
     const concurrency = this.#concurrency
-    if (
-      concurrency?.policy.mergesUnlockedWrites &&
-      state.record &&
-      !state.lock?.held &&
-      state.id === state.originalId
-    ) {
-      // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
-      // Merges of one session in this process take turns, so they contend only with other instances.
-      const changes = changesBetween(state.baseJson, snapshot.dataJson)
-      const ttlSeconds = this.ttlSeconds(snapshot.expires)
-      const key = this.store.recognize(state.id)?.random ?? state.id
-      const merged = await this.#merges.run(key, () =>
-        concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds),
-      )
-      this.counters.merges++
-      this.counters.mergeConflicts += merged.conflicts
-      state.markSaved(merged.id, merged.record)
-      return
-    }
+    const ttlSeconds = this.ttlSeconds(snapshot.expires)
     const record = {
       version: state.version + 1,
       writtenAt: Date.now(),
       cookieJson: snapshot.cookieJson,
       dataJson: snapshot.dataJson,
     }
-    const id = await this.store.save(state.id, record, this.ttlSeconds(snapshot.expires))
-    state.markSaved(id, record)
+    // 'none', sticky mode, and sessions this request created (or regenerated): nobody else writes them.
+    if (!concurrency?.policy.mergesUnlockedWrites || !state.record || state.renewed) {
+      state.markSaved(await this.store.save(state.id, record, ttlSeconds), record)
+      return
+    }
+    // Holding the lock: write only over the copy this request read (a lock can lapse, or its node die); if the
+    // copy changed meanwhile, merge instead of overwriting.
+    if (state.lock?.held && state.cas) {
+      try {
+        const id = await concurrency.store.save(state.id, record, ttlSeconds, { ifUnchanged: state.cas })
+        state.markSaved(id, record)
+        return
+      } catch (error) {
+        if (!(error instanceof StaleWriteError)) throw error
+      }
+    }
+    // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
+    // Merges of one session in this process take turns, so they contend only with other instances.
+    const changes = changesBetween(state.baseJson, snapshot.dataJson)
+    const key = this.store.recognize(state.id)?.random ?? state.id
+    const merged = await this.#merges.run(key, () =>
+      concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds),
+    )
+    this.counters.merges++
+    if (!merged) {
+      // Destroyed by another request meanwhile: it stays destroyed.
+      state.destroyed = true
+      return
+    }
+    this.counters.mergeConflicts += merged.conflicts
+    // This request's own view stays the base of its next diff: keys others added are not "deleted" by it.
+    state.markSaved(merged.id, merged.record, snapshot.dataJson)
   }
 
   async destroy(state: SessionState): Promise<void> {
     state.destroyed = true
+    state.wrote = true
     await this.store.destroy(state.id)
   }
 
   /** regenerate(): both copies of the old session are removed, then a new id is issued. */
   async regenerate(state: SessionState): Promise<void> {
+    state.wrote = true
     await this.store.destroy(state.id)
     state.renew(this.store.newSessionId())
   }

@@ -31,7 +31,8 @@ export class LockingPolicy {
   readonly #readOnlyRoutes = new LRUCache<string, true>({ max: LEARNED_ROUTES })
 
   constructor(mode: LockingMode) {
-    this.#mode = mode
+    // A global or sticky RegExp keeps state between test() calls; a copy without those flags does not.
+    this.#mode = mode instanceof RegExp ? new RegExp(mode.source, mode.flags.replace(/[gy]/g, '')) : mode
   }
 
   get mergesUnlockedWrites(): boolean {

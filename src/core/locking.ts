@@ -8,6 +8,8 @@ export interface LockOptions {
   readonly lockExpirationSeconds: number
   /** Milliseconds a request waits for the lock before LockTimeoutError. */
   readonly lockTimeoutMs: number
+  /** The longest a node operation takes (operationTimeout): a write begun while the lock held must end in it. */
+  readonly operationTimeoutMs: number
   readonly retryAfterSeconds: number
 }
 
@@ -59,15 +61,20 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const nodeId = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, done)
+      const { nodeId, sentAt } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, sentAt, done)
     } catch (error) {
       done()
       throw error
     }
   }
 
-  async #addLock(primaryNodeId: string, lockKey: string, token: string, deadline: number): Promise<string> {
+  async #addLock(
+    primaryNodeId: string,
+    lockKey: string,
+    token: string,
+    deadline: number,
+  ): Promise<{ nodeId: string; sentAt: number }> {
     const value = Buffer.from(token)
     for (let pause = FIRST_PAUSE_MS; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5)) {
       const nodeId = this.#lockNode(primaryNodeId)
@@ -76,11 +83,12 @@ export class LockManager {
           'No session node is reachable to lock the session',
           this.#options.retryAfterSeconds,
         )
+      const sentAt = Date.now()
       try {
         const added = await this.#ring.call(nodeId, (node) =>
           node.add(lockKey, value, this.#options.lockExpirationSeconds),
         )
-        if (added) return nodeId
+        if (added) return { nodeId, sentAt }
       } catch (error) {
         if (error instanceof NodeRejectedError) throw error
         // The node is marked dead now; the next pass locks where the session moves to. The add may still have
@@ -94,14 +102,21 @@ export class LockManager {
     }
   }
 
-  #held(nodeId: string, lockKey: string, token: string, leave: () => void): SessionLock {
+  #held(nodeId: string, lockKey: string, token: string, sentAt: number, leave: () => void): SessionLock {
     let held = true
     let releasing: Promise<void> | undefined
-    // Past its expiry the memcached lock is gone, so the local queue must not wait on this request any longer.
-    const expiry = setTimeout(() => {
-      held = false
-      leave()
-    }, this.#options.lockExpirationSeconds * 1000)
+    // memcached counts expiry in whole seconds, so the lock may go up to a second early, counted from when the
+    // add was sent; a write begun while held must also finish in time. Past that the lock counts as lost, and
+    // the local queue stops waiting on this request.
+    const lifetimeMs =
+      (this.#options.lockExpirationSeconds - 1) * 1000 - this.#options.operationTimeoutMs - 100
+    const expiry = setTimeout(
+      () => {
+        held = false
+        leave()
+      },
+      Math.max(0, sentAt + lifetimeMs - Date.now()),
+    )
     expiry.unref()
     const release = (): Promise<void> => {
       releasing ??= (async () => {
@@ -111,16 +126,19 @@ export class LockManager {
         try {
           if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
         } catch {
-          // Unreachable node: the lock expires by itself.
+          // Unreachable: released when the node is back (or it expires by itself).
+          this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
         } finally {
           leave()
         }
       })()
       return releasing
     }
+    const ring = this.#ring
     return {
+      // Another instance locks on the next node once this one is dead: then this lock protects nothing.
       get held() {
-        return held
+        return held && ring.isAlive(nodeId)
       },
       release,
     }

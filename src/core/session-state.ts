@@ -49,6 +49,10 @@ export class SessionState {
   committing: Promise<unknown> | undefined = undefined
   /** finish() ran: the lock is released and the route learned. */
   finished = false
+  /** regenerate() replaced the session: its writes concern a new session nobody else knows. */
+  renewed = false
+  /** The primary copy's compare-and-set token as read (until this request writes). */
+  cas: LoadedSession['cas'] = undefined
 
   private constructor(cookieId: string | undefined, id: string, dataJson: string) {
     this.cookieId = cookieId
@@ -71,6 +75,7 @@ export class SessionState {
   adopt(loaded: LoadedSession, policy: LifecyclePolicy): void {
     this.id = loaded.id
     this.record = loaded.record
+    this.cas = loaded.cas
     this.mustWrite = loaded.mustWrite
     if (!policy.resave) {
       this.savedId = loaded.id
@@ -80,6 +85,8 @@ export class SessionState {
 
   /** regenerate(): a new, empty, unsaved session under a new id. */
   renew(id: string): void {
+    this.renewed = true
+    this.cas = undefined
     this.id = id
     this.savedId = undefined
     this.savedJson = undefined
@@ -124,11 +131,13 @@ export class SessionState {
     return policy.rolling || (snapshot.expires !== null && this.isModified(snapshot.dataJson))
   }
 
-  markSaved(id: string, record: SessionRecord): void {
+  /** `viewJson`: the data as this request sees it, when the stored record holds more (a merge). */
+  markSaved(id: string, record: SessionRecord, viewJson = record.dataJson): void {
     this.id = id
     this.savedId = id
-    this.savedJson = record.dataJson
+    this.savedJson = viewJson
     this.record = record
+    this.cas = undefined
     this.mustWrite = false
     this.wrote = true
   }

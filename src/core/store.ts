@@ -8,6 +8,7 @@ import {
   StaleWriteError,
 } from '../errors.js'
 import type { Logger } from '../logger.js'
+import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
@@ -34,6 +35,8 @@ export interface LoadedSession {
   readonly mustWrite: boolean
   /** The dead node the session moved away from, when it was relocated. */
   readonly relocatedFrom: string | undefined
+  /** The primary copy's compare-and-set token, when it was read from the primary: lets a write be conditional. */
+  readonly cas?: { readonly nodeId: string; readonly token: CasToken }
 }
 
 /** Rounds of read-apply-write a merge tries before giving up under contention. */
@@ -96,10 +99,18 @@ export class ReplicatedStore implements SessionBackend {
     let primaryAnswered = false
     if (this.#ring.isAlive(primary)) {
       try {
-        const blob = await this.#ring.call(primary, (node) => node.get(keys.primary))
+        const read = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         primaryAnswered = true
-        const record = blob && this.#decode(blob, primary)
-        if (record) return { id, record, mustWrite: false, relocatedFrom: undefined }
+        const record = read && this.#decode(read.value, primary)
+        if (record && read) {
+          return {
+            id,
+            record,
+            mustWrite: false,
+            relocatedFrom: undefined,
+            cas: { nodeId: primary, token: read.cas },
+          }
+        }
       } catch (error) {
         if (error instanceof NodeRejectedError) primaryAnswered = true
       }
@@ -139,7 +150,10 @@ export class ReplicatedStore implements SessionBackend {
     id: string,
     record: SessionRecord,
     ttlSeconds: number,
-    { onlyIfNewer = false }: { onlyIfNewer?: boolean } = {},
+    {
+      onlyIfNewer = false,
+      ifUnchanged,
+    }: { onlyIfNewer?: boolean; ifUnchanged?: { readonly nodeId: string; readonly token: CasToken } } = {},
   ): Promise<string> {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
@@ -153,6 +167,8 @@ export class ReplicatedStore implements SessionBackend {
         throw new StaleWriteError('a newer copy of this session was stored meanwhile')
       }
     }
+
+    if (ifUnchanged) return this.#saveIfUnchanged(parsed, keys, blob, ttlSeconds, ifUnchanged)
 
     let primary = parsed.nodeId
     for (let attempt = 0; attempt < this.#ring.size; attempt++) {
@@ -225,6 +241,32 @@ export class ReplicatedStore implements SessionBackend {
   async close(): Promise<void> {}
 
   /**
+   * A write that must not replace a copy stored since this request read it: compare-and-set on the primary,
+   * then the backup (after, so a copy the primary refused never reaches the backup). StaleWriteError when the
+   * primary changed, was removed or moved: the caller merges instead.
+   */
+  async #saveIfUnchanged(
+    parsed: ParsedSessionId,
+    keys: StorageKeys,
+    blob: Buffer,
+    ttlSeconds: number,
+    read: { readonly nodeId: string; readonly token: CasToken },
+  ): Promise<string> {
+    if (read.nodeId !== parsed.nodeId || !this.#ring.isAlive(read.nodeId)) {
+      throw new StaleWriteError('the session moved since it was read')
+    }
+    const outcome = await this.#ring.call(read.nodeId, (node) =>
+      node.setIfUnchanged(keys.primary, blob, ttlSeconds, read.token),
+    )
+    if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
+    await this.#writeBackup(read.nodeId, keys.backup, blob, ttlSeconds)
+    const now = Date.now()
+    this.#lastRefresh.set(parsed.random, now)
+    this.#lastBackupCheck.set(parsed.random, now)
+    return formatSessionId(parsed.random, read.nodeId, parsed.route)
+  }
+
+  /**
    * Writes this request's changes onto the stored session instead of overwriting it (lockingMode 'merge', and
    * any write made without the lock): read the primary with its CAS token, apply the changed keys, write only
    * if nothing was stored in between (else read and apply again), then write the backup unless a newer copy is
@@ -235,7 +277,7 @@ export class ReplicatedStore implements SessionBackend {
     changes: SessionChanges,
     cookieJson: string,
     ttlSeconds: number,
-  ): Promise<{ id: string; record: SessionRecord; conflicts: number }> {
+  ): Promise<{ id: string; record: SessionRecord; conflicts: number } | null> {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('merge() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
@@ -246,11 +288,14 @@ export class ReplicatedStore implements SessionBackend {
       if (!primary) break
       try {
         const current = await this.#ring.call(primary, (node) => node.gets(keys.primary))
+        // No primary copy where the session is (it moved here, or the node restarted): the freshest copy of
+        // either key on any alive node, the backup key on this very node included.
         const base =
-          (current && this.#decode(current.value, primary)) ??
-          (await this.#freshestBackup(primary, keys)).record
-        const { dataJson, conflicts } = applyChanges(base?.dataJson ?? '{}', changes)
-        const record = { version: (base?.version ?? 0) + 1, writtenAt: Date.now(), cookieJson, dataJson }
+          (current && this.#decode(current.value, primary)) ?? (await this.#freshestCopy(keys)).record
+        // No copy anywhere: the session was destroyed (or expired) meanwhile; a part of it must not come back.
+        if (!base) return null
+        const { dataJson, conflicts } = applyChanges(base.dataJson, changes)
+        const record = { version: base.version + 1, writtenAt: Date.now(), cookieJson, dataJson }
         const blob = this.#encodeWithinLimit(record)
         const stored = current
           ? (await this.#ring.call(primary, (node) =>
@@ -334,6 +379,11 @@ export class ReplicatedStore implements SessionBackend {
     return undefined
   }
 
+  /** The freshest copy of either key on every alive node. */
+  #freshestCopy(keys: StorageKeys): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
+    return this.#freshestOn(this.#ring.aliveIds(), keys)
+  }
+
   async #freshestBackup(
     primary: string,
     keys: StorageKeys,
@@ -342,7 +392,13 @@ export class ReplicatedStore implements SessionBackend {
     // along; a relocation whose new cookie never reached the client left the primary copy on another node;
     // and a node that came back may hold an older copy. The highest version wins. This runs only when the
     // primary is down or has no copy (failover, restart, or a session that expired or was destroyed).
-    const candidates = this.#ring.aliveOthers(primary)
+    return this.#freshestOn(this.#ring.aliveOthers(primary), keys)
+  }
+
+  async #freshestOn(
+    candidates: readonly string[],
+    keys: StorageKeys,
+  ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
     const reads = await Promise.allSettled(
       candidates.map((nodeId) =>
         this.#ring.call(nodeId, async (node) => {

@@ -82,13 +82,14 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         const current = req.session
         if (!current) {
           await engine.session.commit(state, null)
-          if (final) await engine.session.finish(state, request)
+          await engine.session.finish(state, final ? request : undefined)
           return undefined
         }
         current.touch()
         const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
-        // The lock is free before the client hears back, so its next request never waits on this one.
-        if (final) await engine.session.finish(state, request)
+        // The lock is free before the client hears back (its next request never waits on this one), and once the
+        // headers of a streamed response are out (a later change is merged, not held under a lock).
+        await engine.session.finish(state, final ? request : undefined)
         req.sessionID = state.id
         if (!(setCookie || resign) || (current.cookie.secure && !isSecure(req, config.proxy)))
           return undefined
@@ -104,15 +105,33 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       res.once('close', () => void engine.session.finish(state))
     }
 
-    engine.session.open(cookieId, request).then((opened) => {
-      try {
-        begin(opened)
-      } catch (error) {
+    // A client that leaves while its request still waits for the lock must not leave the lock behind.
+    let gone = false
+    const onGone = (): void => {
+      gone = true
+    }
+    res.once('close', onGone)
+
+    engine.session.open(cookieId, request).then(
+      (opened) => {
+        res.off('close', onGone)
+        if (gone) {
+          void engine.session.finish(opened.state)
+          return
+        }
+        try {
+          begin(opened)
+        } catch (error) {
+          next(error)
+          return
+        }
+        next()
+      },
+      (error: unknown) => {
+        res.off('close', onGone)
         next(error)
-        return
-      }
-      next()
-    }, next)
+      },
+    )
   }
 
   return Object.assign(middleware, {

@@ -86,6 +86,24 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   app.get('/keys', (req, res) => {
     res.json({ keys: Object.keys(req.session).filter((key) => key.startsWith('k_')) })
   })
+  app.post('/save-twice/:item', async (req, res, next) => {
+    try {
+      await shop.beforeModify()
+      req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
+      await new Promise<void>((resolve, reject) =>
+        req.session.save((error) => (error ? reject(error) : resolve())),
+      )
+      req.session.cart = [...req.session.cart, 'again']
+      res.json({ cart: req.session.cart })
+    } catch (error) {
+      next(error)
+    }
+  })
+  app.post('/stream-open', (req, res) => {
+    // Headers and a first chunk go out, then the response stays open (server-sent events, long polling).
+    req.session.views = (req.session.views ?? 0) + 1
+    res.write('open')
+  })
   app.post('/hang', () => {
     // Never answers: holds the session's lock until the client goes away or the lock expires.
   })
