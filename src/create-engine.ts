@@ -35,6 +35,13 @@ export function createEngine(config: Config): Engine {
       if (spec.kind === 'memcached')
         return new MemcachedNode({ ...common, id: spec.id, host: spec.host, port: spec.port })
       if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })
+      if (spec.kind === 'redis-sentinel') {
+        return new RedisNode({
+          ...common,
+          id: spec.id,
+          sentinel: { sentinels: spec.sentinels, name: spec.name },
+        })
+      }
       return new RedisNode({ ...common, id: spec.id, cluster: spec.cluster })
     })
   } else {

@@ -14,12 +14,19 @@ export type NodeSpec =
   | { readonly id: string; readonly host: string; readonly port?: number }
   | { readonly id: string; readonly url: string }
   | { readonly id: string; readonly cluster: readonly string[] }
+  | { readonly id: string; readonly sentinels: readonly string[]; readonly name: string }
 
 /** A validated node. */
 export type NodeConfig =
   | { readonly kind: 'memcached'; readonly id: string; readonly host: string; readonly port: number }
   | { readonly kind: 'redis'; readonly id: string; readonly url: string }
   | { readonly kind: 'redis-cluster'; readonly id: string; readonly cluster: readonly string[] }
+  | {
+      readonly kind: 'redis-sentinel'
+      readonly id: string
+      readonly sentinels: readonly string[]
+      readonly name: string
+    }
 
 export interface SessionFailoverOptions {
   /** Signs the session cookie. An array rotates secrets: the first signs, every one verifies. */
@@ -296,6 +303,7 @@ export function parseNodes(value: unknown): NodeConfig[] {
       }
       const fields = entry as Record<string, unknown>
       if (fields.cluster !== undefined) return clusterNode(fields.id, fields.cluster, where)
+      if (fields.sentinels !== undefined) return sentinelNode(fields.id, fields.sentinels, fields.name, where)
       if (fields.url !== undefined) return redisNode(fields.id, fields.url, where)
       return memcachedNode({ id: fields.id, host: fields.host, port: fields.port ?? 11211 }, where)
     })
@@ -311,6 +319,26 @@ export function parseNodes(value: unknown): NodeConfig[] {
     seen.add(node.id)
   }
   return nodes
+}
+
+function sentinelNode(rawId: unknown, sentinels: unknown, name: unknown, where: string): NodeConfig {
+  const id = checkId(rawId, where)
+  if (!Array.isArray(sentinels) || sentinels.length === 0) {
+    throw new ConfigError(
+      `Expected the sentinels of node '${id}' to be a non-empty array of redis://host:port URLs, got ${describe(sentinels)}`,
+    )
+  }
+  if (typeof name !== 'string' || name.length === 0) {
+    throw new ConfigError(
+      `Expected the master name of node '${id}' (\`name\`) to be a non-empty string, got ${describe(name)}`,
+    )
+  }
+  return Object.freeze({
+    kind: 'redis-sentinel',
+    id,
+    name,
+    sentinels: Object.freeze(sentinels.map((url) => redisUrl(id, url))),
+  })
 }
 
 function checkId(id: unknown, where: string): string {

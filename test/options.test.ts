@@ -59,6 +59,12 @@ describe('options', () => {
       { kind: 'redis', id: 'r1', url: 'redis://10.0.0.2:6379' },
       { kind: 'redis', id: 'r2', url: 'rediss://user:pw@10.0.0.3:6380/2' },
     ])
+    expect(
+      parseOptions({
+        secret: 's',
+        nodes: [{ id: 's1', sentinels: ['redis://10.0.0.6:26379'], name: 'main' }],
+      }).nodes,
+    ).toEqual([{ kind: 'redis-sentinel', id: 's1', sentinels: ['redis://10.0.0.6:26379'], name: 'main' }])
     const cluster = ['redis://10.0.0.4:7000', 'redis://10.0.0.5:7000']
     expect(
       parseOptions({

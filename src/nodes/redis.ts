@@ -9,6 +9,8 @@ export interface RedisNodeConfig {
   readonly url?: string
   /** The seed URLs of a Redis Cluster, which counts as one node. */
   readonly cluster?: readonly string[]
+  /** Sentinels (`redis://host:port`) watching the master `name`, which counts as one node. */
+  readonly sentinel?: { readonly sentinels: readonly string[]; readonly name: string }
   readonly operationTimeoutMs: number
   readonly probeKey: string
 }
@@ -77,6 +79,18 @@ export class RedisNode implements SessionNode {
         clusterRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
         slotsRefreshTimeout: config.operationTimeoutMs,
         redisOptions: options,
+      }) as ScriptedClient
+    } else if (config.sentinel) {
+      const { sentinels, name } = config.sentinel
+      this.address = `redis sentinel ${name} via ${sentinels.map(withoutCredentials).join(',')}`
+      this.#client = new Redis({
+        ...options,
+        name,
+        sentinels: sentinels.map((url) => {
+          const parsed = new URL(url)
+          return { host: parsed.hostname, port: Number(parsed.port || 26379) }
+        }),
+        sentinelRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
       }) as ScriptedClient
     } else {
       const url = config.url ?? ''

@@ -1,6 +1,6 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { appendFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -177,4 +177,44 @@ export async function startRedisCluster(
     }
   }
   return { servers, urls: servers.map((s) => `redis://127.0.0.1:${s.port}`) }
+}
+
+/**
+ * A master with one replica, watched by one sentinel (quorum 1, down after 1 s), for Sentinel-managed nodes.
+ * Resolves once the replica is in sync.
+ */
+export async function startRedisSentinel(
+  name: string,
+): Promise<{ master: RedisServer; replica: RedisServer; sentinelUrl: string }> {
+  const dir = mkdtempSync(join(tmpdir(), 'sf-redis-sentinel-'))
+  clusterDirs.add(dir)
+  const master = await startRedis([], dir)
+  const replica = await startRedis(['--replicaof', '127.0.0.1', String(master.port)], dir)
+  const deadline = Date.now() + 15_000
+  while (
+    !(await command(replica.port, (client) => client.info('replication'))).includes('master_link_status:up')
+  ) {
+    if (Date.now() > deadline) throw new Error('the replica did not sync within 15 s')
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  const port = await freePort()
+  const conf = join(dir, `sentinel-${port}.conf`)
+  writeFileSync(
+    conf,
+    [
+      `port ${port}`,
+      'bind 127.0.0.1',
+      `sentinel monitor ${name} 127.0.0.1 ${master.port} 1`,
+      `sentinel down-after-milliseconds ${name} 1000`,
+      `sentinel failover-timeout ${name} 5000`,
+      '',
+    ].join('\n'),
+  )
+  const sentinel = spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore', cwd: dir })
+  running.add(sentinel)
+  sentinel.once('exit', () => running.delete(sentinel))
+  const pidFile = process.env.SF_TEST_PID_FILE
+  if (pidFile && sentinel.pid) appendFileSync(pidFile, `${sentinel.pid}\n`)
+  await waitUntilListening(port, sentinel)
+  return { master, replica, sentinelUrl: `redis://127.0.0.1:${port}` }
 }

@@ -4,7 +4,7 @@ import { parseSessionId } from '../src/index.js'
 import { Browser, startShop } from './support/app.js'
 import { stopAllServers } from './support/backends.js'
 import { startMemcached } from './support/memcached.js'
-import { startRedisCluster } from './support/redis.js'
+import { startRedisCluster, startRedisSentinel } from './support/redis.js'
 
 describe('a Redis Cluster as one node', () => {
   afterEach(() => stopAllServers())
@@ -49,6 +49,51 @@ describe('a Redis Cluster as one node', () => {
         expect(parseSessionId(browser.sessionId)?.nodeId).toBe('m1')
       }
       expect(shop.sessions.health().find((node) => node.id === 'c1')?.alive).toBe(false)
+    } finally {
+      await shop.close()
+    }
+  }, 60_000)
+})
+
+describe('a Sentinel-managed Redis master as one node', () => {
+  afterEach(() => stopAllServers())
+
+  it('holds sessions, keeps them through a master failure, and is used again once Sentinel has promoted the replica', async () => {
+    const { master, sentinelUrl } = await startRedisSentinel('sessions')
+    const memcached = await startMemcached()
+    const shop = await startShop(express, {
+      secret: 'sentinel',
+      nodes: [
+        { id: 's1', sentinels: [sentinelUrl], name: 'sessions' },
+        { id: 'm1', host: '127.0.0.1', port: memcached.port },
+      ],
+      operationTimeout: 500,
+      nodeProbeInterval: 200,
+    })
+    try {
+      const browsers = Array.from({ length: 6 }, () => new Browser())
+      for (const [index, browser] of browsers.entries())
+        await browser.send(shop, 'POST', `/cart/item${index}`)
+      expect(browsers.filter((b) => parseSessionId(b.sessionId)?.nodeId === 's1')).toHaveLength(3)
+
+      await master.kill()
+      for (const [index, browser] of browsers.entries()) {
+        const reply = await browser.send(shop, 'POST', '/cart/after')
+        expect(reply.status).toBe(200)
+        expect(reply.body.cart).toEqual([`item${index}`, 'after'])
+      }
+      // Sentinel promotes the replica; the node answers again through it.
+      const deadline = Date.now() + 20_000
+      while (!shop.sessions.health().find((node) => node.id === 's1')?.alive && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 200))
+      }
+      expect(shop.sessions.health().find((node) => node.id === 's1')?.alive).toBe(true)
+      const fresh = Array.from({ length: 4 }, () => new Browser())
+      for (const browser of fresh) await browser.send(shop, 'POST', '/cart/new')
+      const onSentinel = fresh.filter((b) => parseSessionId(b.sessionId)?.nodeId === 's1')
+      expect(onSentinel.length).toBeGreaterThan(0)
+      for (const browser of onSentinel)
+        expect((await browser.send(shop, 'GET', '/cart')).body.cart).toEqual(['new'])
     } finally {
       await shop.close()
     }
