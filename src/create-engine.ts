@@ -73,7 +73,6 @@ export function createEngine(config: Config): Engine {
   const backend: SessionBackend = sticky ?? store
   const concurrency: Concurrency | undefined = config.locking && {
     locks: new LockManager(ring, {
-      prefix: config.prefix,
       lockExpirationSeconds: config.locking.lockExpirationSeconds,
       lockTimeoutMs: config.locking.lockTimeoutMs,
       operationTimeoutMs: config.operationTimeoutMs,

@@ -38,7 +38,6 @@ describe('session locks', () => {
     return {
       ring,
       locks: new LockManager(ring, {
-        prefix: 't:',
         lockExpirationSeconds,
         lockTimeoutMs: 3000,
         retryAfterSeconds: 1,

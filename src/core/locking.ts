@@ -3,7 +3,6 @@ import { AllNodesDownError, LockTimeoutError, NodeRejectedError } from '../error
 import type { NodeRing } from '../nodes/ring.js'
 
 export interface LockOptions {
-  readonly prefix: string
   /** Seconds a lock lives in memcached: how long a holder that died blocks the session. */
   readonly lockExpirationSeconds: number
   /** Milliseconds a request waits for the lock before LockTimeoutError. */
