@@ -14,7 +14,12 @@ export type NodeSpec =
   | { readonly id: string; readonly host: string; readonly port?: number }
   | { readonly id: string; readonly url: string }
   | { readonly id: string; readonly cluster: readonly string[] }
-  | { readonly id: string; readonly sentinels: readonly string[]; readonly name: string }
+  | {
+      readonly id: string
+      readonly sentinels: readonly string[]
+      readonly name: string
+      readonly masterUrl?: string
+    }
 
 /** A validated node. */
 export type NodeConfig =
@@ -26,6 +31,8 @@ export type NodeConfig =
       readonly id: string
       readonly sentinels: readonly string[]
       readonly name: string
+      /** `rediss://user:password@any/db`: credentials, TLS and database of the master (its host is ignored). */
+      readonly masterUrl: string | undefined
     }
 
 export interface SessionFailoverOptions {
@@ -251,7 +258,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
       /^[\x21-\x7e]{0,100}$/,
       'up to 100 printable ASCII characters, no spaces',
     ),
-    ttlSeconds: optionalNumber(o, 'ttl', 86_400, { min: 1, integer: true, unit: 'seconds' }),
+    ttlSeconds: optionalNumber(o, 'ttl', 86_400, { min: 1, max: 31_536_000, integer: true, unit: 'seconds' }),
     operationTimeoutMs: optionalNumber(o, 'operationTimeout', 1000, { min: 1, unit: 'milliseconds' }),
     nodeProbeIntervalMs: optionalNumber(o, 'nodeProbeInterval', 2000, { min: 1, unit: 'milliseconds' }),
     touchAfter: optionalNumber(o, 'touchAfter', 0.1, { min: 0, max: 1, unit: 'fraction of the TTL' }),
@@ -303,7 +310,9 @@ export function parseNodes(value: unknown): NodeConfig[] {
       }
       const fields = entry as Record<string, unknown>
       if (fields.cluster !== undefined) return clusterNode(fields.id, fields.cluster, where)
-      if (fields.sentinels !== undefined) return sentinelNode(fields.id, fields.sentinels, fields.name, where)
+      if (fields.sentinels !== undefined) {
+        return sentinelNode(fields.id, fields.sentinels, fields.name, fields.masterUrl, where)
+      }
       if (fields.url !== undefined) return redisNode(fields.id, fields.url, where)
       return memcachedNode({ id: fields.id, host: fields.host, port: fields.port ?? 11211 }, where)
     })
@@ -321,7 +330,13 @@ export function parseNodes(value: unknown): NodeConfig[] {
   return nodes
 }
 
-function sentinelNode(rawId: unknown, sentinels: unknown, name: unknown, where: string): NodeConfig {
+function sentinelNode(
+  rawId: unknown,
+  sentinels: unknown,
+  name: unknown,
+  masterUrl: unknown,
+  where: string,
+): NodeConfig {
   const id = checkId(rawId, where)
   if (!Array.isArray(sentinels) || sentinels.length === 0) {
     throw new ConfigError(
@@ -338,6 +353,7 @@ function sentinelNode(rawId: unknown, sentinels: unknown, name: unknown, where: 
     id,
     name,
     sentinels: Object.freeze(sentinels.map((url) => redisUrl(id, url))),
+    masterUrl: masterUrl === undefined ? undefined : redisUrl(id, masterUrl),
   })
 }
 

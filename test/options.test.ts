@@ -113,7 +113,7 @@ describe('options', () => {
     ],
     [
       { secret: 's', nodes, ttl: 1.5 },
-      'Expected `ttl` to be an integer from 1 and up (seconds), got `1.5` (number)',
+      'Expected `ttl` to be an integer from 1 to 31536000 (seconds), got `1.5` (number)',
     ],
     [
       { secret: 's', nodes, unset: 'drop' },

@@ -4,7 +4,7 @@ import { parseSessionId } from '../src/index.js'
 import { Browser, startShop } from './support/app.js'
 import { stopAllServers } from './support/backends.js'
 import { startMemcached } from './support/memcached.js'
-import { startRedisCluster, startRedisSentinel } from './support/redis.js'
+import { startRedis, startRedisCluster, startRedisSentinel } from './support/redis.js'
 
 describe('a Redis Cluster as one node', () => {
   afterEach(() => stopAllServers())
@@ -98,4 +98,43 @@ describe('a Sentinel-managed Redis master as one node', () => {
       await shop.close()
     }
   }, 60_000)
+})
+
+describe('a password-protected Redis node', () => {
+  afterEach(() => stopAllServers())
+
+  it('works with the credentials in its URL, and counts as down (not as failing requests) without them', async () => {
+    const redis = await startRedis(['--requirepass', 's3cr@t!'])
+    const memcached = await startMemcached()
+    const password = encodeURIComponent('s3cr@t!')
+    const good = await startShop(express, {
+      secret: 'auth',
+      nodes: `r1:redis://:${password}@127.0.0.1:${redis.port} m1:127.0.0.1:${memcached.port}`,
+    })
+    const bad = await startShop(express, {
+      secret: 'auth',
+      nodes: `r1:redis://:wrong@127.0.0.1:${redis.port} m1:127.0.0.1:${memcached.port}`,
+      operationTimeout: 500,
+    })
+    try {
+      const onRedis = new Browser()
+      await onRedis.send(good, 'POST', '/cart/apple')
+      expect(parseSessionId(onRedis.sessionId)?.nodeId).toBe('r1')
+      expect((await onRedis.send(good, 'GET', '/cart')).body.cart).toEqual(['apple'])
+      expect(JSON.stringify(good.sessions.health())).not.toContain('s3cr')
+
+      for (let i = 0; i < 2; i++) {
+        const visitor = new Browser()
+        const reply = await visitor.send(bad, 'POST', '/cart/pear')
+        expect(reply.status).toBe(200)
+        expect(parseSessionId(visitor.sessionId)?.nodeId).toBe('m1')
+      }
+      const r1 = bad.sessions.health().find((node) => node.id === 'r1')
+      expect(r1?.alive).toBe(false)
+      expect(JSON.stringify(r1)).not.toContain('wrong')
+    } finally {
+      await good.close()
+      await bad.close()
+    }
+  })
 })

@@ -9,8 +9,15 @@ export interface RedisNodeConfig {
   readonly url?: string
   /** The seed URLs of a Redis Cluster, which counts as one node. */
   readonly cluster?: readonly string[]
-  /** Sentinels (`redis://host:port`) watching the master `name`, which counts as one node. */
-  readonly sentinel?: { readonly sentinels: readonly string[]; readonly name: string }
+  /**
+   * Sentinels (`redis://[user:password@]host:port`, credentials for the sentinels) watching the master `name`,
+   * which counts as one node; `masterUrl` credentials, TLS and database apply to the master.
+   */
+  readonly sentinel?: {
+    readonly sentinels: readonly string[]
+    readonly name: string
+    readonly masterUrl?: string
+  }
   readonly operationTimeoutMs: number
   readonly probeKey: string
 }
@@ -34,7 +41,8 @@ return 2`
 const OUTCOMES: readonly CasOutcome[] = ['missing', 'conflict', 'stored']
 
 /** Replies that mean the server cannot serve now (the node is down for us), not that it refused the command. */
-const UNAVAILABLE_REPLY = /^(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN|READONLY|BUSY|MOVED|ASK)\b/
+const UNAVAILABLE_REPLY =
+  /^(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN|READONLY|BUSY|MOVED|ASK|NOAUTH|WRONGPASS|NOPERM|OOM|MISCONF)\b/
 
 type ScriptedClient = (Redis | Cluster) & {
   compareAndSet(key: string, expected: Buffer, value: Buffer, ttlMs: number): Promise<number>
@@ -58,8 +66,8 @@ export class RedisNode implements SessionNode {
   readonly #timeoutMs: number
   readonly #probeKey: string
   #closed = false
-  /** One wait for the next 'ready' shared by every command of an outage (no listener per command). */
-  #readyWait: Promise<void> | undefined
+  /** Commands waiting for the connection; one 'ready' listener wakes them, a timed-out one removes itself. */
+  readonly #waiting = new Set<() => void>()
 
   constructor(config: RedisNodeConfig) {
     this.id = config.id
@@ -77,19 +85,29 @@ export class RedisNode implements SessionNode {
       this.#client = new Cluster([...config.cluster], {
         enableOfflineQueue: false,
         clusterRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
+        // Its own retries would run a write after we gave up on it (a stale write landing late).
+        retryDelayOnClusterDown: 0,
+        retryDelayOnFailover: 0,
+        retryDelayOnTryAgain: 0,
         slotsRefreshTimeout: config.operationTimeoutMs,
-        redisOptions: options,
+        // Nodes found through the slot map get only these: credentials and TLS must be here, not just in the URLs.
+        redisOptions: { ...options, ...connectionSettings(config.cluster[0] ?? '') },
       }) as ScriptedClient
     } else if (config.sentinel) {
-      const { sentinels, name } = config.sentinel
+      const { sentinels, name, masterUrl } = config.sentinel
       this.address = `redis sentinel ${name} via ${sentinels.map(withoutCredentials).join(',')}`
+      const sentinel = connectionSettings(sentinels[0] ?? '')
       this.#client = new Redis({
         ...options,
+        ...(masterUrl ? connectionSettings(masterUrl) : {}),
         name,
         sentinels: sentinels.map((url) => {
           const parsed = new URL(url)
-          return { host: parsed.hostname, port: Number(parsed.port || 26379) }
+          return { host: parsed.hostname.replace(/^\[|\]$/g, ''), port: Number(parsed.port || 26379) }
         }),
+        sentinelUsername: sentinel.username,
+        sentinelPassword: sentinel.password,
+        ...(sentinel.tls ? { sentinelTLS: sentinel.tls, enableTLSForSentinelMode: true } : {}),
         sentinelRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
       }) as ScriptedClient
     } else {
@@ -101,6 +119,10 @@ export class RedisNode implements SessionNode {
     this.#client.defineCommand('compareAndDelete', { numberOfKeys: 1, lua: COMPARE_AND_DELETE })
     // ioredis reports connection trouble as 'error' events; the ring learns of it from failed commands.
     this.#client.on('error', () => {})
+    this.#client.on('ready', () => {
+      for (const wake of this.#waiting) wake()
+      this.#waiting.clear()
+    })
   }
 
   get(key: string): Promise<Buffer | null> {
@@ -151,26 +173,20 @@ export class RedisNode implements SessionNode {
     this.#client.disconnect()
   }
 
-  #connected(): Promise<void> {
-    this.#readyWait ??= new Promise((resolve) => {
-      this.#client.once('ready', () => {
-        this.#readyWait = undefined
-        resolve()
-      })
-    })
-    return this.#readyWait
-  }
-
   #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
     // While (re)connecting, a command waits for the connection, within the timeout: a server that just restarted
     // is back in milliseconds. A command whose request gave up is dropped; it must not run (a stale write)
     // whenever the server comes back.
     let abandoned = false
+    let wake: (() => void) | undefined
     const begin =
       this.#client.status === 'ready'
         ? start()
-        : this.#connected().then(() => {
+        : new Promise<void>((resolve) => {
+            wake = resolve
+            this.#waiting.add(resolve)
+          }).then(() => {
             if (abandoned) throw new Error('abandoned before the connection was ready')
             return start()
           })
@@ -187,6 +203,7 @@ export class RedisNode implements SessionNode {
       () => `${this.address} (${operation})`,
       () => {
         abandoned = true
+        if (wake) this.#waiting.delete(wake)
       },
     )
   }
@@ -197,7 +214,29 @@ function toMs(ttlSeconds: number): number {
   return Math.max(1, Math.ceil(ttlSeconds)) * 1000
 }
 
-/** Never put a password in a log line or in health output. */
+/** Never put a password in a log line or in health output: protocol, host and path only. */
 function withoutCredentials(url: string): string {
-  return url.replace(/\/\/[^@/]*@/, '//')
+  try {
+    const parsed = new URL(url)
+    return `${parsed.protocol}//${parsed.host}${parsed.pathname === '/' ? '' : parsed.pathname}`
+  } catch {
+    return 'redis (unparsable address)'
+  }
+}
+
+/** Credentials, TLS and database of a redis:// or rediss:// URL, as ioredis options. */
+function connectionSettings(url: string): {
+  username?: string
+  password?: string
+  tls?: object
+  db?: number
+} {
+  const parsed = new URL(url)
+  const settings: { username?: string; password?: string; tls?: object; db?: number } = {}
+  if (parsed.username) settings.username = decodeURIComponent(parsed.username)
+  if (parsed.password) settings.password = decodeURIComponent(parsed.password)
+  if (parsed.protocol === 'rediss:') settings.tls = {}
+  const db = Number(parsed.pathname.slice(1))
+  if (parsed.pathname.length > 1 && Number.isInteger(db)) settings.db = db
+  return settings
 }
