@@ -1,21 +1,22 @@
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { connect } from 'node:net'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { freePort } from './memcached.js'
+import {
+  freePort,
+  installed,
+  type ServerProcess,
+  startServerProcess,
+  stopAll,
+  track,
+  waitUntilListening,
+} from './process.js'
 
 /** A real redis-server on a free loopback port, killed, frozen and restarted empty like the memcached ones. */
-export interface RedisServer {
+export interface RedisServer extends ServerProcess {
   readonly kind: 'redis'
-  readonly port: number
-  readonly pid: number
-  kill(): Promise<void>
-  freeze(): Promise<void>
-  thaw(): void
-  restart(): Promise<void>
   has(key: string): Promise<boolean>
   get(key: string): Promise<Buffer | null>
   put(key: string, value: Buffer): Promise<void>
@@ -23,58 +24,15 @@ export interface RedisServer {
   writes(): Promise<number>
 }
 
-const running = new Set<ChildProcess>()
-const clusterDirs = new Set<string>()
+const tempDirs = new Set<string>()
 
 export function redisBinary(): string {
-  try {
-    return execFileSync('sh', ['-c', 'command -v redis-server'], { encoding: 'utf8' }).trim()
-  } catch {
-    return ''
-  }
+  return installed('redis-server')
 }
 
-function spawnRedis(port: number, extra: readonly string[] = [], cwd?: string): ChildProcess {
+function spawnRedis(port: number, extra: readonly string[] = [], cwd?: string) {
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extra]
-  const child = spawn('redis-server', args, { stdio: 'ignore', cwd })
-  running.add(child)
-  child.once('exit', () => running.delete(child))
-  const pidFile = process.env.SF_TEST_PID_FILE
-  if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
-  return child
-}
-
-async function waitUntilListening(port: number, child: ChildProcess): Promise<void> {
-  const deadline = Date.now() + 5000
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`redis-server on port ${port} exited with ${child.exitCode}`)
-    const ok = await new Promise<boolean>((resolve) => {
-      const socket = connect(port, '127.0.0.1')
-      socket.once('connect', () => {
-        socket.destroy()
-        resolve(true)
-      })
-      socket.once('error', () => resolve(false))
-    })
-    if (ok) return
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
-  throw new Error(`redis-server on port ${port} did not start within 5 s`)
-}
-
-const exited = (child: ChildProcess) =>
-  child.exitCode !== null || child.signalCode !== null
-    ? Promise.resolve()
-    : new Promise<void>((resolve) => child.once('exit', () => resolve()))
-
-async function stateOf(child: ChildProcess, state: string): Promise<void> {
-  const deadline = Date.now() + 5000
-  while (Date.now() < deadline) {
-    const stat = readFileSync(`/proc/${child.pid}/stat`, 'utf8')
-    if (stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === state) return
-    await new Promise((resolve) => setTimeout(resolve, 5))
-  }
-  throw new Error(`redis-server pid ${child.pid} did not reach state ${state}`)
+  return spawn('redis-server', args, { stdio: 'ignore', cwd })
 }
 
 /** One command through a short-lived real client. */
@@ -90,35 +48,13 @@ async function command<T>(port: number, run: (client: Redis) => Promise<T>): Pro
 }
 
 export async function startRedis(extra: readonly string[] = [], cwd?: string): Promise<RedisServer> {
-  const port = await freePort()
-  let child = spawnRedis(port, extra, cwd)
-  await waitUntilListening(port, child)
-  return {
-    kind: 'redis',
-    port,
-    get pid() {
-      return child.pid ?? -1
-    },
-    async kill() {
-      child.kill('SIGKILL')
-      await exited(child)
-    },
-    async freeze() {
-      child.kill('SIGSTOP')
-      await stateOf(child, 'T')
-    },
-    thaw() {
-      child.kill('SIGCONT')
-    },
-    async restart() {
-      child.kill('SIGKILL')
-      await exited(child)
-      child = spawnRedis(port, extra, cwd)
-      await waitUntilListening(port, child)
-    },
-    has: (key) => command(port, async (client) => (await client.exists(key)) === 1),
-    get: (key) => command(port, (client) => client.getBuffer(key)),
-    put: (key, value) => command(port, async (client) => void (await client.set(key, value))),
+  const server = await startServerProcess('redis', (port) => spawnRedis(port, extra, cwd))
+  const { port } = server
+  return Object.assign(server, {
+    kind: 'redis' as const,
+    has: (key: string) => command(port, async (client) => (await client.exists(key)) === 1),
+    get: (key: string) => command(port, (client) => client.getBuffer(key)),
+    put: (key: string, value: Buffer) => command(port, async (client) => void (await client.set(key, value))),
     writes: () =>
       command(port, async (client) => {
         const info = await client.info('commandstats')
@@ -128,18 +64,13 @@ export async function startRedis(extra: readonly string[] = [], cwd?: string): P
         }
         return total
       }),
-  }
+  })
 }
 
 export async function stopAllRedis(): Promise<void> {
-  const children = [...running]
-  for (const child of children) {
-    child.kill('SIGCONT')
-    child.kill('SIGKILL')
-  }
-  await Promise.all(children.map(exited))
-  for (const dir of clusterDirs) rmSync(dir, { recursive: true, force: true })
-  clusterDirs.clear()
+  await stopAll('redis')
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true })
+  tempDirs.clear()
 }
 
 /**
@@ -150,7 +81,7 @@ export async function startRedisCluster(
   masters: number,
 ): Promise<{ servers: RedisServer[]; urls: string[] }> {
   const dir = mkdtempSync(join(tmpdir(), 'sf-redis-cluster-'))
-  clusterDirs.add(dir)
+  tempDirs.add(dir)
   const extra = ['--cluster-enabled', 'yes', '--cluster-node-timeout', '1000']
   const servers = await Promise.all(
     Array.from({ length: masters }, () =>
@@ -187,7 +118,7 @@ export async function startRedisSentinel(
   name: string,
 ): Promise<{ master: RedisServer; replica: RedisServer; sentinelUrl: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'sf-redis-sentinel-'))
-  clusterDirs.add(dir)
+  tempDirs.add(dir)
   const master = await startRedis([], dir)
   const replica = await startRedis(['--replicaof', '127.0.0.1', String(master.port)], dir)
   const deadline = Date.now() + 15_000
@@ -210,11 +141,7 @@ export async function startRedisSentinel(
       '',
     ].join('\n'),
   )
-  const sentinel = spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore', cwd: dir })
-  running.add(sentinel)
-  sentinel.once('exit', () => running.delete(sentinel))
-  const pidFile = process.env.SF_TEST_PID_FILE
-  if (pidFile && sentinel.pid) appendFileSync(pidFile, `${sentinel.pid}\n`)
+  const sentinel = track('redis', spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore', cwd: dir }))
   await waitUntilListening(port, sentinel)
   return { master, replica, sentinelUrl: `redis://127.0.0.1:${port}` }
 }
