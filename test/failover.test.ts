@@ -1,9 +1,10 @@
 import { sign } from 'cookie-signature'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
-import { parseSessionId } from '../src/index.js'
+import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
 import { type CacheServer, nodesFor, startBackend, stopAllServers } from './support/backends.js'
+import { startFastifyShop } from './support/fastify-app.js'
 
 const SECRET = 'test-secret'
 const OPERATION_TIMEOUT = 250
@@ -12,14 +13,18 @@ const PROBE_INTERVAL = 100
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 const [express4, express5] = expressVersions
+type Start = (options: SessionFailoverOptions) => Promise<ShopApp>
+const onExpress4: Start = (options) => startShop(express4.express, options)
+const onExpress5: Start = (options) => startShop(express5.express, options)
 const matrix = [
-  { name: 'memcached, Express 4', backend: 'memcached', express: express4.express },
-  { name: 'memcached, Express 5', backend: 'memcached', express: express5.express },
-  { name: 'Redis, Express 5', backend: 'redis', express: express5.express },
-  { name: 'a ring of memcached and Redis, Express 5', backend: 'mixed', express: express5.express },
+  { name: 'memcached, Express 4', backend: 'memcached', start: onExpress4 },
+  { name: 'memcached, Express 5', backend: 'memcached', start: onExpress5 },
+  { name: 'memcached, Fastify 5', backend: 'memcached', start: startFastifyShop },
+  { name: 'Redis, Express 5', backend: 'redis', start: onExpress5 },
+  { name: 'a ring of memcached and Redis, Express 5', backend: 'mixed', start: onExpress5 },
 ] as const
 
-describe.each(matrix)('non-sticky failover on $name', ({ express, backend }) => {
+describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
   let servers: CacheServer[]
   let appA: ShopApp
   let appB: ShopApp
@@ -33,8 +38,8 @@ describe.each(matrix)('non-sticky failover on $name', ({ express, backend }) => 
       operationTimeout: OPERATION_TIMEOUT,
       nodeProbeInterval: PROBE_INTERVAL,
     }
-    appA = await startShop(express, options)
-    appB = await startShop(express, options)
+    appA = await start(options)
+    appB = await start(options)
     browser = new Browser()
   })
 
@@ -137,7 +142,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ express, backend }) => 
       backupCheckInterval: 100,
       nodeProbeInterval: 50,
     }
-    const reader = await startShop(express, options)
+    const reader = await start(options)
     try {
       const id = await fillCart()
       await backupServerOf(id).restart()

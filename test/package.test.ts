@@ -17,7 +17,11 @@ describe('the npm package', () => {
     run('npm', ['pack', '--pack-destination', app, '--silent'], root)
     const tarball = readdirSync(app).find((name) => name.endsWith('.tgz')) as string
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'consumer', private: true }))
-    run('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', `./${tarball}`, 'express@5'], app)
+    run(
+      'npm',
+      ['install', '--no-audit', '--no-fund', '--prefer-offline', `./${tarball}`, 'express@5', 'fastify@5'],
+      app,
+    )
   }, 240_000)
 
   afterAll(() => rmSync(app, { recursive: true, force: true }))
@@ -52,7 +56,19 @@ if (typeof sessionFailover !== 'function') throw new Error('no sessionFailover')
 console.log(parseSessionId('${'b'.repeat(24)}-n2').nodeId)
 `,
     )
+    writeFileSync(
+      join(app, 'fastify.mjs'),
+      `import Fastify from 'fastify'
+import { fastifySessionFailover } from 'session-failover/fastify'
+const app = Fastify()
+await app.register(fastifySessionFailover, { secret: 's', nodes: 'n1:127.0.0.1:1' })
+await app.ready()
+console.log(typeof app.sessionFailover.health)
+await app.close()
+`,
+    )
     expect(run('node', ['esm.mjs'], app).trim()).toBe('n1')
+    expect(run('node', ['fastify.mjs'], app).trim()).toBe('function')
     expect(run('node', ['cjs.cjs'], app).trim()).toBe('n2')
   })
 

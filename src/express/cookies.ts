@@ -1,31 +1,14 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { parse, serialize } from 'cookie'
-import { sign, unsign } from 'cookie-signature'
+import { type PresentedId, signedValue, verifiedId } from '../core/cookie-value.js'
 
-/** Longest cookie value worth looking at; a signed id is far shorter. Bounds work on hostile headers. */
-const MAX_COOKIE_VALUE = 200
-
-export interface PresentedId {
-  readonly id: string
-  /** Verified by a secret other than the first: the cookie is re-signed, so old secrets can be retired. */
-  readonly resign: boolean
-}
-
-/** The session id from a signed `s:` cookie, verified against every secret; undefined for anything else. */
+/** The session id from the signed session cookie in a Cookie header; undefined for anything else. */
 export function readSessionId(
   header: string | undefined,
   name: string,
   secrets: readonly string[],
 ): PresentedId | undefined {
-  if (!header) return undefined
-  const raw = parse(header)[name]
-  if (!raw || raw.length > MAX_COOKIE_VALUE || !raw.startsWith('s:')) return undefined
-  const signed = raw.slice(2)
-  for (let index = 0; index < secrets.length; index++) {
-    const id = unsign(signed, secrets[index] as string)
-    if (id !== false) return { id, resign: index > 0 }
-  }
-  return undefined
+  return header ? verifiedId(parse(header)[name], secrets) : undefined
 }
 
 export function appendSessionCookie(
@@ -35,7 +18,7 @@ export function appendSessionCookie(
   secret: string,
   options: Parameters<typeof serialize>[2],
 ): void {
-  const header = serialize(name, `s:${sign(id, secret)}`, options)
+  const header = serialize(name, signedValue(id, secret), options)
   const previous = res.getHeader('Set-Cookie')
   const all =
     previous === undefined

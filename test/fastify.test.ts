@@ -1,0 +1,76 @@
+import express from 'express'
+import Fastify from 'fastify'
+import { afterEach, describe, expect, it } from 'vitest'
+import { fastifySessionFailover } from '../src/fastify.js'
+import { Browser, type ShopApp, startShop } from './support/app.js'
+import { startFastifyShop } from './support/fastify-app.js'
+import { nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+
+describe('the Fastify plugin', () => {
+  const shops: ShopApp[] = []
+  afterEach(async () => {
+    await Promise.all(shops.splice(0).map((shop) => shop.close()))
+    await stopAllMemcached()
+  })
+  async function both(extra: object = {}) {
+    const servers = await startCluster(3)
+    const options = { secret: 'shared', nodes: nodesOption(servers), ...extra }
+    const onExpress = await startShop(express, options)
+    const onFastify = await startFastifyShop(options)
+    shops.push(onExpress, onFastify)
+    return { servers, onExpress, onFastify }
+  }
+
+  it('serves sessions through inject, without a network', async () => {
+    const servers = await startCluster(2)
+    const app = Fastify()
+    await app.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    app.post('/visit', async (request) => {
+      request.session.set('visits', (request.session.get<number>('visits') ?? 0) + 1)
+      return { visits: request.session.get('visits') }
+    })
+    try {
+      const first = await app.inject({ method: 'POST', url: '/visit' })
+      const cookie = String(first.headers['set-cookie']).split(';')[0] as string
+      expect(first.json()).toEqual({ visits: 1 })
+      const second = await app.inject({ method: 'POST', url: '/visit', headers: { cookie } })
+      expect(second.json()).toEqual({ visits: 2 })
+    } finally {
+      await app.close()
+    }
+  })
+
+  it('shares sessions with Express apps on the same nodes and secret (a mixed fleet)', async () => {
+    const { onExpress, onFastify } = await both()
+    const browser = new Browser()
+    await browser.send(onExpress, 'POST', '/cart/from-express')
+    expect((await browser.send(onFastify, 'POST', '/cart/from-fastify')).body.cart).toEqual([
+      'from-express',
+      'from-fastify',
+    ])
+    expect((await browser.send(onExpress, 'GET', '/cart')).body.cart).toEqual([
+      'from-express',
+      'from-fastify',
+    ])
+  })
+
+  it('keeps parallel increments exact with requests split between Express and Fastify', async () => {
+    const { onExpress, onFastify } = await both({ lockingMode: 'all', lockTimeout: 10_000 })
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/start')
+    await Promise.all(
+      Array.from({ length: 30 }, (_, i) => browser.send(i % 2 ? onExpress : onFastify, 'POST', '/count')),
+    )
+    expect((await browser.send(onFastify, 'POST', '/count')).body.views).toBe(31)
+  })
+
+  it('answers 503 with Retry-After when every node is down', async () => {
+    const { servers, onFastify } = await both({ operationTimeout: 200 })
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/apple')
+    await Promise.all(servers.map((server) => server.kill()))
+    const reply = await browser.send(onFastify, 'GET', '/cart')
+    expect(reply.status).toBe(503)
+    expect(reply.headers.get('retry-after')).toMatch(/^\d+$/)
+  })
+})

@@ -1,0 +1,58 @@
+import type { AddressInfo } from 'node:net'
+import Fastify from 'fastify'
+import { fastifySessionFailover } from '../../src/fastify.js'
+import type { SessionFailoverOptions } from '../../src/index.js'
+import type { ShopApp } from './app.js'
+
+/** The shop of test/support/app.ts on Fastify 5, through the plugin: the routes the behavioural suites use. */
+export async function startFastifyShop(options: SessionFailoverOptions): Promise<ShopApp> {
+  const app = Fastify()
+  await app.register(fastifySessionFailover, options)
+  const shop = {} as ShopApp
+  shop.beforeModify = async () => {}
+  const cartOf = (session: { get<T>(key: string): T | undefined }) => session.get<string[]>('cart') ?? []
+
+  app.get('/cart', async (request) => ({ id: request.session.sessionId, cart: cartOf(request.session) }))
+  app.post<{ Params: { item: string } }>('/cart/:item', async (request) => {
+    request.session.set('cart', [...cartOf(request.session), request.params.item])
+    return { id: request.session.sessionId, cart: cartOf(request.session) }
+  })
+  app.post<{ Params: { item: string } }>('/slow/:item', async (request) => {
+    await shop.beforeModify()
+    request.session.cart = [...cartOf(request.session), request.params.item]
+    return { cart: request.session.cart }
+  })
+  app.post<{ Params: { item: string } }>('/stream/:item', async (request, reply) => {
+    request.session.cart = [...cartOf(request.session), request.params.item]
+    const { Readable } = await import('node:stream')
+    reply.type('application/json')
+    return reply.send(Readable.from(['{"cart":', JSON.stringify(request.session.cart), '}']))
+  })
+  app.post('/logout', async (request) => {
+    await request.session.destroy()
+    return { ok: true }
+  })
+  app.post('/login', async (request) => {
+    const cart = cartOf(request.session)
+    await request.session.regenerate()
+    request.session.cart = cart
+    return { id: request.session.sessionId }
+  })
+  app.post('/count', async (request) => {
+    request.session.views = ((request.session.views as number | undefined) ?? 0) + 1
+    return { views: request.session.views }
+  })
+
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  Object.assign(shop, {
+    url: `http://127.0.0.1:${port}`,
+    server: app.server,
+    sessions: { ...app.sessionFailover, close: () => app.close() },
+    close: async () => {
+      app.server.closeAllConnections()
+      await app.close()
+    },
+  })
+  return shop
+}
