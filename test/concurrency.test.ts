@@ -10,12 +10,27 @@ import {
   startBackend,
   stopAllServers,
 } from './support/backends.js'
+import { startFastifyShop } from './support/fastify-app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
+/** Every backend under Express, and Fastify on memcached: the suites below run on each. */
+const setups: ReadonlyArray<{
+  name: string
+  backend: Backend
+  start: (o: SessionFailoverOptions) => Promise<ShopApp>
+}> = [
+  ...backends.map((backend) => ({
+    name: `${backend}, Express`,
+    backend,
+    start: (options: SessionFailoverOptions) => startShop(express, options),
+  })),
+  { name: 'memcached, Fastify', backend: 'memcached', start: startFastifyShop },
+]
+
 /** Parallel requests of one session, split over two app instances sharing the nodes (non-sticky mode). */
-describe.each(backends)('parallel requests of one session (%s)', (backend: Backend) => {
+describe.each(setups)('parallel requests of one session ($name)', ({ backend, start }) => {
   let servers: CacheServer[]
   const shops: ShopApp[] = []
 
@@ -28,7 +43,7 @@ describe.each(backends)('parallel requests of one session (%s)', (backend: Backe
   async function instances(options: Partial<SessionFailoverOptions>): Promise<[ShopApp, ShopApp]> {
     servers = await startBackend(backend, 3)
     const all = { secret: 'parallel', nodes: nodesFor(servers), lockTimeout: 10_000, ...options }
-    const pair = [await startShop(express, all), await startShop(express, all)] as [ShopApp, ShopApp]
+    const pair = [await start(all), await start(all)] as [ShopApp, ShopApp]
     shops.push(...pair)
     return pair
   }
@@ -129,7 +144,7 @@ describe.each(backends)('parallel requests of one session (%s)', (backend: Backe
       operationTimeout: 250,
     }
     const holder = await startAppProcess(options)
-    const other = await startShop(express, { ...options, lockTimeout: 5000 })
+    const other = await start({ ...options, lockTimeout: 5000 })
     shops.push(other)
     const browser = new Browser()
     await browser.send(holder, 'POST', '/cart/apple')
@@ -164,7 +179,7 @@ describe.each(backends)('parallel requests of one session (%s)', (backend: Backe
 })
 
 /** What the locks and merges must also get right when things go wrong around them. */
-describe.each(backends)('locks and merges under failure (%s)', (backend: Backend) => {
+describe.each(setups)('locks and merges under failure ($name)', ({ backend, start }) => {
   let servers: CacheServer[]
   const shops: ShopApp[] = []
 
@@ -184,8 +199,8 @@ describe.each(backends)('locks and merges under failure (%s)', (backend: Backend
       operationTimeout: 250,
       nodeProbeInterval: 100,
     }
-    const a = await startShop(express, { ...base, ...options })
-    const b = await startShop(express, { ...base, ...other })
+    const a = await start({ ...base, ...options })
+    const b = await start({ ...base, ...other })
     shops.push(a, b)
     return [a, b] as const
   }

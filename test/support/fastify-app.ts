@@ -43,6 +43,38 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     return { views: request.session.views }
   })
 
+  app.post('/count/slow', async (request) => {
+    // Read at the start, write 30 ms later: parallel requests that are not kept apart overwrite each other.
+    const views = (request.session.views as number | undefined) ?? 0
+    await new Promise((resolve) => setTimeout(resolve, 30))
+    request.session.views = views + 1
+    return { views: request.session.views }
+  })
+  app.post<{ Params: { name: string } }>('/key/:name', async (request) => {
+    request.session.set(`k_${request.params.name}`, true)
+    return { ok: true }
+  })
+  app.get('/keys', async (request) => ({
+    keys: Object.keys(request.session).filter((key) => key.startsWith('k_')),
+  }))
+  app.post('/hang', () => new Promise(() => {}))
+  app.post<{ Params: { item: string } }>('/save-twice/:item', async (request) => {
+    await shop.beforeModify()
+    request.session.cart = [...cartOf(request.session), request.params.item]
+    await request.session.save()
+    request.session.cart = [...cartOf(request.session), 'again']
+    return { cart: request.session.cart }
+  })
+  app.post('/stream-open', async (request, reply) => {
+    // Headers and a first chunk go out, then the reply stays open (server-sent events, long polling).
+    request.session.views = ((request.session.views as number | undefined) ?? 0) + 1
+    const { PassThrough } = await import('node:stream')
+    const stream = new PassThrough()
+    stream.write('open')
+    request.raw.once('close', () => stream.destroy())
+    return reply.send(stream)
+  })
+
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   Object.assign(shop, {
