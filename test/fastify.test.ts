@@ -64,6 +64,16 @@ describe('the Fastify plugin', () => {
     expect((await browser.send(onFastify, 'POST', '/count')).body.views).toBe(31)
   })
 
+  it('releases the lock of a handler that throws', async () => {
+    const { onFastify } = await both({ lockingMode: 'all', lockExpiration: 30, lockTimeout: 2000 })
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/start')
+    expect((await browser.send(onFastify, 'POST', '/boom')).status).toBe(500)
+    const next = await browser.send(onFastify, 'POST', '/count')
+    expect(next.status).toBe(200)
+    expect(next.elapsedMs).toBeLessThan(1500)
+  })
+
   it('answers 503 with Retry-After when every node is down', async () => {
     const { servers, onFastify } = await both({ operationTimeout: 200 })
     const browser = new Browser()
@@ -72,5 +82,35 @@ describe('the Fastify plugin', () => {
     const reply = await browser.send(onFastify, 'GET', '/cart')
     expect(reply.status).toBe(503)
     expect(reply.headers.get('retry-after')).toMatch(/^\d+$/)
+  })
+})
+
+describe('the Fastify plugin in sticky mode', () => {
+  afterEach(() => stopAllMemcached())
+
+  it('serves from memory, and takes over from (and back to) an Express instance with a reissued route', async () => {
+    const servers = await startCluster(2)
+    const base = { secret: 'sticky', nodes: nodesOption(servers), sticky: true as const }
+    const onFastify = await startFastifyShop({ ...base, route: 'f' })
+    const onExpress = await startShop(express, { ...base, route: 'e' })
+    try {
+      const browser = new Browser()
+      await browser.send(onFastify, 'POST', '/cart/apple')
+      expect(browser.sessionId?.endsWith('.f')).toBe(true)
+      const gets = async () =>
+        (await Promise.all(servers.map((s) => s.stats()))).reduce((n, s) => n + (s.cmd_get ?? 0), 0)
+      const before = await gets()
+      expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual(['apple'])
+      expect(await gets()).toBe(before) // served from memory
+
+      expect((await browser.send(onExpress, 'POST', '/cart/pear')).body.cart).toEqual(['apple', 'pear'])
+      expect(browser.sessionId?.endsWith('.e')).toBe(true)
+      // Back on Fastify: its own copy (['apple']) is stale and must not be served.
+      expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+      expect(browser.sessionId?.endsWith('.f')).toBe(true)
+    } finally {
+      await onFastify.close()
+      await onExpress.close()
+    }
   })
 })

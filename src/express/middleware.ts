@@ -5,9 +5,10 @@ import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
+import { newSessionCookie, type SessionCookie } from '../session-cookie.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
-import { CookieClass, RequestStore, type SessionCookie, type SessionRequest } from './request-store.js'
+import { RequestStore, type SessionRequest } from './request-store.js'
 
 export interface SessionFailoverMiddleware {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
@@ -32,13 +33,8 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
   const config = parseOptions(options)
   const engine: Engine = createEngine(config)
   const cookiePath = config.cookie.path ?? '/'
-  const newCookie = (req: SessionRequest): SessionCookie => {
-    const cookie = new CookieClass(config.cookie)
-    const secure = isSecure(req, config.proxy)
-    if ((config.cookie.secure as unknown) === 'auto') cookie.secure = secure
-    if ((config.cookie.sameSite as unknown) === 'auto') cookie.sameSite = secure ? 'none' : 'lax'
-    return cookie
-  }
+  const newCookie = (req: SessionRequest): SessionCookie =>
+    newSessionCookie(config.cookie, isSecure(req, config.proxy))
 
   let closed = false
 

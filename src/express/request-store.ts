@@ -3,6 +3,7 @@ import session from 'express-session'
 import type { SessionEngine } from '../core/engine.js'
 import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js'
 import type { SessionState } from '../core/session-state.js'
+import type { SessionCookie } from '../session-cookie.js'
 
 export type SessionRequest = IncomingMessage & {
   session?: session.Session & Partial<session.SessionData>
@@ -18,13 +19,11 @@ function later(callback: Callback, error?: unknown): void {
   process.nextTick(callback, error)
 }
 
-/** express-session's classes, with the constructor signatures its type declarations keep private. */
-export type SessionCookie = session.Cookie & { readonly data: Record<string, unknown> }
+/** express-session's Session class, with the constructor its type declarations keep private. */
 export const SessionClass = session.Session as unknown as new (
   req: SessionRequest,
   data?: Record<string, unknown>,
 ) => session.Session & Partial<session.SessionData>
-export const CookieClass = session.Cookie as unknown as new (options?: session.CookieOptions) => SessionCookie
 
 /**
  * What express-session's Session methods (save, reload, destroy, regenerate) call through `req.sessionStore`,

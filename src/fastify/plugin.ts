@@ -8,9 +8,9 @@ import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js
 import type { SessionState } from '../core/session-state.js'
 import { createEngine } from '../create-engine.js'
 import { SessionFailoverError } from '../errors.js'
-import { CookieClass, type SessionCookie } from '../express/request-store.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
+import { newSessionCookie, type SessionCookie, storedSessionCookie } from '../session-cookie.js'
 import { FastifySession, type SessionControl } from './session.js'
 
 declare module 'fastify' {
@@ -49,20 +49,9 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     stats: () => ({ ...engine.session.counters }),
   })
 
-  const newCookie = (request: FastifyRequest): SessionCookie => {
-    const cookie = new CookieClass(config.cookie)
-    const secure = isSecure(request)
-    if ((config.cookie.secure as unknown) === 'auto') cookie.secure = secure
-    if ((config.cookie.sameSite as unknown) === 'auto') cookie.sameSite = secure ? 'none' : 'lax'
-    return cookie
-  }
-  const cookieOf = (content: SessionContent): SessionCookie => {
-    const cookie = new CookieClass()
-    Object.assign(cookie, content.cookie)
-    if (typeof content.cookie.expires === 'string') cookie.expires = new Date(content.cookie.expires)
-    cookie.originalMaxAge = (content.cookie.originalMaxAge as number | null | undefined) ?? null
-    return cookie
-  }
+  const newCookie = (request: FastifyRequest): SessionCookie =>
+    newSessionCookie(config.cookie, isSecure(request))
+  const cookieOf = (content: SessionContent): SessionCookie => storedSessionCookie(content.cookie)
 
   const control = (request: FastifyRequest, state: SessionState): SessionControl => ({
     id: () => state.id,

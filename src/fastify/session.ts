@@ -1,4 +1,4 @@
-import type { SessionCookie } from '../express/request-store.js'
+import type { SessionCookie } from '../session-cookie.js'
 
 /** What a FastifySession asks of its request: every decision stays in the engine. */
 export interface SessionControl {

@@ -58,6 +58,10 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     keys: Object.keys(request.session).filter((key) => key.startsWith('k_')),
   }))
   app.post('/hang', () => new Promise(() => {}))
+  app.post('/boom', async (request) => {
+    request.session.views = 99
+    throw new Error('the handler failed')
+  })
   app.post<{ Params: { item: string } }>('/save-twice/:item', async (request) => {
     await shop.beforeModify()
     request.session.cart = [...cartOf(request.session), request.params.item]
