@@ -114,3 +114,108 @@ describe('the Fastify plugin in sticky mode', () => {
     }
   })
 })
+
+describe('the Fastify plugin with unusual setups', () => {
+  afterEach(() => stopAllMemcached())
+
+  async function app(register: (app: ReturnType<typeof Fastify>) => Promise<void>) {
+    const instance = Fastify()
+    await register(instance)
+    instance.post('/visit', async (request) => {
+      request.session.visits = ((request.session.visits as number | undefined) ?? 0) + 1
+      return { visits: request.session.visits }
+    })
+    instance.post('/reset', async (request) => {
+      await request.session.destroy()
+      request.session.set('fresh', true)
+      return { cart: request.session.get('cart') ?? null }
+    })
+    instance.post('/api-key', async (request) => {
+      request.session.set('touch', 1)
+      return {}
+    })
+    instance.post('/shadow', async (request) => {
+      ;(request.session as unknown as Record<string, unknown>).get = 5
+      return {}
+    })
+    instance.get('/all', async (request) => ({ ...request.session, cookie: undefined }))
+    return instance
+  }
+  const cookieOf = (reply: { headers: Record<string, unknown> }) =>
+    String(
+      [reply.headers['set-cookie']].flat().find((c) => String(c).startsWith('connect.sid=')) ?? '',
+    ).split(';')[0]
+
+  it('trusts X-Forwarded-Proto for a secure cookie with proxy: true', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, {
+        secret: 's',
+        nodes: nodesOption(servers),
+        proxy: true,
+        cookie: { secure: true },
+      })
+    })
+    const reply = await fastify.inject({
+      method: 'POST',
+      url: '/visit',
+      headers: { 'x-forwarded-proto': 'https' },
+    })
+    expect(String(reply.headers['set-cookie'])).toMatch(/; Secure/)
+    await fastify.close()
+  })
+
+  it('goes on with a new, empty session after destroy(), stored only because it was modified', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    })
+    const first = await fastify.inject({ method: 'POST', url: '/visit' })
+    const cookie = cookieOf(first)
+    const reset = await fastify.inject({ method: 'POST', url: '/reset', headers: { cookie } })
+    expect(reset.json()).toEqual({ cart: null })
+    const fresh = cookieOf(reset)
+    expect(fresh).not.toBe(cookie)
+    expect((await fastify.inject({ url: '/all', headers: { cookie: fresh } })).json()).toEqual({
+      fresh: true,
+    })
+    await fastify.close()
+  })
+
+  it('refuses session keys that would shadow its API, and survives a shadowing assignment', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    })
+    const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+    expect((await fastify.inject({ method: 'POST', url: '/api-key', headers: { cookie } })).statusCode).toBe(
+      500,
+    )
+    expect((await fastify.inject({ method: 'POST', url: '/shadow', headers: { cookie } })).statusCode).toBe(
+      200,
+    )
+    expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({
+      visits: 2,
+    })
+    await fastify.close()
+  })
+
+  it("works whatever the application's own @fastify/cookie setup: parsing later, or signing by default", async () => {
+    const { default: fastifyCookie } = await import('@fastify/cookie')
+    const servers = await startCluster(1)
+    for (const cookieOptions of [
+      { hook: false as const },
+      { secret: 'theirs', parseOptions: { signed: true } },
+    ]) {
+      const fastify = await app(async (a) => {
+        await a.register(fastifyCookie, cookieOptions)
+        await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+      })
+      const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+      expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({
+        visits: 2,
+      })
+      await fastify.close()
+    }
+  })
+})

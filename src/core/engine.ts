@@ -196,6 +196,17 @@ export class SessionEngine {
     await this.store.destroy(state.id)
   }
 
+  /**
+   * After destroy(), for adapters whose request keeps a session object (Fastify): a new, empty session, stored
+   * only if modified. The request keeps its lock.
+   */
+  startOver(destroyed: SessionState): SessionState {
+    const next = SessionState.fresh(destroyed.cookieId, this.store.newSessionId())
+    next.lock = destroyed.lock
+    next.wrote = true
+    return next
+  }
+
   /** regenerate(): both copies of the old session are removed, then a new id is issued. */
   async regenerate(state: SessionState): Promise<void> {
     state.wrote = true

@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import { parse, serialize } from 'cookie'
-import { type PresentedId, signedValue, verifiedId } from '../core/cookie-value.js'
+import { parse } from 'cookie'
+import { type PresentedId, verifiedId } from '../core/cookie-value.js'
+import { isSecureConnection } from '../session-cookie.js'
 
 /** The session id from the signed session cookie in a Cookie header; undefined for anything else. */
 export function readSessionId(
@@ -11,14 +12,7 @@ export function readSessionId(
   return header ? verifiedId(parse(header)[name], secrets) : undefined
 }
 
-export function appendSessionCookie(
-  res: ServerResponse,
-  name: string,
-  id: string,
-  secret: string,
-  options: Parameters<typeof serialize>[2],
-): void {
-  const header = serialize(name, signedValue(id, secret), options)
+export function appendSessionCookie(res: ServerResponse, header: string): void {
   const previous = res.getHeader('Set-Cookie')
   const all =
     previous === undefined
@@ -29,17 +23,11 @@ export function appendSessionCookie(
   res.setHeader('Set-Cookie', all)
 }
 
-/** express-session's rule: TLS socket, else X-Forwarded-Proto when `proxy` is true, else Express's req.secure. */
 export function isSecure(
   req: IncomingMessage & { secure?: boolean },
   trustProxy: boolean | undefined,
 ): boolean {
-  if ((req.socket as { encrypted?: boolean }).encrypted) return true
-  if (trustProxy === false) return false
-  if (trustProxy !== true) return req.secure === true
-  const header = req.headers['x-forwarded-proto']
-  const first = (Array.isArray(header) ? header[0] : header)?.split(',')[0]
-  return first?.trim().toLowerCase() === 'https'
+  return isSecureConnection(req, trustProxy, req.secure === true)
 }
 
 export function requestPath(req: IncomingMessage & { originalUrl?: string }): string {

@@ -5,7 +5,7 @@ import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
-import { newSessionCookie, type SessionCookie } from '../session-cookie.js'
+import { newSessionCookie, type SessionCookie, sessionCookieHeader } from '../session-cookie.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
@@ -89,11 +89,14 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         req.sessionID = state.id
         if (!(setCookie || resign) || (current.cookie.secure && !isSecure(req, config.proxy)))
           return undefined
-        const id = state.id
-        const cookieOptions = (current.cookie as SessionCookie).data
+        const header = sessionCookieHeader(
+          config.name,
+          state.id,
+          config.secrets[0] as string,
+          current.cookie as SessionCookie,
+        )
         return () => {
-          if (!res.headersSent)
-            appendSessionCookie(res, config.name, id, config.secrets[0] as string, cookieOptions)
+          if (!res.headersSent) appendSessionCookie(res, header)
         }
       }
       holdResponse(res, commit, next)

@@ -1,7 +1,7 @@
 import fastifyCookie from '@fastify/cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { signedValue, verifiedId } from '../core/cookie-value.js'
+import { verifiedId } from '../core/cookie-value.js'
 import type { SessionCounters } from '../core/engine.js'
 import type { RequestFacts } from '../core/locking-policy.js'
 import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js'
@@ -10,7 +10,13 @@ import { createEngine } from '../create-engine.js'
 import { SessionFailoverError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
-import { newSessionCookie, type SessionCookie, storedSessionCookie } from '../session-cookie.js'
+import {
+  isSecureConnection,
+  newSessionCookie,
+  type SessionCookie,
+  sessionCookieHeader,
+  storedSessionCookie,
+} from '../session-cookie.js'
 import { FastifySession, type SessionControl } from './session.js'
 
 declare module 'fastify' {
@@ -25,7 +31,8 @@ declare module 'fastify' {
 }
 
 interface RequestContext {
-  readonly state: SessionState
+  /** Replaced by a fresh one when the session is destroyed: the request goes on with a new, empty session. */
+  state: SessionState
   readonly facts: RequestFacts
   readonly resign: boolean
   /** The commit ran: an error reply it caused passes through onSend again and must not commit again. */
@@ -49,21 +56,26 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     stats: () => ({ ...engine.session.counters }),
   })
 
+  const isSecure = (request: FastifyRequest): boolean =>
+    isSecureConnection(request.raw, config.proxy, request.protocol === 'https')
   const newCookie = (request: FastifyRequest): SessionCookie =>
     newSessionCookie(config.cookie, isSecure(request))
   const cookieOf = (content: SessionContent): SessionCookie => storedSessionCookie(content.cookie)
 
-  const control = (request: FastifyRequest, state: SessionState): SessionControl => ({
-    id: () => state.id,
-    save: (session) => engine.session.save(state, snapshotOf(session, session.cookie)),
+  const control = (request: FastifyRequest, context: RequestContext): SessionControl => ({
+    id: () => context.state.id,
+    save: (session) => engine.session.save(context.state, snapshotOf(session, session.cookie)),
     async regenerate(session) {
-      await engine.session.regenerate(state)
+      await engine.session.regenerate(context.state)
       session.replaceData({})
       session.cookie = newCookie(request)
     },
-    destroy: () => engine.session.destroy(state),
+    async destroy() {
+      await engine.session.destroy(context.state)
+      context.state = engine.session.startOver(context.state)
+    },
     async reload(session) {
-      const stored = await engine.session.reload(state)
+      const stored = await engine.session.reload(context.state)
       if (!stored) throw new Error('failed to load session')
       const content = contentOf(stored)
       session.replaceData(content.data)
@@ -74,16 +86,20 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
   fastify.addHook('onRequest', async (request) => {
     const path = request.url.split('?')[0] ?? '/'
     if (!path.startsWith(cookiePath)) return
-    const presented = verifiedId(request.cookies[config.name], config.secrets)
+    // @fastify/cookie may be registered to parse in a later hook; then the header is parsed here.
+    const raw =
+      request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
+    const presented = verifiedId(raw, config.secrets)
     const recognized = presented !== undefined && engine.session.store.recognize(presented.id) !== null
     const facts: RequestFacts = { method: request.method, path, raw: request }
     const { state, stored } = await engine.session.open(recognized ? presented?.id : undefined, facts)
-    contexts.set(request, {
+    const context: RequestContext = {
       state,
       facts,
       resign: recognized && presented?.resign === true,
       committed: false,
-    })
+    }
+    contexts.set(request, context)
     let content: SessionContent | undefined
     try {
       content = stored && contentOf(stored)
@@ -92,8 +108,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       state.renew(engine.session.store.newSessionId())
     }
     request.session = content
-      ? new FastifySession(control(request, state), content.data, cookieOf(content))
-      : new FastifySession(control(request, state), {}, newCookie(request))
+      ? new FastifySession(control(request, context), content.data, cookieOf(content))
+      : new FastifySession(control(request, context), {}, newCookie(request))
   })
 
   fastify.addHook('onSend', async (request: FastifyRequest, reply: FastifyReply, payload: unknown) => {
@@ -102,18 +118,15 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     context.committed = true
     const { state, facts, resign } = context
     const session = request.session
-    session.touch()
-    const { setCookie } = await engine.session.commit(
-      state,
-      state.destroyed ? null : snapshotOf(session, session.cookie),
-    )
+    // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
+    FastifySession.prototype.touch.call(session)
+    const { setCookie } = await engine.session.commit(state, snapshotOf(session, session.cookie))
     await engine.session.finish(state, facts)
-    if ((setCookie || resign) && !state.destroyed && (!session.cookie.secure || isSecure(request))) {
-      const data = session.cookie.data as { expires?: Date | null } & Record<string, unknown>
-      reply.setCookie(config.name, signedValue(state.id, config.secrets[0] as string), {
-        ...(data as object),
-        expires: data.expires ?? undefined,
-      })
+    if ((setCookie || resign) && (!session.cookie.secure || isSecure(request))) {
+      reply.header(
+        'set-cookie',
+        sessionCookieHeader(config.name, state.id, config.secrets[0] as string, session.cookie),
+      )
     }
     return payload
   })
@@ -132,10 +145,6 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
   fastify.addHook('onResponse', release)
   fastify.addHook('onRequestAbort', release)
   fastify.addHook('onClose', () => engine.close())
-}
-
-function isSecure(request: FastifyRequest): boolean {
-  return request.protocol === 'https'
 }
 
 /** `app.register(fastifySessionFailover, { secret, nodes, ... })`. */

@@ -1,5 +1,19 @@
 import type { SessionCookie } from '../session-cookie.js'
 
+/** Names of the session's own API: never stored as data, and refused by set(). */
+const RESERVED = new Set([
+  'cookie',
+  'sessionId',
+  'get',
+  'set',
+  'save',
+  'regenerate',
+  'destroy',
+  'reload',
+  'touch',
+  'replaceData',
+])
+
 /** What a FastifySession asks of its request: every decision stays in the engine. */
 export interface SessionControl {
   readonly id: () => string
@@ -36,6 +50,8 @@ export class FastifySession {
   }
 
   set(key: string, value: unknown): void {
+    if (RESERVED.has(key))
+      throw new TypeError(`'${key}' is part of the session's API and cannot be a session key`)
     Object.defineProperty(this, key, { value, enumerable: true, writable: true, configurable: true })
   }
 
@@ -49,9 +65,10 @@ export class FastifySession {
     return this.#control.regenerate(this)
   }
 
-  /** Removes both copies; the request has an empty session afterwards, which is not stored unless modified. */
-  destroy(): Promise<void> {
-    return this.#control.destroy()
+  /** Removes both copies; the request has a new, empty session afterwards, which is stored only if modified. */
+  async destroy(): Promise<void> {
+    await this.#control.destroy()
+    this.replaceData({})
   }
 
   /** Reads the stored session again. */
@@ -67,7 +84,7 @@ export class FastifySession {
   /** Internal: replaces the data (regenerate, reload). */
   replaceData(data: Record<string, unknown>): void {
     for (const key of Object.keys(this)) if (key !== 'cookie') delete this[key]
-    for (const [key, value] of Object.entries(data)) if (key !== 'cookie') this.set(key, value)
+    for (const [key, value] of Object.entries(data)) if (!RESERVED.has(key)) this.set(key, value)
   }
 }
 
