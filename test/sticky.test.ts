@@ -259,7 +259,7 @@ describe('the sticky local cache', () => {
         expect(local?.bytes).toBeLessThanOrEqual(200_000)
       }
       expect(engine.sticky?.localSize.sessions).toBeGreaterThan(100)
-      const first = await engine.session.open(ids[0])
+      const first = await engine.session.open({ id: ids[0] as string, resign: false })
       expect(first.stored?.dataJson).toContain('"user0"')
     } finally {
       await engine.close()

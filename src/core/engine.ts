@@ -1,6 +1,7 @@
 import { LockTimeoutError, StaleWriteError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionBackend } from './backend.js'
+import type { PresentedId } from './cookie-value.js'
 import { KeyedQueue } from './keyed-queue.js'
 import { storageKeys } from './keys.js'
 import type { LockManager } from './locking.js'
@@ -68,7 +69,8 @@ export class SessionEngine {
    * Loads the presented session, or starts a new one. When the locking mode says so, the session's lock is taken
    * first. Rejects with AllNodesDownError when nothing can answer, LockTimeoutError when the lock stays taken.
    */
-  async open(cookieId: string | undefined, request?: RequestFacts): Promise<OpenedSession> {
+  async open(presented: PresentedId | undefined, request?: RequestFacts): Promise<OpenedSession> {
+    const cookieId = presented?.id
     const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)
     let loaded: Awaited<ReturnType<SessionBackend['load']>>
     try {
@@ -82,6 +84,8 @@ export class SessionEngine {
         ? { state: SessionState.loaded(cookieId, loaded, this.policy), stored: loaded.record }
         : { state: SessionState.fresh(cookieId, this.store.newSessionId()), stored: undefined }
     opened.state.lock = lock
+    // A cookie signed with a rotated-out secret is re-signed, so that secret can be retired.
+    opened.state.resign = presented?.resign === true && opened.stored !== undefined
     return opened
   }
 
@@ -140,11 +144,7 @@ export class SessionEngine {
       // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
       void this.store.refresh(state.id, state.record, this.ttlSeconds(snapshot.expires))
     }
-    return { setCookie: this.shouldSetCookie(state, snapshot) }
-  }
-
-  shouldSetCookie(state: SessionState, snapshot: SessionSnapshot): boolean {
-    return state.shouldSetCookie(snapshot, this.policy)
+    return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
   }
 
   async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {

@@ -47,6 +47,8 @@ export class SessionState {
   wrote = false
   /** The commit in progress; the lock is released only after it. */
   committing: Promise<unknown> | undefined = undefined
+  /** The cookie was verified by a rotated-out secret: it is sent again, signed with the current one. */
+  resign = false
   /** finish() ran: the lock is released and the route learned. */
   finished = false
   /** regenerate() replaced the session: its writes concern a new session nobody else knows. */
@@ -124,6 +126,7 @@ export class SessionState {
   }
 
   shouldSetCookie(snapshot: SessionSnapshot, policy: LifecyclePolicy): boolean {
+    if (this.resign && !this.destroyed) return true
     if (this.cookieId !== this.id) {
       // A stored session whose id moved (relocation, takeover, regenerate) always sends the id it has now.
       return policy.saveUninitialized || this.record !== undefined || this.isModified(snapshot.dataJson)

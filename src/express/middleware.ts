@@ -53,9 +53,6 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       return
     }
     const presented = readSessionId(req.headers.cookie, config.name, config.secrets)
-    const recognized = presented !== undefined && engine.session.store.recognize(presented.id) !== null
-    const cookieId = recognized ? presented?.id : undefined
-    const resign = recognized && presented?.resign === true
     const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
 
     const begin = ({ state, stored }: OpenedSession): void => {
@@ -87,8 +84,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         // headers of a streamed response are out (a later change is merged, not held under a lock).
         await engine.session.finish(state, final ? request : undefined)
         req.sessionID = state.id
-        if (!(setCookie || resign) || (current.cookie.secure && !isSecure(req, config.proxy)))
-          return undefined
+        if (!setCookie || (current.cookie.secure && !isSecure(req, config.proxy))) return undefined
         const header = sessionCookieHeader(
           config.name,
           state.id,
@@ -111,7 +107,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     }
     res.once('close', onGone)
 
-    engine.session.open(cookieId, request).then(
+    engine.session.open(presented, request).then(
       (opened) => {
         res.off('close', onGone)
         if (gone) {

@@ -34,7 +34,6 @@ interface RequestContext {
   /** Replaced by a fresh one when the session is destroyed: the request goes on with a new, empty session. */
   state: SessionState
   readonly facts: RequestFacts
-  readonly resign: boolean
   /** The commit ran: an error reply it caused passes through onSend again and must not commit again. */
   committed: boolean
 }
@@ -90,13 +89,11 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const raw =
       request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifiedId(raw, config.secrets)
-    const recognized = presented !== undefined && engine.session.store.recognize(presented.id) !== null
     const facts: RequestFacts = { method: request.method, path, raw: request }
-    const { state, stored } = await engine.session.open(recognized ? presented?.id : undefined, facts)
+    const { state, stored } = await engine.session.open(presented, facts)
     const context: RequestContext = {
       state,
       facts,
-      resign: recognized && presented?.resign === true,
       committed: false,
     }
     contexts.set(request, context)
@@ -116,13 +113,13 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const context = contexts.get(request)
     if (!context || context.committed) return payload
     context.committed = true
-    const { state, facts, resign } = context
+    const { state, facts } = context
     const session = request.session
     // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
     FastifySession.prototype.touch.call(session)
     const { setCookie } = await engine.session.commit(state, snapshotOf(session, session.cookie))
     await engine.session.finish(state, facts)
-    if ((setCookie || resign) && (!session.cookie.secure || isSecure(request))) {
+    if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(
         'set-cookie',
         sessionCookieHeader(config.name, state.id, config.secrets[0] as string, session.cookie),
