@@ -1,9 +1,12 @@
 import type { SessionBackend } from './core/backend.js'
+import { RecordCodec } from './core/codec.js'
+import { newCounters } from './core/counters.js'
 import { type Concurrency, SessionEngine } from './core/engine.js'
 import { LockManager } from './core/locking.js'
 import { LockingPolicy } from './core/locking-policy.js'
 import { StickyStore } from './core/sticky.js'
 import { ReplicatedStore } from './core/store.js'
+import { StoreKeyring } from './core/store-keys.js'
 import { MemcachedNode } from './nodes/memcached.js'
 import { MemoryNode } from './nodes/memory.js'
 import type { SessionNode } from './nodes/node.js'
@@ -33,7 +36,13 @@ export function createEngine(config: Config): Engine {
     const common = { operationTimeoutMs: config.operationTimeoutMs, probeKey: `${config.prefix}probe` }
     nodes = config.nodes.map((spec): SessionNode => {
       if (spec.kind === 'memcached')
-        return new MemcachedNode({ ...common, id: spec.id, host: spec.host, port: spec.port })
+        return new MemcachedNode({
+          ...common,
+          id: spec.id,
+          host: spec.host,
+          port: spec.port,
+          credentials: spec.credentials,
+        })
       if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })
       if (spec.kind === 'redis-sentinel') {
         return new RedisNode({
@@ -53,7 +62,12 @@ export function createEngine(config: Config): Engine {
     probeIntervalMs: config.nodeProbeIntervalMs,
     logger: config.logger,
   })
+  const counters = newCounters()
   const store = new ReplicatedStore(ring, {
+    codec: new RecordCodec({ keys: new StoreKeyring(config.storeSecrets), encrypt: config.encrypt }),
+    serializer: config.serializer,
+    maxSessionBytes: config.maxSessionBytes,
+    counters,
     prefix: config.prefix,
     touchAfter: config.touchAfter,
     backupCheckIntervalMs: config.backupCheckIntervalMs,
@@ -85,17 +99,20 @@ export function createEngine(config: Config): Engine {
     lockTimeoutAction: config.locking.lockTimeoutAction,
     logger: config.logger,
   }
-  const session = new SessionEngine(
-    backend,
-    {
+  const session = new SessionEngine(backend, {
+    policy: {
       resave: config.resave,
       saveUninitialized: config.saveUninitialized,
       rolling: config.rolling,
       unsetDestroy: config.unsetDestroy,
     },
-    config.ttlSeconds,
+    defaultTtlSeconds: config.ttlSeconds,
+    absoluteTimeoutMs: config.absoluteTimeoutMs,
+    serializer: config.serializer,
+    counters,
+    logger: config.logger,
     concurrency,
-  )
+  })
   return {
     session,
     ring,

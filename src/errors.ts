@@ -87,6 +87,14 @@ export class SessionTooLargeError extends SessionFailoverError {
   override readonly code = 'ESF_SESSION_TOO_LARGE'
 }
 
+/**
+ * The session holds a value its serializer cannot store (a BigInt or a cycle in JSON, a function in 'v8'). Nothing
+ * is written; the stored copy stays as it was.
+ */
+export class UnserializableSessionError extends SessionFailoverError {
+  override readonly code = 'ESF_UNSERIALIZABLE'
+}
+
 /** A delayed write found a newer copy stored by another instance, and was not made. Internal. */
 export class StaleWriteError extends SessionFailoverError {
   override readonly code = 'ESF_STALE_WRITE'
@@ -94,7 +102,15 @@ export class StaleWriteError extends SessionFailoverError {
 
 /** A stored blob could not be decoded: treated as no session, never shown to a client. */
 export class CorruptSessionError extends SessionFailoverError {
-  override readonly code = 'ESF_CORRUPT_SESSION'
+  override readonly code: string = 'ESF_CORRUPT_SESSION'
+}
+
+/**
+ * A stored blob names a store key this instance does not have: written by an instance with newer keys, or
+ * planted. Ignored, but left in place (the instance that wrote it may still read it). Internal.
+ */
+export class UnknownStoreKeyError extends CorruptSessionError {
+  override readonly code = 'ESF_UNKNOWN_STORE_KEY'
 }
 
 /** The middleware was used after close(). */

@@ -1,6 +1,7 @@
 export type { SessionData } from 'express-session'
-export type { SessionCounters } from './core/engine.js'
+export type { SessionCounters } from './core/counters.js'
 export type { LockingMode } from './core/locking-policy.js'
+export type { CustomSerializer } from './core/serializer.js'
 export {
   AllNodesDownError,
   ClosedError,
@@ -13,6 +14,7 @@ export {
   OperationTimeoutError,
   SessionFailoverError,
   SessionTooLargeError,
+  UnserializableSessionError,
 } from './errors.js'
 export { type SessionFailoverMiddleware, sessionFailover } from './express/middleware.js'
 export type { Logger } from './logger.js'

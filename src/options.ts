@@ -1,17 +1,25 @@
 import { randomBytes } from 'node:crypto'
 import type { CookieOptions } from 'express-session'
 import type { LockingMode } from './core/locking-policy.js'
+import { type SerializerOption, SessionSerializer } from './core/serializer.js'
 import { ConfigError } from './errors.js'
 import { type Logger, silentLogger } from './logger.js'
 import { NODE_ID_PATTERN } from './session-id.js'
 
 /**
- * A node in the array form of `nodes`: a memcached server `{ id, host, port }`, a Redis server
+ * A node in the array form of `nodes`: a memcached server `{ id, host, port }` (with `username` and `password`
+ * for SASL authentication), a Redis server
  * `{ id, url: 'redis://…' }` (`rediss://` for TLS; credentials in the URL), or a Redis Cluster counted as one
  * node `{ id, cluster: ['redis://…', …] }`.
  */
 export type NodeSpec =
-  | { readonly id: string; readonly host: string; readonly port?: number }
+  | {
+      readonly id: string
+      readonly host: string
+      readonly port?: number
+      readonly username?: string
+      readonly password?: string
+    }
   | { readonly id: string; readonly url: string }
   | { readonly id: string; readonly cluster: readonly string[] }
   | {
@@ -23,7 +31,14 @@ export type NodeSpec =
 
 /** A validated node. */
 export type NodeConfig =
-  | { readonly kind: 'memcached'; readonly id: string; readonly host: string; readonly port: number }
+  | {
+      readonly kind: 'memcached'
+      readonly id: string
+      readonly host: string
+      readonly port: number
+      /** SASL PLAIN credentials, when the server requires them. */
+      readonly credentials: { readonly username: string; readonly password: string } | undefined
+    }
   | { readonly kind: 'redis'; readonly id: string; readonly url: string }
   | { readonly kind: 'redis-cluster'; readonly id: string; readonly cluster: readonly string[] }
   | {
@@ -88,6 +103,19 @@ export interface SessionFailoverOptions {
   lockTimeoutAction?: 'fail' | 'proceed'
   /** A pino-compatible logger. Default: silent. */
   logger?: Logger
+  /**
+   * Keys of stored sessions (integrity tag, and encryption when `encrypt` is on), each at least 16 bytes. An
+   * array rotates them: the first writes, every one reads. Default: derived from `secret`.
+   */
+  storeKeys?: string | Uint8Array | readonly (string | Uint8Array)[]
+  /** Encrypt stored sessions with AES-256-GCM. Default false (they are signed, not hidden). */
+  encrypt?: boolean
+  /** How session data is stored: 'json' (default), 'v8', 'msgpack' (needs msgpackr), or { serialize, deserialize }. */
+  serializer?: SerializerOption
+  /** Largest stored session in bytes; a larger one is an error and is not written. Default 1047552 (1 MiB - 1 KiB). */
+  maxSessionBytes?: number
+  /** Seconds a session may live from its creation however active it is. Default: no limit (idle timeout only). */
+  absoluteTimeout?: number
 }
 
 export interface Config {
@@ -127,7 +155,16 @@ export interface Config {
       }
     | undefined
   readonly logger: Logger
+  /** Secrets the store keys are derived from: `storeKeys`, or else `secret`. */
+  readonly storeSecrets: readonly (string | Buffer)[]
+  readonly encrypt: boolean
+  readonly serializer: SessionSerializer
+  readonly maxSessionBytes: number
+  readonly absoluteTimeoutMs: number | undefined
 }
+
+/** memcached's default item limit is 1 MiB, key and item header included; the default keeps clear of it. */
+const DEFAULT_MAX_SESSION_BYTES = 1024 * 1024 - 1024
 
 /** Every option `sessionFailover()` accepts. */
 export const OPTION_NAMES: ReadonlySet<string> = new Set([
@@ -157,6 +194,11 @@ export const OPTION_NAMES: ReadonlySet<string> = new Set([
   'lockExpiration',
   'lockTimeoutAction',
   'logger',
+  'storeKeys',
+  'encrypt',
+  'serializer',
+  'maxSessionBytes',
+  'absoluteTimeout',
 ])
 
 const REFUSED_OPTIONS: Readonly<Record<string, string>> = {
@@ -224,8 +266,9 @@ export function parseOptions(options: unknown, env: string | undefined = process
     throw new ConfigError(`Expected \`unset\` to be 'keep' or 'destroy', got ${describe(unset)}`)
   }
 
+  const secrets = parseSecrets(o.secret)
   return Object.freeze({
-    secrets: parseSecrets(o.secret),
+    secrets,
     nodes,
     failoverNodeIds: parseFailoverNodes(o.failoverNodes, nodes),
     sticky: sticky
@@ -272,7 +315,68 @@ export function parseOptions(options: unknown, env: string | undefined = process
           lockTimeoutAction,
         }),
     logger: parseLogger(o.logger),
+    storeSecrets: o.storeKeys === undefined ? secrets : parseStoreKeys(o.storeKeys),
+    encrypt: optionalBoolean(o, 'encrypt', false),
+    serializer: parseSerializer(o.serializer),
+    maxSessionBytes: optionalNumber(o, 'maxSessionBytes', DEFAULT_MAX_SESSION_BYTES, {
+      min: 1024,
+      max: 512 * 1024 * 1024,
+      integer: true,
+      unit: 'bytes',
+    }),
+    absoluteTimeoutMs:
+      o.absoluteTimeout === undefined
+        ? undefined
+        : 1000 *
+          optionalNumber(o, 'absoluteTimeout', 0, {
+            min: 1,
+            max: 31_536_000,
+            integer: true,
+            unit: 'seconds',
+          }),
   })
+}
+
+/** At least 16 bytes: a store key is the one secret between a cache dump and forged or readable sessions. */
+const MIN_STORE_KEY_BYTES = 16
+
+function parseStoreKeys(value: unknown): readonly Buffer[] {
+  const keys = Array.isArray(value) ? value : [value]
+  const expected = `Expected \`storeKeys\` to be a string or Uint8Array of at least ${MIN_STORE_KEY_BYTES} bytes, or a non-empty array of them`
+  if (keys.length === 0) throw new ConfigError(`${expected}, got an empty array`)
+  return Object.freeze(
+    keys.map((key: unknown, index) => {
+      const bytes =
+        typeof key === 'string' ? Buffer.from(key) : key instanceof Uint8Array ? Buffer.from(key) : undefined
+      if (!bytes || bytes.length < MIN_STORE_KEY_BYTES) {
+        // Never echo a key.
+        const given =
+          bytes === undefined
+            ? describe(key)
+            : `${bytes.length} bytes${Array.isArray(value) ? ` at [${index}]` : ''}`
+        throw new ConfigError(`${expected}, got ${given}`)
+      }
+      return bytes
+    }),
+  )
+}
+
+function parseSerializer(value: unknown): SessionSerializer {
+  if (value === undefined || value === 'json' || value === 'v8' || value === 'msgpack') {
+    return new SessionSerializer(value)
+  }
+  const custom = value as { serialize?: unknown; deserialize?: unknown } | null
+  if (
+    typeof custom === 'object' &&
+    custom !== null &&
+    typeof custom.serialize === 'function' &&
+    typeof custom.deserialize === 'function'
+  ) {
+    return new SessionSerializer(custom as SerializerOption)
+  }
+  throw new ConfigError(
+    `Expected \`serializer\` to be 'json', 'v8', 'msgpack' or an object with serialize and deserialize functions, got ${describe(value)}`,
+  )
 }
 
 const NODE_ENTRY = /^([^:\s]+):(\[[0-9A-Fa-f:.]+\]|[^:\s[\]]+)(?::(\d{1,5}))?$/
@@ -314,7 +418,16 @@ export function parseNodes(value: unknown): NodeConfig[] {
         return sentinelNode(fields.id, fields.sentinels, fields.name, fields.masterUrl, where)
       }
       if (fields.url !== undefined) return redisNode(fields.id, fields.url, where)
-      return memcachedNode({ id: fields.id, host: fields.host, port: fields.port ?? 11211 }, where)
+      return memcachedNode(
+        {
+          id: fields.id,
+          host: fields.host,
+          port: fields.port ?? 11211,
+          username: fields.username,
+          password: fields.password,
+        },
+        where,
+      )
     })
   } else {
     throw new ConfigError(
@@ -366,7 +479,10 @@ function checkId(id: unknown, where: string): string {
   return id
 }
 
-function memcachedNode(raw: { id: unknown; host: unknown; port: unknown }, where = 'nodes'): NodeConfig {
+function memcachedNode(
+  raw: { id: unknown; host: unknown; port: unknown; username?: unknown; password?: unknown },
+  where = 'nodes',
+): NodeConfig {
   const id = checkId(raw.id, where)
   if (typeof raw.host !== 'string' || raw.host.length === 0) {
     throw new ConfigError(
@@ -379,7 +495,23 @@ function memcachedNode(raw: { id: unknown; host: unknown; port: unknown }, where
       `Expected the port of node '${id}' to be an integer from 1 to 65535, got ${describe(port)}`,
     )
   }
-  return Object.freeze({ kind: 'memcached', id, host: raw.host, port })
+  const { username, password } = raw
+  if (username === undefined && password === undefined) {
+    return Object.freeze({ kind: 'memcached', id, host: raw.host, port, credentials: undefined })
+  }
+  if (typeof username !== 'string' || username.length === 0 || typeof password !== 'string') {
+    // Never echo a password.
+    throw new ConfigError(
+      `Expected node '${id}' to have both \`username\` (a non-empty string) and \`password\` (a string) for SASL, got ${describe(username)} and ${typeof password === 'string' ? 'a string' : describe(password)}`,
+    )
+  }
+  return Object.freeze({
+    kind: 'memcached',
+    id,
+    host: raw.host,
+    port,
+    credentials: Object.freeze({ username, password }),
+  })
 }
 
 function redisUrl(id: string, url: unknown): string {

@@ -6,11 +6,11 @@ import { join } from 'node:path'
 import compression from 'compression'
 import type { Express, NextFunction, Request, Response } from 'express'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import { encodeRecord } from '../src/core/codec.js'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverMiddleware, sessionFailover } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp } from './support/app.js'
 import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
+import { recordsOf } from './support/records.js'
 
 declare module 'express-session' {
   interface SessionData {
@@ -251,12 +251,7 @@ describe.each(expressVersions)('holding the response until the session is stored
     const browser = new Browser()
     await browser.send(shop, 'POST', '/one')
     const { random } = parseSessionId(browser.sessionId) as { random: string }
-    const bad = encodeRecord({
-      version: 5,
-      writtenAt: Date.now(),
-      cookieJson: '{"maxAge":"soon"}',
-      dataJson: '{}',
-    })
+    const bad = recordsOf('s').encode(browser.sessionId, { version: 5, cookieJson: '{"maxAge":"soon"}' })
     await memcached.put(storageKeys('sf:', random).primary, bad)
     const reply = await browser.send(shop, 'GET', '/steps')
     expect(reply.status).toBe(200)

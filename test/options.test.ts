@@ -168,6 +168,30 @@ describe('options', () => {
       { secret: 's', nodes, logger: console.log },
       'Expected `logger` to have debug, info, warn and error methods',
     ],
+    [
+      { secret: 's', nodes, storeKeys: 'short' },
+      'Expected `storeKeys` to be a string or Uint8Array of at least 16 bytes',
+    ],
+    [{ secret: 's', nodes, storeKeys: [] }, 'or a non-empty array of them, got an empty array'],
+    [{ secret: 's', nodes, storeKeys: 42 }, 'got `42` (number)'],
+    [{ secret: 's', nodes, encrypt: 'yes' }, "Expected `encrypt` to be a boolean, got `'yes'` (string)"],
+    [
+      { secret: 's', nodes, serializer: 'yaml' },
+      "Expected `serializer` to be 'json', 'v8', 'msgpack' or an object with serialize and deserialize functions, got `'yaml'`",
+    ],
+    [{ secret: 's', nodes, serializer: { serialize: JSON.stringify } }, 'got an object'],
+    [
+      { secret: 's', nodes, maxSessionBytes: 100 },
+      'Expected `maxSessionBytes` to be an integer from 1024 to 536870912 (bytes), got `100` (number)',
+    ],
+    [
+      { secret: 's', nodes, absoluteTimeout: 0 },
+      'Expected `absoluteTimeout` to be an integer from 1 to 31536000 (seconds), got `0` (number)',
+    ],
+    [
+      { secret: 's', nodes: [{ id: 'm', host: 'h', username: 'shop' }] },
+      "Expected node 'm' to have both `username` (a non-empty string) and `password` (a string) for SASL",
+    ],
     ['s', 'Expected options to be an object like { secret, nodes }'],
   ])('rejects %j with a message saying what was expected and given', (options, expected) => {
     expect(message(options)).toContain(expected)
@@ -220,7 +244,35 @@ describe('options', () => {
     expect([...OPTION_NAMES].filter((name) => !documented.has(name))).toEqual([])
   })
 
+  it('reads the stored-session options: keys from the secret unless given, json, no absolute lifetime', () => {
+    const defaults = parseOptions({ secret: ['new', 'old'], nodes })
+    expect(defaults).toMatchObject({
+      storeSecrets: ['new', 'old'],
+      encrypt: false,
+      maxSessionBytes: 1_047_552,
+      absoluteTimeoutMs: undefined,
+    })
+    expect(defaults.serializer.tag).toBe(1)
+    const given = parseOptions({
+      secret: 's',
+      nodes: [{ id: 'm', host: 'h', username: 'shop', password: 'sesame' }],
+      storeKeys: ['k'.repeat(16), new Uint8Array(32)],
+      encrypt: true,
+      serializer: 'v8',
+      maxSessionBytes: 4096,
+      absoluteTimeout: 3600,
+    })
+    expect(given).toMatchObject({ encrypt: true, maxSessionBytes: 4096, absoluteTimeoutMs: 3_600_000 })
+    expect(given.storeSecrets).toEqual([Buffer.from('k'.repeat(16)), Buffer.alloc(32)])
+    expect(given.serializer.tag).toBe(2)
+    expect(given.nodes?.[0]).toMatchObject({ credentials: { username: 'shop', password: 'sesame' } })
+  })
+
   it('never echoes a secret or a node password in an error', () => {
+    expect(message({ secret: 's', nodes, storeKeys: ['k'.repeat(16), 'tooshort'] })).not.toContain('tooshort')
+    expect(
+      message({ secret: 's', nodes: [{ id: 'm', host: 'h', username: '', password: 'hunter2' }] }),
+    ).not.toContain('hunter2')
     expect(message({ secret: ['good-secret', ''], nodes })).not.toContain('good-secret')
     expect(message({ secret: 's', nodes: [{ id: 'r', url: 'http://user:hunter2@h:1' }] })).not.toContain(
       'hunter2',

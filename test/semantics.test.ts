@@ -1,10 +1,10 @@
 import { sign } from 'cookie-signature'
 import { afterEach, describe, expect, it } from 'vitest'
-import { encodeRecord } from '../src/core/codec.js'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { recordsOf } from './support/records.js'
 
 const SECRET = 'semantics-secret'
 
@@ -175,7 +175,7 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['apple'])
     expect(await primary.has(keys.primary)).toBe(true)
 
-    const badJson = encodeRecord({ version: 9, writtenAt: Date.now(), cookieJson: '{}', dataJson: '{oops' })
+    const badJson = recordsOf(SECRET).encode(browser.sessionId, { version: 9, json: '{oops' })
     for (const server of servers) {
       await server.put(keys.primary, badJson)
       await server.put(keys.backup, badJson)

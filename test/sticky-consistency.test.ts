@@ -1,12 +1,12 @@
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
-import { decodeRecord } from '../src/core/codec.js'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, type ShopApp, startShop } from './support/app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 import { type CuttableProxy, startProxy } from './support/proxy.js'
+import { recordsOf } from './support/records.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -57,7 +57,7 @@ describe('sticky consistency', () => {
     for (const server of servers) {
       for (const key of [keys.primary, keys.backup]) {
         const raw = await server.get(key)
-        if (raw) copies.push(JSON.parse(decodeRecord(raw).dataJson) as { cart?: string[] })
+        if (raw) copies.push(recordsOf('consistency').dataOf<{ cart?: string[] }>(id, raw))
       }
     }
     return copies

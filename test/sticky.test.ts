@@ -1,7 +1,6 @@
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
-import { snapshotOf } from '../src/core/serialize.js'
 import { createEngine } from '../src/create-engine.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { parseOptions } from '../src/options.js'
@@ -252,7 +251,7 @@ describe('the sticky local cache', () => {
         const { state } = await engine.session.open(undefined)
         const data = { user: `user${i}`, padding: 'x'.repeat(i % 3 === 0 ? 400 : 20) }
         const cookie = { path: '/', httpOnly: true, originalMaxAge: null }
-        await engine.session.save(state, snapshotOf({ ...data, cookie }, cookie))
+        await engine.session.save(state, engine.session.snapshot({ ...data, cookie }, cookie))
         ids.push(state.id)
         const local = engine.sticky?.localSize
         expect(local?.sessions).toBeLessThanOrEqual(1000)
@@ -260,7 +259,7 @@ describe('the sticky local cache', () => {
       }
       expect(engine.sticky?.localSize.sessions).toBeGreaterThan(100)
       const first = await engine.session.open({ id: ids[0] as string, resign: false })
-      expect(first.stored?.dataJson).toContain('"user0"')
+      expect(first.content?.data.user).toBe('user0')
     } finally {
       await engine.close()
     }

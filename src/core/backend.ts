@@ -10,6 +10,8 @@ export interface SessionBackend {
   newSessionId(): string
   /** The parsed id when it is well-formed and names a configured node; null otherwise. */
   recognize(id: string): ParsedSessionId | null
+  /** Recently found on no node (or destroyed) by this instance: a new session, without reading any node. */
+  knownAbsent(parsed: ParsedSessionId): boolean
   load(id: string): Promise<LoadedSession | null>
   /** Stores a record and returns the id the session has now (it changes when the session was relocated). */
   save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string>

@@ -1,48 +1,147 @@
-import { CorruptSessionError } from '../errors.js'
+import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
+import { CorruptSessionError, UnknownStoreKeyError } from '../errors.js'
+import type { StoreKeyring } from './store-keys.js'
 
 /**
- * What is stored per session. The session data and its cookie are kept as separate JSON texts: the data text
- * read from the cache is compared with the data text serialized at the end of the request, which tells whether
- * the session changed without hashing and without serializing anything twice.
+ * What is stored per session. The data stays in its serialized bytes: they are compared with the bytes
+ * serialized at the end of the request, which tells whether the session changed without serializing twice.
  */
 export interface SessionRecord {
   /** Incremented on every write; picks the freshest copy when backups disagree. */
   readonly version: number
   /** Epoch ms of the write. */
   readonly writtenAt: number
+  /** Epoch ms the session was first stored: what `absoluteTimeout` counts from. */
+  readonly createdAt: number
   readonly cookieJson: string
-  readonly dataJson: string
+  /** Session data, serialized by the format `format` names. */
+  readonly data: Buffer
+  readonly format: number
 }
 
-// Layout: magic(1) format(1) version(u32) writtenAt(f64) cookieLength(u32) cookie(utf8) data(utf8)
+// Header: magic(1) layout(1) flags(1) format(1) keyId(u32) version(u32) writtenAt(f64) createdAt(f64)
+// cookieLength(u32), then the body, cookie (utf8) and data, in one of two forms:
+// - plain:     body, then a 16-byte HMAC-SHA256 tag
+// - encrypted: iv(12), body under AES-256-GCM, its 16-byte tag
+// Both tags cover the header and the session's storage digest: a record is valid only under the key it was
+// written to, so a copied record cannot hand one session's data to another.
 const MAGIC = 0x53
-const FORMAT = 1
-const HEADER_BYTES = 18
+const LAYOUT = 2
+const ENCRYPTED = 0x01
+const HEADER_BYTES = 32
+const TAG_BYTES = 16
+const IV_BYTES = 12
 
-export function encodeRecord(record: SessionRecord): Buffer {
-  const cookieBytes = Buffer.byteLength(record.cookieJson)
-  const dataBytes = Buffer.byteLength(record.dataJson)
-  const blob = Buffer.allocUnsafe(HEADER_BYTES + cookieBytes + dataBytes)
-  blob[0] = MAGIC
-  blob[1] = FORMAT
-  blob.writeUInt32BE(record.version >>> 0, 2)
-  blob.writeDoubleBE(record.writtenAt, 6)
-  blob.writeUInt32BE(cookieBytes, 14)
-  blob.write(record.cookieJson, HEADER_BYTES, 'utf8')
-  blob.write(record.dataJson, HEADER_BYTES + cookieBytes, 'utf8')
-  return blob
+export interface CodecOptions {
+  readonly keys: StoreKeyring
+  /** Encrypt new records (AES-256-GCM); records of either kind are read. */
+  readonly encrypt: boolean
 }
 
-export function decodeRecord(blob: Buffer): SessionRecord {
-  if (blob.length < HEADER_BYTES || blob[0] !== MAGIC || blob[1] !== FORMAT) {
-    throw new CorruptSessionError('stored session has an unknown format')
+/** Turns records into the signed (or encrypted) blobs that are stored, and verifies blobs read back. */
+export class RecordCodec {
+  readonly #options: CodecOptions
+
+  constructor(options: CodecOptions) {
+    this.#options = options
   }
-  const cookieBytes = blob.readUInt32BE(14)
-  if (HEADER_BYTES + cookieBytes > blob.length) throw new CorruptSessionError('stored session is truncated')
-  return {
-    version: blob.readUInt32BE(2),
-    writtenAt: blob.readDoubleBE(6),
-    cookieJson: blob.toString('utf8', HEADER_BYTES, HEADER_BYTES + cookieBytes),
-    dataJson: blob.toString('utf8', HEADER_BYTES + cookieBytes),
+
+  /** The length of `encode(record)`, without encoding it. */
+  encodedLength(record: SessionRecord): number {
+    const iv = this.#options.encrypt ? IV_BYTES : 0
+    return HEADER_BYTES + iv + Buffer.byteLength(record.cookieJson) + record.data.length + TAG_BYTES
   }
+
+  encode(record: SessionRecord, digest: string): Buffer {
+    const key = this.#options.keys.current
+    const cookieBytes = Buffer.byteLength(record.cookieJson)
+    const bodyBytes = cookieBytes + record.data.length
+    const encrypt = this.#options.encrypt
+    const blob = Buffer.allocUnsafe(HEADER_BYTES + (encrypt ? IV_BYTES : 0) + bodyBytes + TAG_BYTES)
+    blob[0] = MAGIC
+    blob[1] = LAYOUT
+    blob[2] = encrypt ? ENCRYPTED : 0
+    blob[3] = record.format
+    blob.writeUInt32BE(key.id, 4)
+    blob.writeUInt32BE(record.version >>> 0, 8)
+    blob.writeDoubleBE(record.writtenAt, 12)
+    blob.writeDoubleBE(record.createdAt, 20)
+    blob.writeUInt32BE(cookieBytes, 28)
+    const header = blob.subarray(0, HEADER_BYTES)
+    if (!encrypt) {
+      blob.write(record.cookieJson, HEADER_BYTES, 'utf8')
+      record.data.copy(blob, HEADER_BYTES + cookieBytes)
+      macOf(key.mac, digest, blob.subarray(0, blob.length - TAG_BYTES)).copy(blob, blob.length - TAG_BYTES)
+      return blob
+    }
+    const iv = randomBytes(IV_BYTES)
+    iv.copy(blob, HEADER_BYTES)
+    const cipher = createCipheriv('aes-256-gcm', key.cipher, iv, { authTagLength: TAG_BYTES })
+    cipher.setAAD(associatedData(digest, header))
+    let at = HEADER_BYTES + IV_BYTES
+    at += cipher.update(Buffer.from(record.cookieJson, 'utf8')).copy(blob, at)
+    at += cipher.update(record.data).copy(blob, at)
+    at += cipher.final().copy(blob, at)
+    cipher.getAuthTag().copy(blob, at)
+    return blob
+  }
+
+  /**
+   * The record in `blob`, stored under `digest`. CorruptSessionError when it is malformed or fails its tag;
+   * UnknownStoreKeyError (a CorruptSessionError) when it names a key this instance does not have.
+   */
+  decode(blob: Buffer, digest: string): SessionRecord {
+    if (blob.length < HEADER_BYTES + TAG_BYTES || blob[0] !== MAGIC || blob[1] !== LAYOUT) {
+      throw new CorruptSessionError('stored session has an unknown format')
+    }
+    const flags = blob[2] as number
+    const encrypted = (flags & ENCRYPTED) !== 0
+    const cookieBytes = blob.readUInt32BE(28)
+    const bodyBytes = blob.length - HEADER_BYTES - TAG_BYTES - (encrypted ? IV_BYTES : 0)
+    if (flags & ~ENCRYPTED || bodyBytes < 0 || cookieBytes > bodyBytes) {
+      throw new CorruptSessionError('stored session is malformed or truncated')
+    }
+    const key = this.#options.keys.byId(blob.readUInt32BE(4))
+    if (!key)
+      throw new UnknownStoreKeyError('stored session was written with a key this instance does not have')
+
+    const tag = blob.subarray(blob.length - TAG_BYTES)
+    let body: Buffer
+    if (encrypted) {
+      const iv = blob.subarray(HEADER_BYTES, HEADER_BYTES + IV_BYTES)
+      const decipher = createDecipheriv('aes-256-gcm', key.cipher, iv, { authTagLength: TAG_BYTES })
+      decipher.setAAD(associatedData(digest, blob.subarray(0, HEADER_BYTES)))
+      decipher.setAuthTag(tag)
+      try {
+        body = Buffer.concat([
+          decipher.update(blob.subarray(HEADER_BYTES + IV_BYTES, blob.length - TAG_BYTES)),
+          decipher.final(),
+        ])
+      } catch (cause) {
+        throw new CorruptSessionError('stored session failed decryption', { cause })
+      }
+    } else {
+      const expected = macOf(key.mac, digest, blob.subarray(0, blob.length - TAG_BYTES))
+      if (!timingSafeEqual(expected, tag))
+        throw new CorruptSessionError('stored session failed its integrity check')
+      // A copy: the record may outlive the buffer it was read in (a node client's, or sticky mode's memory).
+      body = Buffer.from(blob.subarray(HEADER_BYTES, blob.length - TAG_BYTES))
+    }
+    return {
+      version: blob.readUInt32BE(8),
+      writtenAt: blob.readDoubleBE(12),
+      createdAt: blob.readDoubleBE(20),
+      format: blob[3] as number,
+      cookieJson: body.toString('utf8', 0, cookieBytes),
+      data: body.subarray(cookieBytes),
+    }
+  }
+}
+
+function macOf(key: Buffer, digest: string, signed: Buffer): Buffer {
+  return createHmac('sha256', key).update(digest).update(signed).digest().subarray(0, TAG_BYTES)
+}
+
+function associatedData(digest: string, header: Buffer): Buffer {
+  return Buffer.concat([Buffer.from(digest), header])
 }

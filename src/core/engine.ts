@@ -1,19 +1,40 @@
-import { LockTimeoutError, StaleWriteError } from '../errors.js'
+import {
+  CorruptSessionError,
+  LockTimeoutError,
+  StaleWriteError,
+  UnserializableSessionError,
+} from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionBackend } from './backend.js'
+import type { SessionRecord } from './codec.js'
 import type { PresentedId } from './cookie-value.js'
+import type { SessionCounters } from './counters.js'
 import { KeyedQueue } from './keyed-queue.js'
-import { storageKeys } from './keys.js'
+import { logIdOf, storageKeys } from './keys.js'
 import type { LockManager } from './locking.js'
 import type { LockingPolicy, RequestFacts } from './locking-policy.js'
 import { changesBetween } from './merge.js'
+import type { SessionContent, SessionSerializer } from './serializer.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
-import type { ReplicatedStore } from './store.js'
+import type { LoadedSession, ReplicatedStore } from './store.js'
 
 export interface OpenedSession {
   readonly state: SessionState
-  /** Stored cookie and data JSON, for a session that was found; undefined for a new one. */
-  readonly stored: { readonly cookieJson: string; readonly dataJson: string } | undefined
+  /** The stored data and cookie, for a session that was found; undefined for a new one. */
+  readonly content: SessionContent | undefined
+}
+
+/** What the engine needs beyond the backend. */
+export interface EngineOptions {
+  readonly policy: LifecyclePolicy
+  /** TTL of a session whose cookie has no expiry. */
+  readonly defaultTtlSeconds: number
+  /** Milliseconds a session may live from its creation, however active; undefined: no limit. */
+  readonly absoluteTimeoutMs: number | undefined
+  readonly serializer: SessionSerializer
+  readonly counters: SessionCounters
+  readonly logger: Logger
+  readonly concurrency?: Concurrency | undefined
 }
 
 /** Non-sticky mode's protection of parallel requests of one session. */
@@ -28,14 +49,6 @@ export interface Concurrency {
   readonly logger: Logger
 }
 
-/** Counters of the concurrency machinery. */
-export interface SessionCounters {
-  locksAcquired: number
-  lockTimeouts: number
-  merges: number
-  mergeConflicts: number
-}
-
 export interface CommitResult {
   /** Whether the adapter must send the session cookie (with `state.id`) in this response. */
   readonly setCookie: boolean
@@ -48,21 +61,17 @@ export interface CommitResult {
 export class SessionEngine {
   readonly store: SessionBackend
   readonly policy: LifecyclePolicy
-  readonly counters: SessionCounters = { locksAcquired: 0, lockTimeouts: 0, merges: 0, mergeConflicts: 0 }
-  readonly #defaultTtlSeconds: number
+  readonly counters: SessionCounters
+  readonly #options: EngineOptions
   readonly #concurrency: Concurrency | undefined
   readonly #merges = new KeyedQueue()
 
-  constructor(
-    store: SessionBackend,
-    policy: LifecyclePolicy,
-    defaultTtlSeconds: number,
-    concurrency?: Concurrency,
-  ) {
+  constructor(store: SessionBackend, options: EngineOptions) {
     this.store = store
-    this.policy = policy
-    this.#defaultTtlSeconds = defaultTtlSeconds
-    this.#concurrency = concurrency
+    this.policy = options.policy
+    this.counters = options.counters
+    this.#options = options
+    this.#concurrency = options.concurrency
   }
 
   /**
@@ -70,23 +79,76 @@ export class SessionEngine {
    * first. Rejects with AllNodesDownError when nothing can answer, LockTimeoutError when the lock stays taken.
    */
   async open(presented: PresentedId | undefined, request?: RequestFacts): Promise<OpenedSession> {
-    const cookieId = presented?.id
+    // An id that names no configured node, or was recently found nowhere, is a new session at no cost: no lock,
+    // no read.
+    const parsed = presented && this.store.recognize(presented.id)
+    const cookieId = parsed && !this.store.knownAbsent(parsed) ? presented.id : undefined
     const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)
-    let loaded: Awaited<ReturnType<SessionBackend['load']>>
+    let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
-      loaded = cookieId === undefined ? null : await this.store.load(cookieId)
+      const loaded = cookieId === undefined ? null : await this.store.load(cookieId)
+      found = loaded ? this.#readable(loaded) : undefined
     } catch (error) {
       await lock?.release()
       throw error
     }
-    const opened: OpenedSession =
-      cookieId !== undefined && loaded
-        ? { state: SessionState.loaded(cookieId, loaded, this.policy), stored: loaded.record }
-        : { state: SessionState.fresh(cookieId, this.store.newSessionId()), stored: undefined }
+    const opened: OpenedSession = found
+      ? {
+          state: SessionState.loaded(presented?.id as string, found.loaded, this.policy),
+          content: found.content,
+        }
+      : { state: this.#fresh(presented?.id), content: undefined }
     opened.state.lock = lock
     // A cookie signed with a rotated-out secret is re-signed, so that secret can be retired.
-    opened.state.resign = presented?.resign === true && opened.stored !== undefined
+    opened.state.resign = presented?.resign === true && found !== undefined
     return opened
+  }
+
+  /** The adapter's session object as the bytes that would be stored; UnserializableSessionError if it cannot be. */
+  snapshot(session: object, cookie: object): SessionSnapshot {
+    return this.#options.serializer.snapshot(session, cookie)
+  }
+
+  /**
+   * The loaded session with its content, or undefined when it must not be served: past its absolute lifetime,
+   * or stored data this instance cannot read. Either way its copies are removed and a new session begins; the
+   * client never sees an error for what the store holds. Data in another format than the configured one (the
+   * serializer changed) is re-serialized, so comparisons and the next write use the configured format.
+   */
+  #readable(loaded: LoadedSession): { loaded: LoadedSession; content: SessionContent } | undefined {
+    const { record } = loaded
+    const absoluteTimeoutMs = this.#options.absoluteTimeoutMs
+    if (absoluteTimeoutMs !== undefined && Date.now() - record.createdAt >= absoluteTimeoutMs) {
+      this.#discard(loaded.id)
+      return undefined
+    }
+    const serializer = this.#options.serializer
+    try {
+      const content = serializer.content(record)
+      if (record.format === serializer.tag) return { loaded, content }
+      const data = serializer.serialize(content.data)
+      return { loaded: { ...loaded, record: { ...record, data, format: serializer.tag } }, content }
+    } catch (error) {
+      if (!(error instanceof CorruptSessionError || error instanceof UnserializableSessionError)) throw error
+      this.counters.corruptSessions++
+      this.#options.logger.warn(
+        { session: logIdOf(this.store.recognize(loaded.id)?.random ?? ''), err: error.message },
+        'session-failover: unreadable stored session replaced by a new one',
+      )
+      this.#discard(loaded.id)
+      return undefined
+    }
+  }
+
+  /** Removes a session's copies in the background: the request goes on with a new session meanwhile. */
+  #discard(id: string): void {
+    this.store.destroy(id).catch((error: unknown) => {
+      this.#options.logger.warn({ err: String(error) }, 'session-failover: removing a session failed')
+    })
+  }
+
+  #fresh(cookieId: string | undefined): SessionState {
+    return SessionState.fresh(cookieId, this.store.newSessionId(), this.#options.serializer.empty)
   }
 
   /**
@@ -138,23 +200,31 @@ export class SessionEngine {
       if (this.policy.unsetDestroy && !state.destroyed) await this.destroy(state)
       return { setCookie: false }
     }
-    if (state.shouldSave(snapshot.dataJson, this.policy)) {
+    if (state.shouldSave(snapshot.data, this.policy)) {
       await this.save(state, snapshot)
-    } else if (state.record && state.shouldTouch(snapshot.dataJson, this.policy)) {
+    } else if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
       // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
-      void this.store.refresh(state.id, state.record, this.ttlSeconds(snapshot.expires))
+      void this.store.refresh(
+        state.id,
+        state.record,
+        this.ttlSeconds(snapshot.expires, state.record.createdAt),
+      )
     }
     return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
   }
 
   async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
     const concurrency = this.#concurrency
-    const ttlSeconds = this.ttlSeconds(snapshot.expires)
-    const record = {
+    const now = Date.now()
+    const createdAt = state.record?.createdAt ?? now
+    const ttlSeconds = this.ttlSeconds(snapshot.expires, createdAt)
+    const record: SessionRecord = {
       version: state.version + 1,
-      writtenAt: Date.now(),
+      writtenAt: now,
+      createdAt,
       cookieJson: snapshot.cookieJson,
-      dataJson: snapshot.dataJson,
+      data: snapshot.data,
+      format: this.#options.serializer.tag,
     }
     // 'none', sticky mode, and sessions this request created (or regenerated): nobody else writes them.
     if (!concurrency?.policy.mergesUnlockedWrites || !state.record || state.renewed) {
@@ -174,7 +244,7 @@ export class SessionEngine {
     }
     // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
     // Merges of one session in this process take turns, so they contend only with other instances.
-    const changes = changesBetween(state.baseJson, snapshot.dataJson)
+    const changes = changesBetween(this.#options.serializer, state.baseData, snapshot.data)
     const key = this.store.recognize(state.id)?.random ?? state.id
     const merged = await this.#merges.run(key, () =>
       concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds),
@@ -187,7 +257,7 @@ export class SessionEngine {
     }
     this.counters.mergeConflicts += merged.conflicts
     // This request's own view stays the base of its next diff: keys others added are not "deleted" by it.
-    state.markSaved(merged.id, merged.record, snapshot.dataJson)
+    state.markSaved(merged.id, merged.record, snapshot.data)
   }
 
   async destroy(state: SessionState): Promise<void> {
@@ -201,7 +271,7 @@ export class SessionEngine {
    * only if modified. The request keeps its lock.
    */
   startOver(destroyed: SessionState): SessionState {
-    const next = SessionState.fresh(destroyed.cookieId, this.store.newSessionId())
+    const next = this.#fresh(destroyed.cookieId)
     next.lock = destroyed.lock
     next.wrote = true
     return next
@@ -214,17 +284,25 @@ export class SessionEngine {
     state.renew(this.store.newSessionId())
   }
 
-  /** reload(): re-reads the stored session; null when it no longer exists. */
-  async reload(state: SessionState): Promise<OpenedSession['stored'] | null> {
+  /** reload(): re-reads the stored session; null when it no longer exists (or cannot be read). */
+  async reload(state: SessionState): Promise<SessionContent | null> {
     const loaded = await this.store.load(state.id)
-    if (!loaded) return null
-    state.adopt(loaded, this.policy)
-    return loaded.record
+    const found = loaded && this.#readable(loaded)
+    if (!found) return null
+    state.adopt(found.loaded, this.policy)
+    return found.content
   }
 
-  /** A cookie with an expiry sets the TTL; a browser-session cookie gets the configured `ttl`. */
-  ttlSeconds(expires: Date | null): number {
-    if (!expires) return this.#defaultTtlSeconds
-    return Math.max(1, Math.ceil((expires.getTime() - Date.now()) / 1000))
+  /**
+   * A cookie with an expiry sets the TTL; a browser-session cookie gets the configured `ttl`. Neither outlives
+   * the absolute lifetime, so the cache drops a session when it ends.
+   */
+  ttlSeconds(expires: Date | null, createdAt: number): number {
+    const now = Date.now()
+    const idle = expires ? Math.ceil((expires.getTime() - now) / 1000) : this.#options.defaultTtlSeconds
+    const absoluteTimeoutMs = this.#options.absoluteTimeoutMs
+    const left =
+      absoluteTimeoutMs === undefined ? idle : Math.ceil((createdAt + absoluteTimeoutMs - now) / 1000)
+    return Math.max(1, Math.min(idle, left))
   }
 }

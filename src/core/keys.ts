@@ -1,6 +1,8 @@
 import { createHash } from 'node:crypto'
 
 export interface StorageKeys {
+  /** The hash of the id's random part: names the session in every key, in stored records' tags and in logs. */
+  readonly digest: string
   readonly primary: string
   readonly backup: string
   /** The session's lock (non-sticky locking modes). */
@@ -13,5 +15,15 @@ export interface StorageKeys {
  */
 export function storageKeys(prefix: string, random: string): StorageKeys {
   const digest = createHash('sha256').update(random).digest('base64url')
-  return { primary: `${prefix}${digest}`, backup: `${prefix}bak:${digest}`, lock: `${prefix}lock:${digest}` }
+  return {
+    digest,
+    primary: `${prefix}${digest}`,
+    backup: `${prefix}bak:${digest}`,
+    lock: `${prefix}lock:${digest}`,
+  }
+}
+
+/** How a session is named in logs: a short hash, never the id (which is the bearer credential). */
+export function logIdOf(random: string): string {
+  return storageKeys('', random).digest.slice(0, 12)
 }

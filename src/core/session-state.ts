@@ -12,18 +12,17 @@ export interface LifecyclePolicy {
 
 /** Serialized session data (without the cookie) as the adapter sees it when the response is about to go out. */
 export interface SessionSnapshot {
-  readonly dataJson: string
+  /** Session data in the configured serializer's format. */
+  readonly data: Buffer
   readonly cookieJson: string
   /** Cookie expiry; null for a browser-session cookie. */
   readonly expires: Date | null
 }
 
-const EMPTY_DATA = '{}'
-
 /**
  * What one request knows about its session, and the decisions express-session users expect from it: save when
  * modified (or per resave/saveUninitialized), touch when untouched, set the cookie when the id is new or moved.
- * Modification is decided by comparing data JSON texts, so nothing is hashed or serialized twice.
+ * Modification is decided by comparing serialized data, so nothing is hashed or serialized twice.
  */
 export class SessionState {
   /** The id the client presented (validly signed), if any. */
@@ -32,10 +31,10 @@ export class SessionState {
   id: string
   /** The id and data the request started with. */
   readonly originalId: string
-  originalJson: string
+  originalData: Buffer
   /** The id and data known to be in the store; undefined when nothing is stored yet. */
   savedId: string | undefined = undefined
-  savedJson: string | undefined = undefined
+  savedData: Buffer | undefined = undefined
   /** The stored record this request read, used to heal a missing backup on refresh. */
   record: SessionRecord | undefined = undefined
   /** The session must be written this request: it was restored from a backup or relocated. */
@@ -56,19 +55,20 @@ export class SessionState {
   /** The primary copy's compare-and-set token as read (until this request writes). */
   cas: LoadedSession['cas'] = undefined
 
-  private constructor(cookieId: string | undefined, id: string, dataJson: string) {
+  private constructor(cookieId: string | undefined, id: string, data: Buffer) {
     this.cookieId = cookieId
     this.id = id
     this.originalId = id
-    this.originalJson = dataJson
+    this.originalData = data
   }
 
-  static fresh(cookieId: string | undefined, id: string): SessionState {
-    return new SessionState(cookieId, id, EMPTY_DATA)
+  /** `empty`: the serializer's `{}`. */
+  static fresh(cookieId: string | undefined, id: string, empty: Buffer): SessionState {
+    return new SessionState(cookieId, id, empty)
   }
 
   static loaded(cookieId: string, loaded: LoadedSession, policy: LifecyclePolicy): SessionState {
-    const state = new SessionState(cookieId, loaded.id, loaded.record.dataJson)
+    const state = new SessionState(cookieId, loaded.id, loaded.record.data)
     state.adopt(loaded, policy)
     return state
   }
@@ -81,7 +81,7 @@ export class SessionState {
     this.mustWrite = loaded.mustWrite
     if (!policy.resave) {
       this.savedId = loaded.id
-      this.savedJson = loaded.record.dataJson
+      this.savedData = loaded.record.data
     }
   }
 
@@ -91,7 +91,7 @@ export class SessionState {
     this.cas = undefined
     this.id = id
     this.savedId = undefined
-    this.savedJson = undefined
+    this.savedData = undefined
     this.record = undefined
     this.mustWrite = false
     this.destroyed = false
@@ -101,19 +101,19 @@ export class SessionState {
     return this.record?.version ?? 0
   }
 
-  isModified(dataJson: string): boolean {
-    return this.originalId !== this.id || this.originalJson !== dataJson
+  isModified(data: Buffer): boolean {
+    return this.originalId !== this.id || !this.originalData.equals(data)
   }
 
-  isSaved(dataJson: string): boolean {
-    return this.savedId === this.id && this.savedJson === dataJson
+  isSaved(data: Buffer): boolean {
+    return this.savedId === this.id && this.savedData?.equals(data) === true
   }
 
-  shouldSave(dataJson: string, policy: LifecyclePolicy): boolean {
+  shouldSave(data: Buffer, policy: LifecyclePolicy): boolean {
     if (this.mustWrite) return true
     const uninitializedNew =
-      !policy.saveUninitialized && this.savedJson === undefined && this.cookieId !== this.id
-    return uninitializedNew ? this.isModified(dataJson) : !this.isSaved(dataJson)
+      !policy.saveUninitialized && this.savedData === undefined && this.cookieId !== this.id
+    return uninitializedNew ? this.isModified(data) : !this.isSaved(data)
   }
 
   /**
@@ -121,24 +121,24 @@ export class SessionState {
    * express-session this does not require the cookie to carry the current id: the refresh is about the stored
    * copies, which a relocated session needs as much as any other.
    */
-  shouldTouch(dataJson: string, policy: LifecyclePolicy): boolean {
-    return this.record !== undefined && !this.shouldSave(dataJson, policy)
+  shouldTouch(data: Buffer, policy: LifecyclePolicy): boolean {
+    return this.record !== undefined && !this.shouldSave(data, policy)
   }
 
   shouldSetCookie(snapshot: SessionSnapshot, policy: LifecyclePolicy): boolean {
     if (this.resign && !this.destroyed) return true
     if (this.cookieId !== this.id) {
       // A stored session whose id moved (relocation, takeover, regenerate) always sends the id it has now.
-      return policy.saveUninitialized || this.record !== undefined || this.isModified(snapshot.dataJson)
+      return policy.saveUninitialized || this.record !== undefined || this.isModified(snapshot.data)
     }
-    return policy.rolling || (snapshot.expires !== null && this.isModified(snapshot.dataJson))
+    return policy.rolling || (snapshot.expires !== null && this.isModified(snapshot.data))
   }
 
-  /** `viewJson`: the data as this request sees it, when the stored record holds more (a merge). */
-  markSaved(id: string, record: SessionRecord, viewJson = record.dataJson): void {
+  /** `view`: the data as this request sees it, when the stored record holds more (a merge). */
+  markSaved(id: string, record: SessionRecord, view = record.data): void {
     this.id = id
     this.savedId = id
-    this.savedJson = viewJson
+    this.savedData = view
     this.record = record
     this.cas = undefined
     this.mustWrite = false
@@ -146,7 +146,7 @@ export class SessionState {
   }
 
   /** What a merge diffs against: the data this request last read or wrote. */
-  get baseJson(): string {
-    return this.savedJson ?? this.originalJson
+  get baseData(): Buffer {
+    return this.savedData ?? this.originalData
   }
 }

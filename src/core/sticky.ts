@@ -33,7 +33,7 @@ interface LocalSession {
   backedUp: boolean
 }
 
-/** Bytes a local session is charged for in the memory bound: its JSON texts (UTF-16) plus the entry's overhead. */
+/** Bytes a local session is charged for in the memory bound: its data, its cookie text (UTF-16), the entry's overhead. */
 const ENTRY_OVERHEAD = 200
 
 /**
@@ -59,7 +59,7 @@ export class StickyStore implements SessionBackend {
       max: options.localMaxSessions,
       maxSize: options.localMaxBytes,
       sizeCalculation: (entry) =>
-        ENTRY_OVERHEAD + 2 * (entry.record.dataJson.length + entry.record.cookieJson.length),
+        ENTRY_OVERHEAD + entry.record.data.length + 2 * entry.record.cookieJson.length,
     })
     this.#queue = new BackupQueue({
       // Bounded like the cache: at most one queued copy per session this instance can hold.
@@ -103,6 +103,10 @@ export class StickyStore implements SessionBackend {
 
   recognize(id: string): ParsedSessionId | null {
     return this.#remote.recognize(id)
+  }
+
+  knownAbsent(parsed: ParsedSessionId): boolean {
+    return this.#remote.knownAbsent(parsed)
   }
 
   async load(id: string): Promise<LoadedSession | null> {
@@ -154,6 +158,8 @@ export class StickyStore implements SessionBackend {
     const key = parseSessionId(id)?.random
     if (!key) throw new TypeError('save() needs an id issued by this store')
     const expiresAt = Date.now() + ttlSeconds * 1000
+    // Refused now, not when the backup runs: a session that can never be stored must not be acknowledged.
+    this.#remote.assertFits(record)
     if (this.#options.backupAsync) {
       const job: BackupJob = { id, record, ttlSeconds, onlyIfNewer: true }
       if (this.#queue.offer(key, job)) {

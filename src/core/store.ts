@@ -6,15 +6,19 @@ import {
   NodeRejectedError,
   SessionTooLargeError,
   StaleWriteError,
+  UnknownStoreKeyError,
+  UnserializableSessionError,
 } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
-import { decodeRecord, encodeRecord, type SessionRecord } from './codec.js'
+import type { RecordCodec, SessionRecord } from './codec.js'
+import type { SessionCounters } from './counters.js'
 import { type StorageKeys, storageKeys } from './keys.js'
 import { applyChanges, type SessionChanges } from './merge.js'
+import type { SessionSerializer } from './serializer.js'
 
 export interface StoreOptions {
   readonly prefix: string
@@ -25,6 +29,13 @@ export interface StoreOptions {
   /** Seconds a client is told to wait (Retry-After) when no node is alive. */
   readonly retryAfterSeconds: number
   readonly logger: Logger
+  /** Signs (and optionally encrypts) what is stored, and verifies what is read. */
+  readonly codec: RecordCodec
+  /** Largest stored record, in bytes; a larger session is refused before anything is written. */
+  readonly maxSessionBytes: number
+  /** The configured data format, for merges. */
+  readonly serializer: SessionSerializer
+  readonly counters: SessionCounters
 }
 
 export interface LoadedSession {
@@ -42,8 +53,11 @@ export interface LoadedSession {
 /** Rounds of read-apply-write a merge tries before giving up under contention. */
 const MAX_MERGE_ATTEMPTS = 12
 
-/** memcached's default item limit is 1 MiB, key and item header included; keep clear of it. */
-const MAX_STORED_BYTES = 1024 * 1024 - 1024
+interface FreshestCopy {
+  readonly record: SessionRecord | undefined
+  /** How many nodes answered the reads. */
+  readonly answered: number
+}
 
 /**
  * Whether `a` was written after `b`: a higher version, or (two instances that started from the same version)
@@ -57,6 +71,14 @@ export function isNewer(a: SessionRecord, b: SessionRecord): boolean {
 const TOUCH_LOG_ENTRIES = 50_000
 
 /**
+ * Ids found on no node (expired, destroyed) are remembered briefly: a client replaying such a cookie costs no
+ * read of every node on each request. Bounded in count; brief, because a node that was unreachable may
+ * come back holding the session.
+ */
+const ABSENT_ENTRIES = 10_000
+const ABSENT_TTL_MS = 10_000
+
+/**
  * Sessions replicated on two nodes: the primary named in the session id and a backup on the next alive node.
  * Framework-free: it deals in session ids and records, never in requests.
  */
@@ -65,6 +87,7 @@ export class ReplicatedStore implements SessionBackend {
   readonly #options: StoreOptions
   readonly #lastRefresh = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
   readonly #lastBackupCheck = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
+  readonly #absent = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
 
   constructor(ring: NodeRing, options: StoreOptions) {
     this.#ring = ring
@@ -86,13 +109,20 @@ export class ReplicatedStore implements SessionBackend {
     return parsed && this.#ring.has(parsed.nodeId) ? parsed : null
   }
 
+  /** Whether the session was recently found on no node, or destroyed, by this instance. */
+  knownAbsent(parsed: ParsedSessionId): boolean {
+    if (!this.#absent.has(parsed.random)) return false
+    this.#options.counters.knownAbsentHits++
+    return true
+  }
+
   /**
    * Reads a session from its primary, or else from the freshest backup. Null means the session does not exist
    * (expired, destroyed, or never issued). Throws AllNodesDownError when no node could answer at all.
    */
   async load(id: string): Promise<LoadedSession | null> {
     const parsed = this.recognize(id)
-    if (!parsed) return null
+    if (!parsed || this.knownAbsent(parsed)) return null
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
 
@@ -101,7 +131,7 @@ export class ReplicatedStore implements SessionBackend {
       try {
         const read = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         primaryAnswered = true
-        const record = read && this.#decode(read.value, primary)
+        const record = read && this.#decode(read.value, primary, keys, keys.primary)
         if (record && read) {
           return {
             id,
@@ -118,7 +148,9 @@ export class ReplicatedStore implements SessionBackend {
 
     const backup = await this.#freshestBackup(primary, keys)
     if (!backup.record) {
-      if (!primaryAnswered && !backup.anyAnswered) throw this.#allNodesDown()
+      if (!primaryAnswered && backup.answered === 0) throw this.#allNodesDown()
+      // Absent only when every node answered: one that did not may return holding the session.
+      if (primaryAnswered && backup.answered === this.#ring.size - 1) this.#absent.set(parsed.random, true)
       if (!primaryAnswered) {
         this.#options.logger.warn(
           { node: primary },
@@ -158,7 +190,8 @@ export class ReplicatedStore implements SessionBackend {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
-    const blob = this.#encodeWithinLimit(record)
+    const blob = this.#encodeWithinLimit(record, keys)
+    this.#absent.delete(parsed.random)
     if (onlyIfNewer) {
       // A write that waited (async, or through an outage) must not replace what another instance stored since.
       // Read-then-write is not atomic; it narrows the window from the wait to one round trip.
@@ -228,7 +261,8 @@ export class ReplicatedStore implements SessionBackend {
     // `set`: a newer version another instance wrote since this request read `record` is never overwritten.
     const keep = (nodeId: string, key: string, ttl: number) =>
       this.#ring.call(nodeId, async (node) => {
-        if (!(await node.touch(key, ttl))) await node.add(key, encodeRecord(record), ttl)
+        if (!(await node.touch(key, ttl)))
+          await node.add(key, this.#options.codec.encode(record, keys.digest), ttl)
       })
     await Promise.allSettled([
       this.#ring.isAlive(primary) &&
@@ -291,24 +325,39 @@ export class ReplicatedStore implements SessionBackend {
         // No primary copy where the session is (it moved here, or the node restarted): the freshest copy of
         // either key on any alive node, the backup key on this very node included.
         const base =
-          (current && this.#decode(current.value, primary)) ?? (await this.#freshestCopy(keys)).record
+          (current && this.#decode(current.value, primary, keys, keys.primary)) ??
+          (await this.#freshestCopy(keys)).record
         // No copy anywhere: the session was destroyed (or expired) meanwhile; a part of it must not come back.
         if (!base) return null
-        const { dataJson, conflicts } = applyChanges(base.dataJson, changes)
-        const record = { version: base.version + 1, writtenAt: Date.now(), cookieJson, dataJson }
-        const blob = this.#encodeWithinLimit(record)
+        const { data, conflicts } = applyChanges(this.#options.serializer, base, changes)
+        const record: SessionRecord = {
+          version: base.version + 1,
+          writtenAt: Date.now(),
+          createdAt: base.createdAt,
+          cookieJson,
+          data,
+          format: this.#options.serializer.tag,
+        }
+        const blob = this.#encodeWithinLimit(record, keys)
         const stored = current
           ? (await this.#ring.call(primary, (node) =>
               node.setIfUnchanged(keys.primary, blob, ttlSeconds, current.cas),
             )) === 'stored'
           : await this.#ring.call(primary, (node) => node.add(keys.primary, blob, ttlSeconds))
         if (!stored) continue
-        await this.#writeBackupIfOlder(primary, keys.backup, record, blob, ttlSeconds)
+        await this.#writeBackupIfOlder(primary, keys, record, blob, ttlSeconds)
         this.#lastRefresh.set(parsed.random, record.writtenAt)
         this.#lastBackupCheck.set(parsed.random, record.writtenAt)
         return { id: formatSessionId(parsed.random, primary, parsed.route), record, conflicts }
       } catch (error) {
-        if (error instanceof NodeRejectedError || error instanceof SessionTooLargeError) throw error
+        if (
+          error instanceof NodeRejectedError ||
+          error instanceof SessionTooLargeError ||
+          error instanceof UnserializableSessionError ||
+          error instanceof CorruptSessionError
+        ) {
+          throw error
+        }
         // The node is marked dead; the next attempt merges where the session moves to.
       }
     }
@@ -329,17 +378,19 @@ export class ReplicatedStore implements SessionBackend {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
+    this.#absent.set(parsed.random, true)
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
   }
 
   /** Writes the backup copy unless the backup node already holds this version or a newer one. */
   async #writeBackupIfOlder(
     primary: string,
-    key: string,
+    keys: StorageKeys,
     record: SessionRecord,
     blob: Buffer,
     ttlSeconds: number,
   ): Promise<void> {
+    const key = keys.backup
     for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
       const backup = this.#ring.nextAliveAfter(primary)
       if (!backup) return
@@ -347,7 +398,7 @@ export class ReplicatedStore implements SessionBackend {
         const done = await this.#ring.call(backup, async (node) => {
           const current = await node.gets(key)
           if (!current) return node.add(key, blob, ttlSeconds)
-          const existing = this.#decode(current.value, backup)
+          const existing = this.#decode(current.value, backup, keys, key)
           if (existing && !isNewer(record, existing)) return true
           return (await node.setIfUnchanged(key, blob, ttlSeconds, current.cas)) === 'stored'
         })
@@ -380,14 +431,11 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /** The freshest copy of either key on every alive node. */
-  #freshestCopy(keys: StorageKeys): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
+  #freshestCopy(keys: StorageKeys): Promise<FreshestCopy> {
     return this.#freshestOn(this.#ring.aliveIds(), keys)
   }
 
-  async #freshestBackup(
-    primary: string,
-    keys: StorageKeys,
-  ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
+  async #freshestBackup(primary: string, keys: StorageKeys): Promise<FreshestCopy> {
     // Read both keys on every other alive node: after earlier failures the backup may sit on a node further
     // along; a relocation whose new cookie never reached the client left the primary copy on another node;
     // and a node that came back may hold an older copy. The highest version wins. This runs only when the
@@ -395,26 +443,26 @@ export class ReplicatedStore implements SessionBackend {
     return this.#freshestOn(this.#ring.aliveOthers(primary), keys)
   }
 
-  async #freshestOn(
-    candidates: readonly string[],
-    keys: StorageKeys,
-  ): Promise<{ record: SessionRecord | undefined; anyAnswered: boolean }> {
+  async #freshestOn(candidates: readonly string[], keys: StorageKeys): Promise<FreshestCopy> {
     const reads = await Promise.allSettled(
       candidates.map((nodeId) =>
         this.#ring.call(nodeId, async (node) => {
-          const blobs = await Promise.all([node.get(keys.backup), node.get(keys.primary)])
-          return blobs.map((blob) => blob && this.#decode(blob, nodeId))
+          const [backup, primary] = await Promise.all([node.get(keys.backup), node.get(keys.primary)])
+          return [
+            backup && this.#decode(backup, nodeId, keys, keys.backup),
+            primary && this.#decode(primary, nodeId, keys, keys.primary),
+          ]
         }),
       ),
     )
     let record: SessionRecord | undefined
-    let anyAnswered = false
+    let answered = 0
     for (const read of reads) {
       if (read.status !== 'fulfilled') continue
-      anyAnswered = true
+      answered++
       for (const copy of read.value) if (copy && (!record || isNewer(copy, record))) record = copy
     }
-    return { record, anyAnswered }
+    return { record, answered }
   }
 
   /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
@@ -422,7 +470,7 @@ export class ReplicatedStore implements SessionBackend {
     if (this.#ring.isAlive(primary)) {
       try {
         const blob = await this.#ring.call(primary, (node) => node.get(keys.primary))
-        const record = blob && this.#decode(blob, primary)
+        const record = blob && this.#decode(blob, primary, keys, keys.primary)
         if (record) return record
       } catch {
         // fall back to the backups
@@ -431,28 +479,47 @@ export class ReplicatedStore implements SessionBackend {
     return (await this.#freshestBackup(primary, keys)).record
   }
 
-  #decode(blob: Buffer, nodeId: string): SessionRecord | undefined {
+  /**
+   * A copy that fails its check (forged, damaged, or unreadable) counts as no copy, and is deleted so it costs
+   * nothing again. One written with a key this instance lacks is only skipped: it may be a newer instance's.
+   */
+  #decode(blob: Buffer, nodeId: string, keys: StorageKeys, key: string): SessionRecord | undefined {
     try {
-      return decodeRecord(blob)
+      return this.#options.codec.decode(blob, keys.digest)
     } catch (error) {
       if (!(error instanceof CorruptSessionError)) throw error
+      this.#options.counters.corruptSessions++
       this.#options.logger.warn(
-        { node: nodeId, err: error.message },
-        'session-failover: corrupt session ignored',
+        { node: nodeId, session: keys.digest.slice(0, 12), err: error.message },
+        'session-failover: unreadable stored session ignored',
       )
+      // Not awaited, but sent ahead of this request's own writes on the same connection.
+      if (!(error instanceof UnknownStoreKeyError)) {
+        void this.#ring.call(nodeId, (node) => node.delete(key)).catch(() => {})
+      }
       return undefined
     }
   }
 
-  #encodeWithinLimit(record: SessionRecord): Buffer {
-    const blob = encodeRecord(record)
-    if (blob.length > MAX_STORED_BYTES) {
+  /**
+   * Throws SessionTooLargeError when `record` would be stored in more than `maxSessionBytes`: checked before
+   * anything is written (memcached deletes the stored item when a write of it is too large), and by sticky mode
+   * before it accepts a session it backs up later.
+   */
+  assertFits(record: SessionRecord): void {
+    const length = this.#options.codec.encodedLength(record)
+    const limit = this.#options.maxSessionBytes
+    if (length > limit) {
       throw new SessionTooLargeError(
-        `The session is ${blob.length} bytes stored; at most ${MAX_STORED_BYTES} fit in a memcached item. ` +
+        `The session is ${length} bytes stored, more than maxSessionBytes (${limit}). ` +
           'It was not written; the stored copy is unchanged.',
       )
     }
-    return blob
+  }
+
+  #encodeWithinLimit(record: SessionRecord, keys: StorageKeys): Buffer {
+    this.assertFits(record)
+    return this.#options.codec.encode(record, keys.digest)
   }
 
   #allNodesDown(): AllNodesDownError {

@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { OpenedSession, SessionCounters } from '../core/engine.js'
-import { contentOf, snapshotOf } from '../core/serialize.js'
+import type { SessionCounters } from '../core/counters.js'
+import type { OpenedSession } from '../core/engine.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
 import type { NodeHealth } from '../nodes/ring.js'
@@ -55,14 +55,14 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     const presented = readSessionId(req.headers.cookie, config.name, config.secrets)
     const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
 
-    const begin = ({ state, stored }: OpenedSession): void => {
+    const begin = ({ state, content }: OpenedSession): void => {
       const store = new RequestStore(req, engine.session, state, newCookie)
       req.sessionStore = store
       try {
-        if (stored) store.inflate(contentOf(stored))
+        if (content) store.inflate(content)
         else store.generate()
       } catch (error) {
-        // A stored session that express-session cannot take (bad JSON, a cookie it cannot rebuild): start afresh.
+        // A stored session that express-session cannot take (a cookie it cannot rebuild): start afresh.
         config.logger.warn(
           { err: String(error) },
           'session-failover: unreadable session replaced by a new one',
@@ -79,7 +79,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
           return undefined
         }
         current.touch()
-        const { setCookie } = await engine.session.commit(state, snapshotOf(current, current.cookie))
+        const { setCookie } = await engine.session.commit(
+          state,
+          engine.session.snapshot(current, current.cookie),
+        )
         // The lock is free before the client hears back (its next request never waits on this one), and once the
         // headers of a streamed response are out (a later change is merged, not held under a lock).
         await engine.session.finish(state, final ? request : undefined)

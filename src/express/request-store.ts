@@ -1,7 +1,7 @@
 import type { IncomingMessage } from 'node:http'
 import session from 'express-session'
 import type { SessionEngine } from '../core/engine.js'
-import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js'
+import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
 import type { SessionCookie } from '../session-cookie.js'
 
@@ -69,7 +69,10 @@ export class RequestStore {
   }
 
   set(_id: string, sess: session.Session, callback: Callback = () => {}): void {
-    this.#engine.save(this.#state, snapshotOf(sess, sess.cookie)).then(
+    // In a promise: a session that cannot be serialized reaches the callback, not the caller's stack.
+    new Promise<void>((resolve) =>
+      resolve(this.#engine.save(this.#state, this.#engine.snapshot(sess, sess.cookie))),
+    ).then(
       () => {
         if (this.#req.sessionID !== this.#state.id && this.#req.session === sess) {
           // Relocated while saving: the id (and so Session#id) changed; keep req.session consistent with it.
@@ -87,17 +90,9 @@ export class RequestStore {
 
   get(_id: string, callback: (error: unknown, sess?: session.SessionData | null) => void): void {
     this.#engine.reload(this.#state).then(
-      (stored) => {
-        let sess: session.SessionData | null = null
-        try {
-          if (stored) {
-            const content = contentOf(stored)
-            sess = { ...content.data, cookie: content.cookie } as unknown as session.SessionData
-          }
-        } catch (error) {
-          process.nextTick(callback, error)
-          return
-        }
+      (content) => {
+        const sess =
+          content && ({ ...content.data, cookie: content.cookie } as unknown as session.SessionData)
         this.#req.sessionID = this.#state.id
         process.nextTick(callback, null, sess)
       },

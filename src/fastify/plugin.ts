@@ -2,9 +2,9 @@ import fastifyCookie from '@fastify/cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { verifiedId } from '../core/cookie-value.js'
-import type { SessionCounters } from '../core/engine.js'
+import type { SessionCounters } from '../core/counters.js'
 import type { RequestFacts } from '../core/locking-policy.js'
-import { contentOf, type SessionContent, snapshotOf } from '../core/serialize.js'
+import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
 import { createEngine } from '../create-engine.js'
 import { SessionFailoverError } from '../errors.js'
@@ -63,7 +63,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
 
   const control = (request: FastifyRequest, context: RequestContext): SessionControl => ({
     id: () => context.state.id,
-    save: (session) => engine.session.save(context.state, snapshotOf(session, session.cookie)),
+    save: async (session) =>
+      engine.session.save(context.state, engine.session.snapshot(session, session.cookie)),
     async regenerate(session) {
       await engine.session.regenerate(context.state)
       session.replaceData({})
@@ -74,9 +75,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       context.state = engine.session.startOver(context.state)
     },
     async reload(session) {
-      const stored = await engine.session.reload(context.state)
-      if (!stored) throw new Error('failed to load session')
-      const content = contentOf(stored)
+      const content = await engine.session.reload(context.state)
+      if (!content) throw new Error('failed to load session')
       session.replaceData(content.data)
       session.cookie = cookieOf(content)
     },
@@ -90,20 +90,13 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifiedId(raw, config.secrets)
     const facts: RequestFacts = { method: request.method, path, raw: request }
-    const { state, stored } = await engine.session.open(presented, facts)
+    const { state, content } = await engine.session.open(presented, facts)
     const context: RequestContext = {
       state,
       facts,
       committed: false,
     }
     contexts.set(request, context)
-    let content: SessionContent | undefined
-    try {
-      content = stored && contentOf(stored)
-    } catch {
-      // A stored session that cannot be read starts afresh, as under Express.
-      state.renew(engine.session.store.newSessionId())
-    }
     request.session = content
       ? new FastifySession(control(request, context), content.data, cookieOf(content))
       : new FastifySession(control(request, context), {}, newCookie(request))
@@ -117,7 +110,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const session = request.session
     // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
     FastifySession.prototype.touch.call(session)
-    const { setCookie } = await engine.session.commit(state, snapshotOf(session, session.cookie))
+    const { setCookie } = await engine.session.commit(state, engine.session.snapshot(session, session.cookie))
     await engine.session.finish(state, facts)
     if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(

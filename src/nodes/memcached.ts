@@ -8,6 +8,8 @@ export interface MemcachedNodeConfig {
   readonly id: string
   readonly host: string
   readonly port: number
+  /** SASL PLAIN credentials; memjs authenticates each connection before its first command. */
+  readonly credentials?: { readonly username: string; readonly password: string } | undefined
   readonly operationTimeoutMs: number
   readonly probeKey: string
 }
@@ -38,7 +40,8 @@ export class MemcachedNode implements SessionNode {
     this.#timeoutMs = config.operationTimeoutMs
     this.#probeKey = config.probeKey
     const seconds = config.operationTimeoutMs / 1000
-    this.#server = new memjs.Server(config.host, config.port, undefined, undefined, {
+    const { username, password } = config.credentials ?? {}
+    this.#server = new memjs.Server(config.host, config.port, username, password, {
       timeout: seconds,
       conntimeout: seconds,
       keepAlive: true,

@@ -3,15 +3,21 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { memcachedBinary } from './memcached.js'
+import { installed } from './process.js'
 import { redisBinary } from './redis.js'
 
 /**
- * Makes sure memcached and redis-server are installed (installing Debian's packages when running as root), and
+ * Makes sure memcached, redis-server and saslpasswd2 are installed (installing Debian's packages when running as root), and
  * keeps a pid file that the teardown uses to kill any server a test worker left running, whatever happened to
  * the worker.
  */
 export default function setup(): () => void {
-  const missing = [memcachedBinary() ? '' : 'memcached', redisBinary() ? '' : 'redis-server'].filter(Boolean)
+  const missing = [
+    memcachedBinary() ? '' : 'memcached',
+    redisBinary() ? '' : 'redis-server',
+    // saslpasswd2, for the memcached that requires SASL authentication; the PLAIN mechanism.
+    installed('saslpasswd2') ? '' : 'sasl2-bin libsasl2-modules',
+  ].filter(Boolean)
   if (missing.length > 0) {
     const packages = missing.join(' ')
     if (process.getuid?.() !== 0) {

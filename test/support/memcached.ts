@@ -1,5 +1,8 @@
-import { spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { freePort, installed, type ServerProcess, startServerProcess, stopAll } from './process.js'
 
 export { freePort }
@@ -98,6 +101,22 @@ export async function startMemcached(): Promise<MemcachedServer> {
         (counters.delete_misses ?? 0)
       )
     },
+  })
+}
+
+/**
+ * A memcached that requires SASL PLAIN authentication (binary protocol only), with one user in a Cyrus sasldb
+ * made by Debian's saslpasswd2 (Debian's memcached reads no plain password file). Only the library talks to it.
+ */
+export async function startSaslMemcached(username: string, password: string): Promise<ServerProcess> {
+  const dir = mkdtempSync(join(tmpdir(), 'sf-sasl-'))
+  const sasldb = join(dir, 'sasldb2')
+  execFileSync('saslpasswd2', ['-p', '-a', 'memcached', '-c', '-f', sasldb, username], { input: password })
+  writeFileSync(join(dir, 'memcached.conf'), `mech_list: plain\nsasldb_path: ${sasldb}\n`)
+  return startServerProcess('memcached', (port) => {
+    const args = ['-S', '-l', '127.0.0.1', '-p', String(port), '-U', '0', '-m', '16', '-t', '1']
+    if (process.getuid?.() === 0) args.push('-u', 'root')
+    return spawn('memcached', args, { stdio: 'ignore', env: { ...process.env, SASL_CONF_PATH: dir } })
   })
 }
 

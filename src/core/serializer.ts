@@ -1,0 +1,178 @@
+import { createRequire } from 'node:module'
+import v8 from 'node:v8'
+import { ConfigError, CorruptSessionError, UnserializableSessionError } from '../errors.js'
+import type { SessionRecord } from './codec.js'
+import type { SessionSnapshot } from './session-state.js'
+
+/** A user's serializer: turns session data (a plain object, cookie excluded) into bytes and back. */
+export interface CustomSerializer {
+  serialize(data: Record<string, unknown>): string | Uint8Array
+  deserialize(bytes: Buffer): unknown
+}
+
+export type SerializerOption = 'json' | 'v8' | 'msgpack' | CustomSerializer
+
+export interface SessionContent {
+  /** Application data, without the cookie. */
+  readonly data: Record<string, unknown>
+  /** The stored cookie fields (express-session's cookie.data). */
+  readonly cookie: Record<string, unknown>
+}
+
+interface Format {
+  /** Stored with every record: a record is read with the format that wrote it, whatever is configured now. */
+  readonly tag: number
+  serialize(data: Record<string, unknown>): Buffer
+  deserialize(bytes: Buffer): unknown
+}
+
+const CUSTOM_TAG = 0
+
+const json: Format = {
+  tag: 1,
+  serialize: (data) => Buffer.from(JSON.stringify(data)),
+  deserialize: (bytes) => JSON.parse(bytes.toString('utf8')),
+}
+
+const structuredClone: Format = {
+  tag: 2,
+  serialize: (data) => v8.serialize(data),
+  deserialize: (bytes) => v8.deserialize(bytes),
+}
+
+const MSGPACK_TAG = 3
+
+/** msgpackr is an optional peer dependency, loaded only when configured (or when a stored record needs it). */
+function msgpack(): Format {
+  let msgpackr: typeof import('msgpackr')
+  try {
+    msgpackr = createRequire(import.meta.url)('msgpackr') as typeof import('msgpackr')
+  } catch (cause) {
+    throw new ConfigError("serializer 'msgpack' needs the msgpackr package: npm install msgpackr", { cause })
+  }
+  // Records off: a record's structure would be shared state that another process cannot read.
+  const packr = new msgpackr.Packr({
+    useRecords: false,
+    structuredClone: true,
+    moreTypes: true,
+    int64AsType: 'bigint',
+    useBigIntExtension: true,
+  })
+  return {
+    tag: MSGPACK_TAG,
+    // pack() returns a view of a buffer it reuses for the next call.
+    serialize: (data) => Buffer.from(packr.pack(data)),
+    deserialize: (bytes) => packr.unpack(bytes),
+  }
+}
+
+function custom(serializer: CustomSerializer): Format {
+  return {
+    tag: CUSTOM_TAG,
+    serialize(data) {
+      const out = serializer.serialize(data)
+      if (typeof out === 'string') return Buffer.from(out)
+      if (out instanceof Uint8Array) return Buffer.from(out.buffer, out.byteOffset, out.byteLength)
+      throw new TypeError(`serialize() returned ${typeof out}, not a string or a Uint8Array`)
+    },
+    deserialize: (bytes) => serializer.deserialize(bytes),
+  }
+}
+
+/**
+ * Turns session data into the bytes that are stored, and back. The data is serialized once per request; the
+ * bytes read are compared with the bytes about to be written to tell whether the session changed. The cookie is
+ * always JSON and kept apart, so a cookie refresh is not a modification.
+ */
+export class SessionSerializer {
+  readonly #format: Format
+  #msgpack: Format | undefined
+  /** The configured format's serialization of `{}`: a new session's data. */
+  readonly empty: Buffer
+
+  constructor(option: SerializerOption = 'json') {
+    this.#format =
+      option === 'json'
+        ? json
+        : option === 'v8'
+          ? structuredClone
+          : option === 'msgpack'
+            ? this.#msgpackFormat()
+            : custom(option)
+    this.empty = this.serialize({})
+  }
+
+  get tag(): number {
+    return this.#format.tag
+  }
+
+  /** Throws UnserializableSessionError when the data holds what the format cannot store (a BigInt in JSON...). */
+  serialize(data: Record<string, unknown>): Buffer {
+    try {
+      return this.#format.serialize(data)
+    } catch (cause) {
+      throw new UnserializableSessionError(
+        `The session data cannot be serialized (${cause instanceof Error ? cause.message : String(cause)}); nothing was written`,
+        { cause },
+      )
+    }
+  }
+
+  /** Bytes of `tag`'s format into a plain object; CorruptSessionError for anything else. */
+  deserialize(bytes: Buffer, tag: number): Record<string, unknown> {
+    let value: unknown
+    try {
+      value = this.#formatOf(tag).deserialize(bytes)
+    } catch (cause) {
+      if (cause instanceof CorruptSessionError) throw cause
+      throw new CorruptSessionError('stored session data cannot be deserialized', { cause })
+    }
+    if (!isRecord(value)) throw new CorruptSessionError('stored session data is not an object')
+    return value
+  }
+
+  /** What the adapter hands over when the response is about to go out. */
+  snapshot(session: object, cookie: object): SessionSnapshot {
+    const { cookie: _ignored, ...data } = session as Record<string, unknown>
+    const { expires } = cookie as { expires?: unknown }
+    return {
+      data: this.serialize(data),
+      cookieJson: JSON.stringify(cookie),
+      expires: expires instanceof Date ? expires : null,
+    }
+  }
+
+  content(record: Pick<SessionRecord, 'data' | 'format' | 'cookieJson'>): SessionContent {
+    const data = this.deserialize(record.data, record.format)
+    let cookie: unknown
+    try {
+      cookie = JSON.parse(record.cookieJson)
+    } catch (cause) {
+      throw new CorruptSessionError('stored session cookie is not valid JSON', { cause })
+    }
+    if (!isRecord(cookie)) throw new CorruptSessionError('stored session cookie is not an object')
+    return { data, cookie }
+  }
+
+  /** Bytes that are equal exactly when two values serialize alike: how a merge tells which keys changed. */
+  fingerprint(value: unknown): string {
+    return this.serialize({ v: value }).toString('latin1')
+  }
+
+  #formatOf(tag: number): Format {
+    if (tag === this.#format.tag) return this.#format
+    if (tag === json.tag) return json
+    if (tag === structuredClone.tag) return structuredClone
+    if (tag === MSGPACK_TAG) return this.#msgpackFormat()
+    throw new CorruptSessionError(`stored session data has format ${tag}, which this instance cannot read`)
+  }
+
+  #msgpackFormat(): Format {
+    this.#msgpack ??= msgpack()
+    return this.#msgpack
+  }
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
