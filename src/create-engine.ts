@@ -1,24 +1,28 @@
 import type { SessionBackend } from './core/backend.js'
 import { RecordCodec } from './core/codec.js'
-import { newCounters } from './core/counters.js'
 import { type Concurrency, SessionEngine } from './core/engine.js'
 import { LockManager } from './core/locking.js'
 import { LockingPolicy } from './core/locking-policy.js'
+import { Metrics } from './core/metrics.js'
 import { StickyStore } from './core/sticky.js'
 import { ReplicatedStore } from './core/store.js'
 import { StoreKeyring } from './core/store-keys.js'
+import { ConfigError } from './errors.js'
 import { MemcachedNode } from './nodes/memcached.js'
 import { MemoryNode } from './nodes/memory.js'
 import type { SessionNode } from './nodes/node.js'
 import { RedisNode } from './nodes/redis.js'
 import { NodeRing } from './nodes/ring.js'
-import type { Config } from './options.js'
+import { type Config, type NodeConfig, parseNodes } from './options.js'
 
 export interface Engine {
   readonly session: SessionEngine
   readonly ring: NodeRing
+  readonly metrics: Metrics
   /** Set in sticky mode. */
   readonly sticky: StickyStore | undefined
+  /** Replaces the configured nodes without a restart; sessions on a removed node move as they are used. */
+  setNodes(nodes: unknown): void
   close(): Promise<void>
 }
 
@@ -31,28 +35,33 @@ const FLUSH_TIMEOUT_MS = 10_000
 
 /** Wires nodes, ring, store and engine from a validated config. */
 export function createEngine(config: Config): Engine {
+  const metrics = new Metrics(config.logger)
+  const common = { operationTimeoutMs: config.operationTimeoutMs, probeKey: `${config.prefix}probe` }
+  const nodeFor = (spec: NodeConfig): SessionNode => {
+    if (spec.kind === 'memcached') {
+      return new MemcachedNode({
+        ...common,
+        id: spec.id,
+        host: spec.host,
+        port: spec.port,
+        credentials: spec.credentials,
+      })
+    }
+    if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })
+    if (spec.kind === 'redis-sentinel') {
+      const { sentinels, name, masterUrl } = spec
+      return new RedisNode({
+        ...common,
+        id: spec.id,
+        sentinel: masterUrl === undefined ? { sentinels, name } : { sentinels, name, masterUrl },
+      })
+    }
+    return new RedisNode({ ...common, id: spec.id, cluster: spec.cluster })
+  }
+  let specs = config.nodes
   let nodes: SessionNode[]
-  if (config.nodes) {
-    const common = { operationTimeoutMs: config.operationTimeoutMs, probeKey: `${config.prefix}probe` }
-    nodes = config.nodes.map((spec): SessionNode => {
-      if (spec.kind === 'memcached')
-        return new MemcachedNode({
-          ...common,
-          id: spec.id,
-          host: spec.host,
-          port: spec.port,
-          credentials: spec.credentials,
-        })
-      if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })
-      if (spec.kind === 'redis-sentinel') {
-        return new RedisNode({
-          ...common,
-          id: spec.id,
-          sentinel: { sentinels: spec.sentinels, name: spec.name },
-        })
-      }
-      return new RedisNode({ ...common, id: spec.id, cluster: spec.cluster })
-    })
+  if (specs) {
+    nodes = specs.map(nodeFor)
   } else {
     process.emitWarning(DEV_WARNING, { type: 'SessionFailoverWarning', code: 'ESF_NO_NODES' })
     nodes = [new MemoryNode('local')]
@@ -61,13 +70,13 @@ export function createEngine(config: Config): Engine {
     failoverNodeIds: config.failoverNodeIds,
     probeIntervalMs: config.nodeProbeIntervalMs,
     logger: config.logger,
+    metrics,
   })
-  const counters = newCounters()
   const store = new ReplicatedStore(ring, {
     codec: new RecordCodec({ keys: new StoreKeyring(config.storeSecrets), encrypt: config.encrypt }),
     serializer: config.serializer,
     maxSessionBytes: config.maxSessionBytes,
-    counters,
+    metrics,
     prefix: config.prefix,
     touchAfter: config.touchAfter,
     backupCheckIntervalMs: config.backupCheckIntervalMs,
@@ -82,23 +91,28 @@ export function createEngine(config: Config): Engine {
         defaultTtlSeconds: config.ttlSeconds,
         retryDelayMs: config.nodeProbeIntervalMs,
         logger: config.logger,
+        metrics,
       })
     : undefined
   const backend: SessionBackend = sticky ?? store
-  const concurrency: Concurrency | undefined = config.locking && {
-    locks: new LockManager(ring, {
+  const locks =
+    config.locking &&
+    new LockManager(ring, {
       lockExpirationSeconds: config.locking.lockExpirationSeconds,
       lockTimeoutMs: config.locking.lockTimeoutMs,
       operationTimeoutMs: config.operationTimeoutMs,
       // Locks are held for one request: a second is a sensible pause before trying again.
       retryAfterSeconds: 1,
-    }),
-    policy: new LockingPolicy(config.locking.mode),
-    store,
-    prefix: config.prefix,
-    lockTimeoutAction: config.locking.lockTimeoutAction,
-    logger: config.logger,
-  }
+    })
+  const concurrency: Concurrency | undefined = config.locking &&
+    locks && {
+      locks,
+      policy: new LockingPolicy(config.locking.mode),
+      store,
+      prefix: config.prefix,
+      lockTimeoutAction: config.locking.lockTimeoutAction,
+      logger: config.logger,
+    }
   const session = new SessionEngine(backend, {
     policy: {
       resave: config.resave,
@@ -109,16 +123,49 @@ export function createEngine(config: Config): Engine {
     defaultTtlSeconds: config.ttlSeconds,
     absoluteTimeoutMs: config.absoluteTimeoutMs,
     serializer: config.serializer,
-    counters,
+    metrics,
     logger: config.logger,
     concurrency,
   })
+  const live = new Map<string, { spec: NodeConfig; node: SessionNode }>(
+    specs?.map((spec, index) => [spec.id, { spec, node: nodes[index] as SessionNode }]),
+  )
   return {
     session,
     ring,
+    metrics,
     sticky,
+    setNodes(value) {
+      if (!specs) {
+        throw new ConfigError(
+          'setNodes() needs `nodes` configured at start-up; the development store has none',
+        )
+      }
+      const next = parseNodes(value)
+      for (const spec of next) {
+        const current = live.get(spec.id)
+        if (current && JSON.stringify(current.spec) !== JSON.stringify(spec)) {
+          throw new ConfigError(
+            `Expected node '${spec.id}' to keep its address in setNodes() (ids name where sessions live); give a changed node a new id`,
+          )
+        }
+      }
+      const kept = new Set(next.map((spec) => spec.id))
+      for (const id of [...live.keys()]) if (!kept.has(id)) live.delete(id)
+      const nextNodes = next.map((spec) => {
+        const current = live.get(spec.id)
+        if (current) return current.node
+        const node = nodeFor(spec)
+        live.set(spec.id, { spec, node })
+        return node
+      })
+      ring.update(nextNodes)
+      specs = next
+      config.logger.info({ nodes: next.map((spec) => spec.id) }, 'session-failover: nodes replaced')
+    },
     async close() {
       await backend.close()
+      await locks?.releaseAll()
       await ring.close()
     },
   }

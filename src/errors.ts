@@ -106,11 +106,22 @@ export class CorruptSessionError extends SessionFailoverError {
 }
 
 /**
- * A stored blob names a store key this instance does not have: written by an instance with newer keys, or
- * planted. Ignored, but left in place (the instance that wrote it may still read it). Internal.
+ * A stored copy this instance cannot read but another may: written under a store key it lacks, or in a data
+ * format it cannot load (instances part-way through a change of `storeKeys`, `secret` or `serializer`). It is
+ * skipped, never deleted. Internal.
  */
-export class UnknownStoreKeyError extends CorruptSessionError {
+export class ForeignRecordError extends CorruptSessionError {
+  override readonly code: string = 'ESF_FOREIGN_RECORD'
+}
+
+/** A stored copy written with a store key this instance does not have. Internal. */
+export class UnknownStoreKeyError extends ForeignRecordError {
   override readonly code = 'ESF_UNKNOWN_STORE_KEY'
+}
+
+/** A stored copy whose data is in a format this instance cannot load. Internal. */
+export class UnreadableFormatError extends ForeignRecordError {
+  override readonly code = 'ESF_UNREADABLE_FORMAT'
 }
 
 /** The middleware was used after close(). */

@@ -3,7 +3,12 @@ import { describe, expect, it } from 'vitest'
 import { RecordCodec, type SessionRecord } from '../src/core/codec.js'
 import { SessionSerializer } from '../src/core/serializer.js'
 import { StoreKeyring } from '../src/core/store-keys.js'
-import { CorruptSessionError, UnknownStoreKeyError, UnserializableSessionError } from '../src/errors.js'
+import {
+  CorruptSessionError,
+  ForeignRecordError,
+  UnknownStoreKeyError,
+  UnserializableSessionError,
+} from '../src/errors.js'
 
 const DIGEST = 'a'.repeat(43)
 
@@ -79,6 +84,22 @@ describe.each([false, true])('stored record codec (encrypt: %s)', (encrypt) => {
     )
     expect(() => codec.decode(blob, DIGEST)).toThrow(UnknownStoreKeyError)
   })
+
+  it('marks a record written under a key that no longer writes, or with the other encrypt setting, for a rewrite', () => {
+    const sample = {
+      version: 1,
+      writtenAt: 1,
+      createdAt: 1,
+      cookieJson: '{}',
+      data: Buffer.from('{}'),
+      format: 1,
+    }
+    expect(codec.decode(codec.encode(sample, DIGEST), DIGEST).rewrap).toBeUndefined()
+    const rotated = codecOf(['new secret', 'the secret'], encrypt)
+    expect(rotated.decode(codec.encode(sample, DIGEST), DIGEST).rewrap).toBe(true)
+    const switched = codecOf(['the secret'], !encrypt)
+    expect(switched.decode(codec.encode(sample, DIGEST), DIGEST).rewrap).toBe(true)
+  })
 })
 
 describe('keys and encryption', () => {
@@ -101,13 +122,16 @@ describe('keys and encryption', () => {
     const rotated = codecOf(['new key', 'old key'], true)
     const newOnly = codecOf(['new key'], true)
     const written = old.encode(sample, DIGEST)
-    expect(rotated.decode(written, DIGEST)).toEqual(sample)
+    expect(rotated.decode(written, DIGEST)).toEqual({ ...sample, rewrap: true })
     const rewritten = rotated.encode(sample, DIGEST)
     expect(newOnly.decode(rewritten, DIGEST)).toEqual(sample)
     expect(() => old.decode(rewritten, DIGEST)).toThrow(UnknownStoreKeyError)
     // Turning encryption on or off never makes stored sessions unreadable.
-    expect(codecOf(['new key']).decode(rewritten, DIGEST)).toEqual(sample)
-    expect(newOnly.decode(codecOf(['new key']).encode(sample, DIGEST), DIGEST)).toEqual(sample)
+    expect(codecOf(['new key']).decode(rewritten, DIGEST)).toEqual({ ...sample, rewrap: true })
+    expect(newOnly.decode(codecOf(['new key']).encode(sample, DIGEST), DIGEST)).toEqual({
+      ...sample,
+      rewrap: true,
+    })
   })
 
   it('uses a fresh IV for every write', () => {
@@ -141,13 +165,16 @@ describe('serializers', () => {
     expect(serializer.deserialize(serializer.serialize(data), serializer.tag)).toEqual(data)
   })
 
-  it("'msgpack' keeps Set, Date, BigInt and RegExp; a Map comes back as an object", () => {
-    const serializer = new SessionSerializer('msgpack')
-    const back = serializer.deserialize(
-      serializer.serialize({ ...rich, byId: new Map([['k', 1]]) }),
-      serializer.tag,
-    )
-    expect(back).toEqual({ ...rich, byId: { k: 1 } })
+  it("'msgpack' keeps Map, Set, Date, BigInt, RegExp and cycles, readable by another process's serializer", () => {
+    const writer = new SessionSerializer('msgpack')
+    const cycle: Record<string, unknown> = { name: 'loop' }
+    cycle.self = cycle
+    const data = { ...rich, byId: new Map<unknown, unknown>([[{ k: 1 }, 'object key']]), cycle }
+    writer.serialize({ warm: 'up' }) // an earlier message must not be needed to read a later one
+    const reader = new SessionSerializer('msgpack')
+    const back = reader.deserialize(writer.serialize(data), writer.tag) as typeof data
+    expect(back).toEqual(data)
+    expect(back.cycle.self).toBe(back.cycle)
   })
 
   it('takes a custom serializer that returns a string or bytes', () => {
@@ -162,6 +189,12 @@ describe('serializers', () => {
       deserialize: (bytes) => JSON.parse(bytes.toString()),
     })
     expect(bytes.deserialize(bytes.serialize({ n: 1 }), bytes.tag)).toEqual({ n: 1 })
+  })
+
+  it('names a format it cannot read as foreign, not corrupt, so the copy is left for instances that can', () => {
+    const json = new SessionSerializer('json')
+    expect(() => json.deserialize(Buffer.from('{}'), 0)).toThrow(ForeignRecordError)
+    expect(() => json.deserialize(Buffer.from('{}'), 77)).toThrow(ForeignRecordError)
   })
 
   it('reads data another serializer wrote, by the format stored with it', () => {

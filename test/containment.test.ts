@@ -75,7 +75,7 @@ describe('a node that misbehaves never crashes or hangs the app', () => {
       expect(second.body.cart).toEqual(['apple', 'pear'])
       expect(second.elapsedMs).toBeLessThan(2000)
     }
-    const health = app.sessions.health()
+    const health = app.sessions.health().nodes
     expect(health.map((node) => node.id)).toEqual(['n1', 'n2'])
     expect(health[1]?.alive).toBe(true)
   })

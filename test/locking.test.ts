@@ -1,6 +1,7 @@
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { LockManager } from '../src/core/locking.js'
+import { Metrics } from '../src/core/metrics.js'
 import { silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { NodeRing } from '../src/nodes/ring.js'
@@ -34,6 +35,7 @@ describe('session locks', () => {
       failoverNodeIds: new Set(),
       probeIntervalMs: 100,
       logger: silentLogger,
+      metrics: new Metrics(silentLogger),
     })
     return {
       ring,

@@ -48,7 +48,7 @@ describe('a Redis Cluster as one node', () => {
         expect(reply.body.cart).toEqual([`item${index}`, 'more', 'after', 'later'])
         expect(parseSessionId(browser.sessionId)?.nodeId).toBe('m1')
       }
-      expect(shop.sessions.health().find((node) => node.id === 'c1')?.alive).toBe(false)
+      expect(shop.sessions.health().nodes.find((node) => node.id === 'c1')?.alive).toBe(false)
     } finally {
       await shop.close()
     }
@@ -84,10 +84,10 @@ describe('a Sentinel-managed Redis master as one node', () => {
       }
       // Sentinel promotes the replica; the node answers again through it.
       const deadline = Date.now() + 20_000
-      while (!shop.sessions.health().find((node) => node.id === 's1')?.alive && Date.now() < deadline) {
+      while (!shop.sessions.health().nodes.find((node) => node.id === 's1')?.alive && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 200))
       }
-      expect(shop.sessions.health().find((node) => node.id === 's1')?.alive).toBe(true)
+      expect(shop.sessions.health().nodes.find((node) => node.id === 's1')?.alive).toBe(true)
       const fresh = Array.from({ length: 4 }, () => new Browser())
       for (const browser of fresh) await browser.send(shop, 'POST', '/cart/new')
       const onSentinel = fresh.filter((b) => parseSessionId(b.sessionId)?.nodeId === 's1')
@@ -129,7 +129,7 @@ describe('a password-protected Redis node', () => {
         expect(reply.status).toBe(200)
         expect(parseSessionId(visitor.sessionId)?.nodeId).toBe('m1')
       }
-      const r1 = bad.sessions.health().find((node) => node.id === 'r1')
+      const r1 = bad.sessions.health().nodes.find((node) => node.id === 'r1')
       expect(r1?.alive).toBe(false)
       expect(JSON.stringify(r1)).not.toContain('wrong')
     } finally {

@@ -230,6 +230,41 @@ describe('encryption at rest', () => {
   })
 })
 
+describe('rotation and mixed fleets', () => {
+  it('rewrites a session that is only read under the new key, so the old key can really be retired', async () => {
+    servers = await startCluster(2)
+    const before = await shop({ storeKeys: KEY_ONE })
+    const browser = new Browser()
+    await browser.send(before, 'POST', '/cart/apple')
+    const rotated = await shop({ storeKeys: [KEY_TWO, KEY_ONE] })
+    expect((await browser.send(rotated, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    const copies = await copiesOf(browser.sessionId)
+    expect(copies).toHaveLength(2)
+    for (const copy of copies)
+      expect(recordsOf([KEY_TWO]).dataOf(browser.sessionId, copy)).toEqual({ cart: ['apple'] })
+    const after = await shop({ storeKeys: KEY_TWO })
+    expect((await browser.send(after, 'GET', '/cart')).body.cart).toEqual(['apple'])
+  })
+
+  it('leaves a session in a format it cannot read to the instances that can, and serves a new one meanwhile', async () => {
+    servers = await startCluster(2)
+    const reversed = {
+      serialize: (data: Record<string, unknown>) => JSON.stringify(data).split('').reverse().join(''),
+      deserialize: (bytes: Buffer) => JSON.parse(bytes.toString().split('').reverse().join('')),
+    }
+    const custom = await shop({ serializer: reversed })
+    const browser = new Browser()
+    await browser.send(custom, 'POST', '/cart/apple')
+    const cookie = browser.cookie
+    const json = await shop()
+    expect((await browser.send(json, 'GET', '/cart')).body.cart).toEqual([])
+    expect(json.sessions.stats().corruptSessions).toBe(1)
+    expect(await copiesOf(browser.sessionId)).toHaveLength(2)
+    browser.cookie = cookie
+    expect((await browser.send(custom, 'GET', '/cart')).body.cart).toEqual(['apple'])
+  })
+})
+
 describe('session size', () => {
   it.each([
     ['non-sticky', {}],
@@ -345,6 +380,6 @@ describe('memcached SASL authentication', () => {
     const refused = await new Browser().send(wrong, 'POST', '/cart/apple')
     expect(refused.status).toBe(503)
     expect(refused.body.code).toBe('ESF_ALL_NODES_DOWN')
-    expect(wrong.sessions.health()[0]?.lastError).toMatch(/auth/i)
+    expect(wrong.sessions.health().nodes[0]?.lastError).toMatch(/auth/i)
   })
 })

@@ -27,8 +27,8 @@ export function createCartApp(sessions: SessionFailoverMiddleware, instance: str
     res.json(view(req))
   })
   app.get('/healthz', (_req, res) => {
-    const nodes = sessions.health()
-    res.status(nodes.some((node) => node.alive) ? 200 : 503).json(nodes)
+    const health = sessions.health()
+    res.status(health.ready ? 200 : 503).json(health)
   })
   return app
 }

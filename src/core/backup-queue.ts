@@ -6,7 +6,8 @@ export interface BackupJob {
   readonly id: string
   /** The copy to store; null deletes the session (a destroy made while no node was alive). */
   readonly record: SessionRecord | null
-  readonly ttlSeconds: number
+  /** Epoch ms the stored copies expire at: a write that waited (an outage) stores them for what is left. */
+  readonly expiresAt: number
   /** Write only if the stored copy is not newer: set for writes that waited (async, or after an outage). */
   readonly onlyIfNewer: boolean
 }

@@ -17,12 +17,19 @@ export interface SessionRecord {
   /** Session data, serialized by the format `format` names. */
   readonly data: Buffer
   readonly format: number
+  /**
+   * Set on a record read back that was written under a key that no longer writes, or with the other `encrypt`
+   * setting: it is rewritten when read, so rotating keys (or turning encryption on) reaches sessions that are
+   * only ever read.
+   */
+  readonly rewrap?: true
 }
 
 // Header: magic(1) layout(1) flags(1) format(1) keyId(u32) version(u32) writtenAt(f64) createdAt(f64)
 // cookieLength(u32), then the body, cookie (utf8) and data, in one of two forms:
 // - plain:     body, then a 16-byte HMAC-SHA256 tag
-// - encrypted: iv(12), body under AES-256-GCM, its 16-byte tag
+// - encrypted: salt(16), iv(12), body under AES-256-GCM, its 16-byte tag. The AES key is derived per record
+//   from the salt, so no key ever encrypts enough records for random IVs to collide.
 // Both tags cover the header and the session's storage digest: a record is valid only under the key it was
 // written to, so a copied record cannot hand one session's data to another.
 const MAGIC = 0x53
@@ -30,7 +37,10 @@ const LAYOUT = 2
 const ENCRYPTED = 0x01
 const HEADER_BYTES = 32
 const TAG_BYTES = 16
+const SALT_BYTES = 16
 const IV_BYTES = 12
+/** Salt and IV, ahead of an encrypted body. */
+const NONCE_BYTES = SALT_BYTES + IV_BYTES
 
 export interface CodecOptions {
   readonly keys: StoreKeyring
@@ -48,8 +58,8 @@ export class RecordCodec {
 
   /** The length of `encode(record)`, without encoding it. */
   encodedLength(record: SessionRecord): number {
-    const iv = this.#options.encrypt ? IV_BYTES : 0
-    return HEADER_BYTES + iv + Buffer.byteLength(record.cookieJson) + record.data.length + TAG_BYTES
+    const nonce = this.#options.encrypt ? NONCE_BYTES : 0
+    return HEADER_BYTES + nonce + Buffer.byteLength(record.cookieJson) + record.data.length + TAG_BYTES
   }
 
   encode(record: SessionRecord, digest: string): Buffer {
@@ -57,7 +67,7 @@ export class RecordCodec {
     const cookieBytes = Buffer.byteLength(record.cookieJson)
     const bodyBytes = cookieBytes + record.data.length
     const encrypt = this.#options.encrypt
-    const blob = Buffer.allocUnsafe(HEADER_BYTES + (encrypt ? IV_BYTES : 0) + bodyBytes + TAG_BYTES)
+    const blob = Buffer.allocUnsafe(HEADER_BYTES + (encrypt ? NONCE_BYTES : 0) + bodyBytes + TAG_BYTES)
     blob[0] = MAGIC
     blob[1] = LAYOUT
     blob[2] = encrypt ? ENCRYPTED : 0
@@ -74,11 +84,13 @@ export class RecordCodec {
       macOf(key.mac, digest, blob.subarray(0, blob.length - TAG_BYTES)).copy(blob, blob.length - TAG_BYTES)
       return blob
     }
-    const iv = randomBytes(IV_BYTES)
-    iv.copy(blob, HEADER_BYTES)
-    const cipher = createCipheriv('aes-256-gcm', key.cipher, iv, { authTagLength: TAG_BYTES })
+    const nonce = randomBytes(NONCE_BYTES)
+    nonce.copy(blob, HEADER_BYTES)
+    const cipher = createCipheriv('aes-256-gcm', recordKey(key.cipher, nonce), nonce.subarray(SALT_BYTES), {
+      authTagLength: TAG_BYTES,
+    })
     cipher.setAAD(associatedData(digest, header))
-    let at = HEADER_BYTES + IV_BYTES
+    let at = HEADER_BYTES + NONCE_BYTES
     at += cipher.update(Buffer.from(record.cookieJson, 'utf8')).copy(blob, at)
     at += cipher.update(record.data).copy(blob, at)
     at += cipher.final().copy(blob, at)
@@ -97,7 +109,7 @@ export class RecordCodec {
     const flags = blob[2] as number
     const encrypted = (flags & ENCRYPTED) !== 0
     const cookieBytes = blob.readUInt32BE(28)
-    const bodyBytes = blob.length - HEADER_BYTES - TAG_BYTES - (encrypted ? IV_BYTES : 0)
+    const bodyBytes = blob.length - HEADER_BYTES - TAG_BYTES - (encrypted ? NONCE_BYTES : 0)
     if (flags & ~ENCRYPTED || bodyBytes < 0 || cookieBytes > bodyBytes) {
       throw new CorruptSessionError('stored session is malformed or truncated')
     }
@@ -108,13 +120,20 @@ export class RecordCodec {
     const tag = blob.subarray(blob.length - TAG_BYTES)
     let body: Buffer
     if (encrypted) {
-      const iv = blob.subarray(HEADER_BYTES, HEADER_BYTES + IV_BYTES)
-      const decipher = createDecipheriv('aes-256-gcm', key.cipher, iv, { authTagLength: TAG_BYTES })
+      const nonce = blob.subarray(HEADER_BYTES, HEADER_BYTES + NONCE_BYTES)
+      const decipher = createDecipheriv(
+        'aes-256-gcm',
+        recordKey(key.cipher, nonce),
+        nonce.subarray(SALT_BYTES),
+        {
+          authTagLength: TAG_BYTES,
+        },
+      )
       decipher.setAAD(associatedData(digest, blob.subarray(0, HEADER_BYTES)))
       decipher.setAuthTag(tag)
       try {
         body = Buffer.concat([
-          decipher.update(blob.subarray(HEADER_BYTES + IV_BYTES, blob.length - TAG_BYTES)),
+          decipher.update(blob.subarray(HEADER_BYTES + NONCE_BYTES, blob.length - TAG_BYTES)),
           decipher.final(),
         ])
       } catch (cause) {
@@ -127,7 +146,7 @@ export class RecordCodec {
       // A copy: the record may outlive the buffer it was read in (a node client's, or sticky mode's memory).
       body = Buffer.from(blob.subarray(HEADER_BYTES, blob.length - TAG_BYTES))
     }
-    return {
+    const record: SessionRecord = {
       version: blob.readUInt32BE(8),
       writtenAt: blob.readDoubleBE(12),
       createdAt: blob.readDoubleBE(20),
@@ -135,7 +154,14 @@ export class RecordCodec {
       cookieJson: body.toString('utf8', 0, cookieBytes),
       data: body.subarray(cookieBytes),
     }
+    const current = key === this.#options.keys.current && encrypted === this.#options.encrypt
+    return current ? record : { ...record, rewrap: true }
   }
+}
+
+/** The AES key of one record: the cipher key and the record's salt through HMAC-SHA256 (a PRF). */
+function recordKey(cipherKey: Buffer, nonce: Buffer): Buffer {
+  return createHmac('sha256', cipherKey).update(nonce.subarray(0, SALT_BYTES)).digest()
 }
 
 function macOf(key: Buffer, digest: string, signed: Buffer): Buffer {

@@ -1,6 +1,24 @@
-/** What the engine and the store count; shared by both, read through the adapters' stats(). */
+/** What one middleware counted since it started; read through stats(). Every field only grows. */
 export interface SessionCounters {
+  /** Requests that presented a session that was found. */
+  requestsWithSession: number
+  /** Requests that started a new session (none presented, or the one presented was not found). */
+  requestsWithoutSession: number
+  /** Requests whose session was unchanged, so nothing was written (at most a touch). */
+  writesSkipped: number
+  primaryWrites: number
+  primaryWriteFailures: number
+  backupWrites: number
+  backupWriteFailures: number
+  /** Sessions moved off a dead node (node failover). */
+  relocations: number
+  /** Sticky mode: sessions taken over from another instance (instance failover). */
+  takeovers: number
+  /** Sessions whose primary node answered without them (it restarted empty), restored from the backup. */
+  restores: number
   locksAcquired: number
+  /** Lock acquisitions that had to wait for another request. */
+  lockWaits: number
   lockTimeouts: number
   merges: number
   mergeConflicts: number
@@ -12,7 +30,18 @@ export interface SessionCounters {
 
 export function newCounters(): SessionCounters {
   return {
+    requestsWithSession: 0,
+    requestsWithoutSession: 0,
+    writesSkipped: 0,
+    primaryWrites: 0,
+    primaryWriteFailures: 0,
+    backupWrites: 0,
+    backupWriteFailures: 0,
+    relocations: 0,
+    takeovers: 0,
+    restores: 0,
     locksAcquired: 0,
+    lockWaits: 0,
     lockTimeouts: 0,
     merges: 0,
     mergeConflicts: 0,

@@ -1,5 +1,6 @@
 import {
   CorruptSessionError,
+  ForeignRecordError,
   LockTimeoutError,
   StaleWriteError,
   UnserializableSessionError,
@@ -14,6 +15,7 @@ import { logIdOf, storageKeys } from './keys.js'
 import type { LockManager } from './locking.js'
 import type { LockingPolicy, RequestFacts } from './locking-policy.js'
 import { changesBetween } from './merge.js'
+import type { Metrics } from './metrics.js'
 import type { SessionContent, SessionSerializer } from './serializer.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
 import type { LoadedSession, ReplicatedStore } from './store.js'
@@ -32,7 +34,7 @@ export interface EngineOptions {
   /** Milliseconds a session may live from its creation, however active; undefined: no limit. */
   readonly absoluteTimeoutMs: number | undefined
   readonly serializer: SessionSerializer
-  readonly counters: SessionCounters
+  readonly metrics: Metrics
   readonly logger: Logger
   readonly concurrency?: Concurrency | undefined
 }
@@ -69,7 +71,7 @@ export class SessionEngine {
   constructor(store: SessionBackend, options: EngineOptions) {
     this.store = store
     this.policy = options.policy
-    this.counters = options.counters
+    this.counters = options.metrics.counters
     this.#options = options
     this.#concurrency = options.concurrency
   }
@@ -86,12 +88,17 @@ export class SessionEngine {
     const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)
     let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
-      const loaded = cookieId === undefined ? null : await this.store.load(cookieId)
+      const loaded =
+        cookieId === undefined
+          ? null
+          : await this.#options.metrics.time('load', () => this.store.load(cookieId))
       found = loaded ? this.#readable(loaded) : undefined
     } catch (error) {
       await lock?.release()
       throw error
     }
+    if (found) this.counters.requestsWithSession++
+    else this.counters.requestsWithoutSession++
     const opened: OpenedSession = found
       ? {
           state: SessionState.loaded(presented?.id as string, found.loaded, this.policy),
@@ -106,13 +113,15 @@ export class SessionEngine {
 
   /** The adapter's session object as the bytes that would be stored; UnserializableSessionError if it cannot be. */
   snapshot(session: object, cookie: object): SessionSnapshot {
-    return this.#options.serializer.snapshot(session, cookie)
+    return this.#options.metrics.timeSync('serialize', () =>
+      this.#options.serializer.snapshot(session, cookie),
+    )
   }
 
   /**
    * The loaded session with its content, or undefined when it must not be served: past its absolute lifetime,
-   * or stored data this instance cannot read. Either way its copies are removed and a new session begins; the
-   * client never sees an error for what the store holds. Data in another format than the configured one (the
+   * or stored data this instance cannot read; a new session begins, and the client never sees an error for
+   * what the store holds. The copies are removed, unless another instance may read them. Data in another format than the configured one (the
    * serializer changed) is re-serialized, so comparisons and the next write use the configured format.
    */
   #readable(loaded: LoadedSession): { loaded: LoadedSession; content: SessionContent } | undefined {
@@ -130,12 +139,17 @@ export class SessionEngine {
       return { loaded: { ...loaded, record: { ...record, data, format: serializer.tag } }, content }
     } catch (error) {
       if (!(error instanceof CorruptSessionError || error instanceof UnserializableSessionError)) throw error
+      const session = logIdOf(this.store.recognize(loaded.id)?.random ?? '')
       this.counters.corruptSessions++
+      this.#options.metrics.emit('corruptSession', { session, node: undefined, reason: error.message })
       this.#options.logger.warn(
-        { session: logIdOf(this.store.recognize(loaded.id)?.random ?? ''), err: error.message },
+        { session, err: error.message },
         'session-failover: unreadable stored session replaced by a new one',
       )
-      this.#discard(loaded.id)
+      // Data in a format only other instances read (or cannot convert to this one's) stays theirs.
+      if (!(error instanceof ForeignRecordError || error instanceof UnserializableSessionError)) {
+        this.#discard(loaded.id)
+      }
       return undefined
     }
   }
@@ -168,18 +182,20 @@ export class SessionEngine {
     const concurrency = this.#concurrency
     const parsed = this.store.recognize(cookieId)
     if (!concurrency || !parsed || !concurrency.policy.shouldLock(request)) return undefined
+    const keys = storageKeys(concurrency.prefix, parsed.random)
     try {
-      const lock = await concurrency.locks.acquire(
-        parsed.random,
-        parsed.nodeId,
-        storageKeys(concurrency.prefix, parsed.random).lock,
+      const lock = await this.#options.metrics.time('lockWait', () =>
+        concurrency.locks.acquire(parsed.random, parsed.nodeId, keys.lock),
       )
       this.counters.locksAcquired++
+      if (lock.waited) this.counters.lockWaits++
       return lock
     } catch (error) {
       if (!(error instanceof LockTimeoutError)) throw error
+      const session = keys.digest.slice(0, 12)
       this.counters.lockTimeouts++
-      concurrency.logger.warn({ path: request.path }, 'session-failover: session lock timed out')
+      this.#options.metrics.emit('lockTimeout', { session, path: request.path })
+      concurrency.logger.warn({ path: request.path, session }, 'session-failover: session lock timed out')
       if (concurrency.lockTimeoutAction === 'proceed') return undefined
       throw error
     }
@@ -201,8 +217,11 @@ export class SessionEngine {
       return { setCookie: false }
     }
     if (state.shouldSave(snapshot.data, this.policy)) {
-      await this.save(state, snapshot)
-    } else if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
+      await this.#options.metrics.time('save', () => this.save(state, snapshot))
+      return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
+    }
+    this.counters.writesSkipped++
+    if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
       // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
       void this.store.refresh(
         state.id,

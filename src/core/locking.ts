@@ -16,6 +16,8 @@ export interface LockOptions {
 export interface SessionLock {
   /** False once released, or once it expired while the request was still running. */
   readonly held: boolean
+  /** Whether acquiring it had to wait for another request of the session. */
+  readonly waited: boolean
   /** Releases it, in memcached only if this request still owns it. Idempotent; never rejects. */
   release(): Promise<void>
 }
@@ -36,6 +38,8 @@ export class LockManager {
   readonly #options: LockOptions
   /** Per session, the promise the next local request waits for. */
   readonly #queues = new Map<string, Promise<void>>()
+  /** Locks held by requests in this process, released by close() so a shutdown blocks no session. */
+  readonly #heldLocks = new Set<SessionLock>()
 
   constructor(ring: NodeRing, options: LockOptions) {
     this.#ring = ring
@@ -45,7 +49,8 @@ export class LockManager {
   /** Waits for the session's lock (in this process, then in memcached); throws LockTimeoutError on timeout. */
   async acquire(random: string, primaryNodeId: string, lockKey: string): Promise<SessionLock> {
     const deadline = Date.now() + this.#options.lockTimeoutMs
-    const previous = this.#queues.get(random) ?? Promise.resolve()
+    const ahead = this.#queues.get(random)
+    const previous = ahead ?? Promise.resolve()
     let leaveQueue = (): void => {}
     const mine = new Promise<void>((resolve) => {
       leaveQueue = resolve
@@ -60,8 +65,8 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const { nodeId, sentAt } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, sentAt, done)
+      const { nodeId, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, sentAt, done, ahead !== undefined || busy > 0)
     } catch (error) {
       done()
       throw error
@@ -73,8 +78,10 @@ export class LockManager {
     lockKey: string,
     token: string,
     deadline: number,
-  ): Promise<{ nodeId: string; sentAt: number }> {
+  ): Promise<{ nodeId: string; sentAt: number; busy: number }> {
     const value = Buffer.from(token)
+    // Tries that found the lock taken by another request (a dead node's failed add does not count).
+    let busy = 0
     for (let pause = FIRST_PAUSE_MS; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5)) {
       const nodeId = this.#lockNode(primaryNodeId)
       if (!nodeId)
@@ -87,7 +94,8 @@ export class LockManager {
         const added = await this.#ring.call(nodeId, (node) =>
           node.add(lockKey, value, this.#options.lockExpirationSeconds),
         )
-        if (added) return { nodeId, sentAt }
+        if (added) return { nodeId, sentAt, busy }
+        busy++
       } catch (error) {
         if (error instanceof NodeRejectedError) throw error
         // The node is marked dead now; the next pass locks where the session moves to. The add may still have
@@ -101,7 +109,14 @@ export class LockManager {
     }
   }
 
-  #held(nodeId: string, lockKey: string, token: string, sentAt: number, leave: () => void): SessionLock {
+  #held(
+    nodeId: string,
+    lockKey: string,
+    token: string,
+    sentAt: number,
+    leave: () => void,
+    waited: boolean,
+  ): SessionLock {
     let held = true
     let releasing: Promise<void> | undefined
     // memcached counts expiry in whole seconds, so the lock may go up to a second early, counted from when the
@@ -119,6 +134,7 @@ export class LockManager {
     expiry.unref()
     const release = (): Promise<void> => {
       releasing ??= (async () => {
+        this.#heldLocks.delete(lock)
         clearTimeout(expiry)
         const stillMine = held
         held = false
@@ -134,13 +150,16 @@ export class LockManager {
       return releasing
     }
     const ring = this.#ring
-    return {
+    const lock: SessionLock = {
       // Another instance locks on the next node once this one is dead: then this lock protects nothing.
       get held() {
         return held && ring.isAlive(nodeId)
       },
+      waited,
       release,
     }
+    this.#heldLocks.add(lock)
+    return lock
   }
 
   async #deleteIfMine(nodeId: string, lockKey: string, token: string): Promise<void> {
@@ -152,6 +171,11 @@ export class LockManager {
 
   #lockNode(primaryNodeId: string): string | undefined {
     return this.#ring.isAlive(primaryNodeId) ? primaryNodeId : this.#ring.nextAliveAfter(primaryNodeId)
+  }
+
+  /** Releases every lock requests of this process still hold (shutdown). */
+  async releaseAll(): Promise<void> {
+    await Promise.all([...this.#heldLocks].map((lock) => lock.release()))
   }
 
   #timeout(): LockTimeoutError {

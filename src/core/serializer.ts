@@ -1,6 +1,11 @@
 import { createRequire } from 'node:module'
 import v8 from 'node:v8'
-import { ConfigError, CorruptSessionError, UnserializableSessionError } from '../errors.js'
+import {
+  ConfigError,
+  CorruptSessionError,
+  UnreadableFormatError,
+  UnserializableSessionError,
+} from '../errors.js'
 import type { SessionRecord } from './codec.js'
 import type { SessionSnapshot } from './session-state.js'
 
@@ -50,9 +55,8 @@ function msgpack(): Format {
   } catch (cause) {
     throw new ConfigError("serializer 'msgpack' needs the msgpackr package: npm install msgpackr", { cause })
   }
-  // Records off: a record's structure would be shared state that another process cannot read.
+  // Without shared structures every message carries its own record definitions, so any process reads it.
   const packr = new msgpackr.Packr({
-    useRecords: false,
     structuredClone: true,
     moreTypes: true,
     int64AsType: 'bigint',
@@ -118,13 +122,17 @@ export class SessionSerializer {
     }
   }
 
-  /** Bytes of `tag`'s format into a plain object; CorruptSessionError for anything else. */
+  /**
+   * Bytes of `tag`'s format into a plain object. UnreadableFormatError when this instance has no such format
+   * (another instance's custom serializer, msgpackr not installed here); CorruptSessionError for bytes the
+   * format cannot read.
+   */
   deserialize(bytes: Buffer, tag: number): Record<string, unknown> {
+    const format = this.#formatOf(tag)
     let value: unknown
     try {
-      value = this.#formatOf(tag).deserialize(bytes)
+      value = format.deserialize(bytes)
     } catch (cause) {
-      if (cause instanceof CorruptSessionError) throw cause
       throw new CorruptSessionError('stored session data cannot be deserialized', { cause })
     }
     if (!isRecord(value)) throw new CorruptSessionError('stored session data is not an object')
@@ -163,8 +171,19 @@ export class SessionSerializer {
     if (tag === this.#format.tag) return this.#format
     if (tag === json.tag) return json
     if (tag === structuredClone.tag) return structuredClone
-    if (tag === MSGPACK_TAG) return this.#msgpackFormat()
-    throw new CorruptSessionError(`stored session data has format ${tag}, which this instance cannot read`)
+    if (tag === MSGPACK_TAG) {
+      try {
+        return this.#msgpackFormat()
+      } catch (cause) {
+        throw new UnreadableFormatError(
+          'stored session data is msgpack, and msgpackr is not installed here',
+          {
+            cause,
+          },
+        )
+      }
+    }
+    throw new UnreadableFormatError(`stored session data has format ${tag}, which this instance cannot read`)
   }
 
   #msgpackFormat(): Format {

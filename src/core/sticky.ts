@@ -6,6 +6,8 @@ import { formatSessionId, type ParsedSessionId, parseSessionId } from '../sessio
 import type { SessionBackend } from './backend.js'
 import { type BackupJob, BackupQueue } from './backup-queue.js'
 import type { SessionRecord } from './codec.js'
+import { logIdOf } from './keys.js'
+import type { Metrics } from './metrics.js'
 import { flushOnSigterm } from './shutdown.js'
 import { isNewer, type LoadedSession, type ReplicatedStore } from './store.js'
 
@@ -21,6 +23,7 @@ export interface StickyOptions {
   readonly defaultTtlSeconds: number
   readonly retryDelayMs: number
   readonly logger: Logger
+  readonly metrics: Metrics
 }
 
 interface LocalSession {
@@ -105,7 +108,9 @@ export class StickyStore implements SessionBackend {
     return this.#remote.recognize(id)
   }
 
+  /** Never for a session held in memory or waiting in the backup queue: those exist whatever the nodes say. */
   knownAbsent(parsed: ParsedSessionId): boolean {
+    if (this.#local.has(parsed.random) || this.#queue.has(parsed.random)) return false
     return this.#remote.knownAbsent(parsed)
   }
 
@@ -161,7 +166,7 @@ export class StickyStore implements SessionBackend {
     // Refused now, not when the backup runs: a session that can never be stored must not be acknowledged.
     this.#remote.assertFits(record)
     if (this.#options.backupAsync) {
-      const job: BackupJob = { id, record, ttlSeconds, onlyIfNewer: true }
+      const job: BackupJob = { id, record, expiresAt, onlyIfNewer: true }
       if (this.#queue.offer(key, job)) {
         this.#local.set(key, { id, record, expiresAt, backedUp: true })
         return id
@@ -169,7 +174,7 @@ export class StickyStore implements SessionBackend {
       // Queue full: write this one synchronously.
     }
     // Synchronous; a failure other than "no node" leaves memory as it was, so a rejected save is never served.
-    const outcome = await this.#queue.submit(key, { id, record, ttlSeconds, onlyIfNewer: false })
+    const outcome = await this.#queue.submit(key, { id, record, expiresAt, onlyIfNewer: false })
     if (outcome.written) {
       this.#local.set(key, { id: outcome.id, record, expiresAt, backedUp: true })
       return outcome.id
@@ -204,7 +209,7 @@ export class StickyStore implements SessionBackend {
     } catch (error) {
       if (!(error instanceof AllNodesDownError)) throw error
       // Degraded: the delete is queued like a write, so the old copies go once a node is back.
-      this.#queue.offer(key, { id, record: null, ttlSeconds: 0, onlyIfNewer: false })
+      this.#queue.offer(key, { id, record: null, expiresAt: 0, onlyIfNewer: false })
     }
   }
 
@@ -222,7 +227,14 @@ export class StickyStore implements SessionBackend {
   }
 
   #own(key: string, loaded: LoadedSession): LoadedSession {
-    const id = withRoute(loaded.id, this.#options.route)
+    const route = this.#options.route
+    const fromRoute = parseSessionId(loaded.id)?.route
+    if (fromRoute !== route) {
+      // Another instance served this session last (or none did, with an id that names no route).
+      this.#options.metrics.counters.takeovers++
+      this.#options.metrics.emit('takeover', { session: logIdOf(key), fromRoute, toRoute: route })
+    }
+    const id = withRoute(loaded.id, route)
     const expiresAt = Date.now() + this.#options.defaultTtlSeconds * 1000
     this.#local.set(key, { id, record: loaded.record, expiresAt, backedUp: true })
     return { ...loaded, id }
@@ -230,7 +242,10 @@ export class StickyStore implements SessionBackend {
 
   #perform(job: BackupJob): Promise<string> {
     if (job.record === null) return this.#remote.destroy(job.id).then(() => job.id)
-    return this.#remote.save(job.id, job.record, job.ttlSeconds, { onlyIfNewer: job.onlyIfNewer })
+    const ttlSeconds = Math.ceil((job.expiresAt - Date.now()) / 1000)
+    // Expired while it waited: storing it now would only bring it back.
+    if (ttlSeconds <= 0) return Promise.resolve(job.id)
+    return this.#remote.save(job.id, job.record, ttlSeconds, { onlyIfNewer: job.onlyIfNewer })
   }
 }
 

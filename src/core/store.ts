@@ -3,10 +3,10 @@ import {
   AllNodesDownError,
   ConcurrentUpdateError,
   CorruptSessionError,
+  ForeignRecordError,
   NodeRejectedError,
   SessionTooLargeError,
   StaleWriteError,
-  UnknownStoreKeyError,
   UnserializableSessionError,
 } from '../errors.js'
 import type { Logger } from '../logger.js'
@@ -15,9 +15,9 @@ import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
 import type { RecordCodec, SessionRecord } from './codec.js'
-import type { SessionCounters } from './counters.js'
 import { type StorageKeys, storageKeys } from './keys.js'
 import { applyChanges, type SessionChanges } from './merge.js'
+import type { Metrics } from './metrics.js'
 import type { SessionSerializer } from './serializer.js'
 
 export interface StoreOptions {
@@ -35,7 +35,7 @@ export interface StoreOptions {
   readonly maxSessionBytes: number
   /** The configured data format, for merges. */
   readonly serializer: SessionSerializer
-  readonly counters: SessionCounters
+  readonly metrics: Metrics
 }
 
 export interface LoadedSession {
@@ -57,6 +57,8 @@ interface FreshestCopy {
   readonly record: SessionRecord | undefined
   /** How many nodes answered the reads. */
   readonly answered: number
+  /** A copy was skipped that another instance may read (another key, another format). */
+  readonly foreign: boolean
 }
 
 /**
@@ -88,6 +90,12 @@ export class ReplicatedStore implements SessionBackend {
   readonly #lastRefresh = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
   readonly #lastBackupCheck = new LRUCache<string, number>({ max: TOUCH_LOG_ENTRIES })
   readonly #absent = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
+  /**
+   * When (on #clock) each recently written session was last written: a load that began before a write ended
+   * must not record the session as absent, whatever order their replies came in.
+   */
+  readonly #lastWrite = new LRUCache<string, number>({ max: ABSENT_ENTRIES })
+  #clock = 0
 
   constructor(ring: NodeRing, options: StoreOptions) {
     this.#ring = ring
@@ -112,7 +120,7 @@ export class ReplicatedStore implements SessionBackend {
   /** Whether the session was recently found on no node, or destroyed, by this instance. */
   knownAbsent(parsed: ParsedSessionId): boolean {
     if (!this.#absent.has(parsed.random)) return false
-    this.#options.counters.knownAbsentHits++
+    this.#options.metrics.counters.knownAbsentHits++
     return true
   }
 
@@ -125,18 +133,21 @@ export class ReplicatedStore implements SessionBackend {
     if (!parsed || this.knownAbsent(parsed)) return null
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
+    const started = ++this.#clock
+    const seen = { foreign: false }
 
     let primaryAnswered = false
     if (this.#ring.isAlive(primary)) {
       try {
         const read = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         primaryAnswered = true
-        const record = read && this.#decode(read.value, primary, keys, keys.primary)
+        const record = read && this.#decode(read.value, primary, keys, keys.primary, seen)
         if (record && read) {
           return {
             id,
             record,
-            mustWrite: false,
+            // Written under a retired key (or the other encryption setting): rewritten now, under the current.
+            mustWrite: record.rewrap === true,
             relocatedFrom: undefined,
             cas: { nodeId: primary, token: read.cas },
           }
@@ -149,8 +160,17 @@ export class ReplicatedStore implements SessionBackend {
     const backup = await this.#freshestBackup(primary, keys)
     if (!backup.record) {
       if (!primaryAnswered && backup.answered === 0) throw this.#allNodesDown()
-      // Absent only when every node answered: one that did not may return holding the session.
-      if (primaryAnswered && backup.answered === this.#ring.size - 1) this.#absent.set(parsed.random, true)
+      // Absent only when every node answered and held nothing, not even a copy another instance could read
+      // (one that did not answer may return holding the session), and no write of it ended meanwhile.
+      if (
+        primaryAnswered &&
+        backup.answered === this.#ring.size - 1 &&
+        !seen.foreign &&
+        !backup.foreign &&
+        (this.#lastWrite.get(parsed.random) ?? 0) < started
+      ) {
+        this.#absent.set(parsed.random, true)
+      }
       if (!primaryAnswered) {
         this.#options.logger.warn(
           { node: primary },
@@ -161,10 +181,12 @@ export class ReplicatedStore implements SessionBackend {
     }
     if (primaryAnswered) {
       // The primary is up but lost its copy (restarted empty): same id, the copy is written back this request.
+      this.#options.metrics.counters.restores++
       return { id, record: backup.record, mustWrite: true, relocatedFrom: undefined }
     }
     const target = this.#ring.nextAliveAfter(primary)
     if (!target) throw this.#allNodesDown()
+    this.#relocated(keys, primary, target)
     return {
       id: formatSessionId(parsed.random, target, parsed.route),
       record: backup.record,
@@ -191,7 +213,7 @@ export class ReplicatedStore implements SessionBackend {
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const blob = this.#encodeWithinLimit(record, keys)
-    this.#absent.delete(parsed.random)
+    this.#wrote(parsed.random)
     if (onlyIfNewer) {
       // A write that waited (async, or through an outage) must not replace what another instance stored since.
       // Read-then-write is not atomic; it narrows the window from the wait to one round trip.
@@ -212,9 +234,14 @@ export class ReplicatedStore implements SessionBackend {
       }
       const [primaryWrite] = await Promise.allSettled([
         this.#ring.call(primary, (node) => node.set(keys.primary, blob, ttlSeconds)),
-        this.#writeBackup(primary, keys.backup, blob, ttlSeconds),
+        this.#writeBackup(primary, keys, blob, ttlSeconds),
       ])
+      const counters = this.#options.metrics.counters
+      if (primaryWrite.status === 'rejected') counters.primaryWriteFailures++
       if (primaryWrite.status === 'fulfilled') {
+        counters.primaryWrites++
+        this.#wrote(parsed.random)
+        if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
         const now = Date.now()
         this.#lastRefresh.set(parsed.random, now)
         this.#lastBackupCheck.set(parsed.random, now)
@@ -261,8 +288,10 @@ export class ReplicatedStore implements SessionBackend {
     // `set`: a newer version another instance wrote since this request read `record` is never overwritten.
     const keep = (nodeId: string, key: string, ttl: number) =>
       this.#ring.call(nodeId, async (node) => {
-        if (!(await node.touch(key, ttl)))
-          await node.add(key, this.#options.codec.encode(record, keys.digest), ttl)
+        if (await node.touch(key, ttl)) return
+        // A copy too large for the limit in force now (lowered, or encryption turned on) is not written back.
+        if (this.#options.codec.encodedLength(record) > this.#options.maxSessionBytes) return
+        await node.add(key, this.#options.codec.encode(record, keys.digest), ttl)
       })
     await Promise.allSettled([
       this.#ring.isAlive(primary) &&
@@ -289,11 +318,17 @@ export class ReplicatedStore implements SessionBackend {
     if (read.nodeId !== parsed.nodeId || !this.#ring.isAlive(read.nodeId)) {
       throw new StaleWriteError('the session moved since it was read')
     }
-    const outcome = await this.#ring.call(read.nodeId, (node) =>
-      node.setIfUnchanged(keys.primary, blob, ttlSeconds, read.token),
-    )
+    const counters = this.#options.metrics.counters
+    const outcome = await this.#ring
+      .call(read.nodeId, (node) => node.setIfUnchanged(keys.primary, blob, ttlSeconds, read.token))
+      .catch((error: unknown) => {
+        counters.primaryWriteFailures++
+        throw error
+      })
     if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
-    await this.#writeBackup(read.nodeId, keys.backup, blob, ttlSeconds)
+    counters.primaryWrites++
+    this.#wrote(parsed.random)
+    await this.#writeBackup(read.nodeId, keys, blob, ttlSeconds)
     const now = Date.now()
     this.#lastRefresh.set(parsed.random, now)
     this.#lastBackupCheck.set(parsed.random, now)
@@ -329,7 +364,7 @@ export class ReplicatedStore implements SessionBackend {
           (await this.#freshestCopy(keys)).record
         // No copy anywhere: the session was destroyed (or expired) meanwhile; a part of it must not come back.
         if (!base) return null
-        const { data, conflicts } = applyChanges(this.#options.serializer, base, changes)
+        const { data, conflicts } = this.#applyChanges(base, changes)
         const record: SessionRecord = {
           version: base.version + 1,
           writtenAt: Date.now(),
@@ -345,6 +380,9 @@ export class ReplicatedStore implements SessionBackend {
             )) === 'stored'
           : await this.#ring.call(primary, (node) => node.add(keys.primary, blob, ttlSeconds))
         if (!stored) continue
+        this.#options.metrics.counters.primaryWrites++
+        this.#wrote(parsed.random)
+        if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
         await this.#writeBackupIfOlder(primary, keys, record, blob, ttlSeconds)
         this.#lastRefresh.set(parsed.random, record.writtenAt)
         this.#lastBackupCheck.set(parsed.random, record.writtenAt)
@@ -358,6 +396,7 @@ export class ReplicatedStore implements SessionBackend {
         ) {
           throw error
         }
+        this.#options.metrics.counters.primaryWriteFailures++
         // The node is marked dead; the next attempt merges where the session moves to.
       }
     }
@@ -391,9 +430,10 @@ export class ReplicatedStore implements SessionBackend {
     ttlSeconds: number,
   ): Promise<void> {
     const key = keys.backup
+    const counters = this.#options.metrics.counters
     for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
       const backup = this.#ring.nextAliveAfter(primary)
-      if (!backup) return
+      if (!backup) break
       try {
         const done = await this.#ring.call(backup, async (node) => {
           const current = await node.gets(key)
@@ -402,32 +442,54 @@ export class ReplicatedStore implements SessionBackend {
           if (existing && !isNewer(record, existing)) return true
           return (await node.setIfUnchanged(key, blob, ttlSeconds, current.cas)) === 'stored'
         })
-        if (done) return
+        if (done) {
+          counters.backupWrites++
+          return
+        }
       } catch (error) {
+        counters.backupWriteFailures++
         if (error instanceof NodeRejectedError) throw error
       }
     }
+    this.#backupFailed(keys, primary)
   }
 
   async #writeBackup(
     primary: string,
-    key: string,
+    keys: StorageKeys,
     blob: Buffer,
     ttlSeconds: number,
   ): Promise<string | undefined> {
+    const counters = this.#options.metrics.counters
     // Each failure marks that node dead, so the next pass picks the following node; bounded by the ring size.
     for (let attempt = 0; attempt < this.#ring.size; attempt++) {
       const backup = this.#ring.nextAliveAfter(primary)
       if (!backup) break
       try {
-        await this.#ring.call(backup, (node) => node.set(key, blob, ttlSeconds))
+        await this.#ring.call(backup, (node) => node.set(keys.backup, blob, ttlSeconds))
+        counters.backupWrites++
         return backup
       } catch (error) {
+        counters.backupWriteFailures++
         if (error instanceof NodeRejectedError) throw error
       }
     }
-    this.#options.logger.warn({ node: primary }, 'session-failover: no alive node for the backup copy')
+    this.#backupFailed(keys, primary)
     return undefined
+  }
+
+  #backupFailed(keys: StorageKeys, primary: string): void {
+    const session = keys.digest.slice(0, 12)
+    this.#options.logger.warn(
+      { node: primary, session },
+      'session-failover: no alive node took the backup copy',
+    )
+    this.#options.metrics.emit('backupFailed', { session, primary })
+  }
+
+  #relocated(keys: StorageKeys, from: string, to: string): void {
+    this.#options.metrics.counters.relocations++
+    this.#options.metrics.emit('relocated', { session: keys.digest.slice(0, 12), from, to })
   }
 
   /** The freshest copy of either key on every alive node. */
@@ -444,13 +506,14 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   async #freshestOn(candidates: readonly string[], keys: StorageKeys): Promise<FreshestCopy> {
+    const seen = { foreign: false }
     const reads = await Promise.allSettled(
       candidates.map((nodeId) =>
         this.#ring.call(nodeId, async (node) => {
           const [backup, primary] = await Promise.all([node.get(keys.backup), node.get(keys.primary)])
           return [
-            backup && this.#decode(backup, nodeId, keys, keys.backup),
-            primary && this.#decode(primary, nodeId, keys, keys.primary),
+            backup && this.#decode(backup, nodeId, keys, keys.backup, seen),
+            primary && this.#decode(primary, nodeId, keys, keys.primary, seen),
           ]
         }),
       ),
@@ -462,7 +525,7 @@ export class ReplicatedStore implements SessionBackend {
       answered++
       for (const copy of read.value) if (copy && (!record || isNewer(copy, record))) record = copy
     }
-    return { record, answered }
+    return { record, answered, foreign: seen.foreign }
   }
 
   /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
@@ -481,24 +544,58 @@ export class ReplicatedStore implements SessionBackend {
 
   /**
    * A copy that fails its check (forged, damaged, or unreadable) counts as no copy, and is deleted so it costs
-   * nothing again. One written with a key this instance lacks is only skipped: it may be a newer instance's.
+   * nothing again: only if it is still the same bytes, so a copy written meanwhile stays. A copy another
+   * instance may read (another key) is only skipped, and noted in `seen`.
    */
-  #decode(blob: Buffer, nodeId: string, keys: StorageKeys, key: string): SessionRecord | undefined {
+  #decode(
+    blob: Buffer,
+    nodeId: string,
+    keys: StorageKeys,
+    key: string,
+    seen?: { foreign: boolean },
+  ): SessionRecord | undefined {
     try {
       return this.#options.codec.decode(blob, keys.digest)
     } catch (error) {
       if (!(error instanceof CorruptSessionError)) throw error
-      this.#options.counters.corruptSessions++
+      const session = keys.digest.slice(0, 12)
+      this.#options.metrics.counters.corruptSessions++
+      this.#options.metrics.emit('corruptSession', { session, node: nodeId, reason: error.message })
       this.#options.logger.warn(
-        { node: nodeId, session: keys.digest.slice(0, 12), err: error.message },
+        { node: nodeId, session, err: error.message },
         'session-failover: unreadable stored session ignored',
       )
-      // Not awaited, but sent ahead of this request's own writes on the same connection.
-      if (!(error instanceof UnknownStoreKeyError)) {
-        void this.#ring.call(nodeId, (node) => node.delete(key)).catch(() => {})
+      if (error instanceof ForeignRecordError) {
+        if (seen) seen.foreign = true
+        return undefined
       }
+      void this.#ring
+        .call(nodeId, async (node) => {
+          const current = await node.gets(key)
+          if (current?.value.equals(blob)) await node.deleteIfUnchanged(key, current.cas)
+        })
+        .catch(() => {})
       return undefined
     }
+  }
+
+  /** A merge onto a copy in a format this instance cannot read fails like a contended one (503), never a 500. */
+  #applyChanges(base: SessionRecord, changes: SessionChanges): { data: Buffer; conflicts: number } {
+    try {
+      return applyChanges(this.#options.serializer, base, changes)
+    } catch (error) {
+      if (!(error instanceof ForeignRecordError)) throw error
+      throw new ConcurrentUpdateError(
+        'The stored session was written in a data format this instance cannot read; nothing was written',
+        { cause: error },
+      )
+    }
+  }
+
+  /** A write of the session ended (or is about to be made): it is no longer known absent. */
+  #wrote(random: string): void {
+    this.#absent.delete(random)
+    this.#lastWrite.set(random, ++this.#clock)
   }
 
   /**

@@ -1,28 +1,16 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { SessionCounters } from '../core/counters.js'
 import type { OpenedSession } from '../core/engine.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
-import type { NodeHealth } from '../nodes/ring.js'
+import { operationsOf, type SessionOperations } from '../operator.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
 import { newSessionCookie, type SessionCookie, sessionCookieHeader } from '../session-cookie.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
 
-export interface SessionFailoverMiddleware {
+export interface SessionFailoverMiddleware extends SessionOperations {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
-  /**
-   * Writes queued backups (sticky `backupAsync`), then closes every node connection. Call on shutdown (SIGTERM)
-   * after the HTTP server stopped accepting.
-   */
-  close(): Promise<void>
-  /** Per-node status: alive, or dead since when and why. */
-  health(): NodeHealth[]
-  /** Counters of locking and merging (non-sticky mode). */
-  stats(): Readonly<SessionCounters>
-  /** Sticky mode: sessions and bytes held in memory, and backups not yet written; undefined otherwise. */
-  localStatus(): { sessions: number; bytes: number; pendingBackups: number } | undefined
 }
 
 /**
@@ -132,14 +120,11 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     )
   }
 
-  return Object.assign(middleware, {
-    close: () => {
+  return Object.assign(
+    middleware,
+    operationsOf(engine, () => {
       closed = true
       return engine.close()
-    },
-    health: () => engine.ring.health(),
-    stats: () => ({ ...engine.session.counters }),
-    localStatus: () =>
-      engine.sticky && { ...engine.sticky.localSize, pendingBackups: engine.sticky.pendingBackups },
-  })
+    }),
+  )
 }

@@ -2,13 +2,12 @@ import fastifyCookie from '@fastify/cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { verifiedId } from '../core/cookie-value.js'
-import type { SessionCounters } from '../core/counters.js'
 import type { RequestFacts } from '../core/locking-policy.js'
 import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
 import { createEngine } from '../create-engine.js'
 import { SessionFailoverError } from '../errors.js'
-import type { NodeHealth } from '../nodes/ring.js'
+import { operationsOf, type SessionOperations } from '../operator.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
 import {
   isSecureConnection,
@@ -25,8 +24,8 @@ declare module 'fastify' {
     session: FastifySession
   }
   interface FastifyInstance {
-    /** Node health and counters of the session layer. */
-    sessionFailover: { health(): NodeHealth[]; stats(): Readonly<SessionCounters> }
+    /** Health, statistics, events and live node changes of the session layer (close() runs on app close). */
+    sessionFailover: Omit<SessionOperations, 'close'>
   }
 }
 
@@ -50,10 +49,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
   const contexts = new WeakMap<FastifyRequest, RequestContext>()
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
   fastify.decorateRequest('session', null as unknown as FastifySession)
-  fastify.decorate('sessionFailover', {
-    health: () => engine.ring.health(),
-    stats: () => ({ ...engine.session.counters }),
-  })
+  const { close: _closedWithTheApp, ...operations } = operationsOf(engine, () => engine.close())
+  fastify.decorate('sessionFailover', operations)
 
   const isSecure = (request: FastifyRequest): boolean =>
     isSecureConnection(request.raw, config.proxy, request.protocol === 'https')

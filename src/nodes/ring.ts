@@ -1,3 +1,4 @@
+import type { Metrics } from '../core/metrics.js'
 import { NodeRejectedError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionNode } from './node.js'
@@ -6,7 +7,14 @@ interface Member {
   readonly node: SessionNode
   /** Used only when no other node is alive (MSM's failoverNodes): typically the memcached on this host. */
   readonly failover: boolean
+  /**
+   * Removed by setNodes(): never used again, but still known, so that ids naming it are recognized and their
+   * sessions move to the other nodes (from their backups) as they are used.
+   */
+  retired: boolean
   alive: boolean
+  ops: number
+  errors: number
   deadSince: number | undefined
   lastError: string | undefined
   probeTimer: NodeJS.Timeout | undefined
@@ -27,6 +35,9 @@ export interface NodeHealth {
   /** Epoch ms when the node was last marked dead; undefined while alive. */
   readonly deadSince: number | undefined
   readonly lastError: string | undefined
+  /** Operations sent to the node, and how many of them failed (refusals included), since start. */
+  readonly ops: number
+  readonly errors: number
 }
 
 export interface RingOptions {
@@ -34,6 +45,7 @@ export interface RingOptions {
   readonly failoverNodeIds: ReadonlySet<string>
   readonly probeIntervalMs: number
   readonly logger: Logger
+  readonly metrics: Metrics
 }
 
 /**
@@ -42,24 +54,46 @@ export interface RingOptions {
  * node already known to be dead.
  */
 export class NodeRing {
-  readonly #members: readonly Member[]
-  readonly #byId: ReadonlyMap<string, Member>
+  /** Configured nodes in configured order, then retired ones. */
+  #members: Member[]
+  readonly #byId = new Map<string, Member>()
   readonly #options: RingOptions
   #roundRobin = 0
   #closed = false
 
   constructor(nodes: readonly SessionNode[], options: RingOptions) {
-    this.#members = nodes.map((node) => ({
-      node,
-      failover: options.failoverNodeIds.has(node.id),
-      alive: true,
-      deadSince: undefined,
-      lastError: undefined,
-      probeTimer: undefined,
-      pendingDeletes: new Map<string, Buffer | undefined>(),
-    }))
-    this.#byId = new Map(this.#members.map((member) => [member.node.id, member]))
     this.#options = options
+    this.#members = nodes.map((node) => this.#member(node))
+    for (const member of this.#members) this.#byId.set(member.node.id, member)
+  }
+
+  /**
+   * Replaces the configured nodes (setNodes): `nodes` in their new order, reusing the member of an id that
+   * stays. A removed node is retired and its connections closed.
+   */
+  update(nodes: readonly SessionNode[]): void {
+    const next = nodes.map((node) => {
+      const existing = this.#byId.get(node.id)
+      if (existing && !existing.retired && existing.node === node) return existing
+      const member = this.#member(node)
+      if (existing) clearTimeout(existing.probeTimer)
+      this.#byId.set(node.id, member)
+      return member
+    })
+    const kept = new Set(next)
+    const retired = [...this.#byId.values()].filter((member) => !kept.has(member))
+    for (const member of retired) {
+      if (!member.retired) {
+        member.retired = true
+        member.alive = false
+        member.deadSince ??= Date.now()
+        member.pendingDeletes.clear()
+        clearTimeout(member.probeTimer)
+        void member.node.close().catch(() => {})
+      }
+    }
+    this.#members = [...next, ...retired]
+    this.#roundRobin = 0
   }
 
   has(nodeId: string): boolean {
@@ -70,8 +104,9 @@ export class NodeRing {
     return this.#byId.get(nodeId)?.alive === true
   }
 
+  /** Configured nodes, retired ones not counted. */
   get size(): number {
-    return this.#members.length
+    return this.#members.filter((member) => !member.retired).length
   }
 
   anyAlive(): boolean {
@@ -150,9 +185,11 @@ export class NodeRing {
   async call<T>(nodeId: string, operation: (node: SessionNode) => Promise<T>): Promise<T> {
     const member = this.#byId.get(nodeId)
     if (!member) throw new Error(`unknown node ${nodeId}`)
+    member.ops++
     try {
       return await operation(member.node)
     } catch (error) {
+      member.errors++
       if (!(error instanceof NodeRejectedError)) this.#markDead(member, error)
       throw error
     }
@@ -165,18 +202,20 @@ export class NodeRing {
    */
   async deleteEverywhere(keys: readonly string[]): Promise<boolean> {
     const results = await Promise.all(
-      this.#members.map(async (member) => {
-        if (member.alive) {
-          try {
-            await this.call(member.node.id, (node) => Promise.all(keys.map((key) => node.delete(key))))
-            return true
-          } catch {
-            // marked dead by call(): remembered below
+      this.#members
+        .filter((member) => !member.retired)
+        .map(async (member) => {
+          if (member.alive) {
+            try {
+              await this.call(member.node.id, (node) => Promise.all(keys.map((key) => node.delete(key))))
+              return true
+            } catch {
+              // marked dead by call(): remembered below
+            }
           }
-        }
-        this.#rememberDeletes(member, keys)
-        return false
-      }),
+          this.#rememberDeletes(member, keys)
+          return false
+        }),
     )
     return results.some(Boolean)
   }
@@ -191,20 +230,40 @@ export class NodeRing {
     if (member && !member.alive) this.#rememberDeletes(member, [key], value)
   }
 
+  /** Configured nodes only: a retired node is no longer any operator's concern. */
   health(): NodeHealth[] {
-    return this.#members.map((member) => ({
-      id: member.node.id,
-      address: member.node.address,
-      alive: member.alive,
-      deadSince: member.deadSince,
-      lastError: member.lastError,
-    }))
+    return this.#members
+      .filter((member) => !member.retired)
+      .map((member) => ({
+        id: member.node.id,
+        address: member.node.address,
+        alive: member.alive,
+        deadSince: member.deadSince,
+        lastError: member.lastError,
+        ops: member.ops,
+        errors: member.errors,
+      }))
   }
 
   async close(): Promise<void> {
     this.#closed = true
     for (const member of this.#members) clearTimeout(member.probeTimer)
     await Promise.allSettled(this.#members.map((member) => member.node.close()))
+  }
+
+  #member(node: SessionNode): Member {
+    return {
+      node,
+      failover: this.#options.failoverNodeIds.has(node.id),
+      retired: false,
+      alive: true,
+      ops: 0,
+      errors: 0,
+      deadSince: undefined,
+      lastError: undefined,
+      probeTimer: undefined,
+      pendingDeletes: new Map<string, Buffer | undefined>(),
+    }
   }
 
   #markDead(member: Member, error: unknown): void {
@@ -216,6 +275,11 @@ export class NodeRing {
       { node: member.node.id, address: member.node.address, err: member.lastError },
       'session-failover: node marked dead',
     )
+    this.#options.metrics.emit('nodeDown', {
+      node: member.node.id,
+      address: member.node.address,
+      error: member.lastError,
+    })
     this.#scheduleProbe(member)
   }
 
@@ -233,7 +297,7 @@ export class NodeRing {
   }
 
   #scheduleProbe(member: Member): void {
-    if (this.#closed) return
+    if (this.#closed || member.retired) return
     clearTimeout(member.probeTimer)
     member.probeTimer = setTimeout(() => {
       const node = member.node
@@ -243,11 +307,18 @@ export class NodeRing {
         .then(() => Promise.all(deletes.map(([key, ifValue]) => deleteOn(node, key, ifValue))))
         .then(
           () => {
+            if (member.retired) return
             for (const [key] of deletes) member.pendingDeletes.delete(key)
+            const downForMs = Date.now() - (member.deadSince ?? Date.now())
             member.alive = true
             member.deadSince = undefined
             member.probeTimer = undefined
-            this.#options.logger.info({ node: member.node.id }, 'session-failover: node is back')
+            this.#options.logger.info({ node: member.node.id, downForMs }, 'session-failover: node is back')
+            this.#options.metrics.emit('nodeUp', {
+              node: member.node.id,
+              address: member.node.address,
+              downForMs,
+            })
             // Deletes remembered while this probe ran.
             const late = [...member.pendingDeletes]
             member.pendingDeletes.clear()
