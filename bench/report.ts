@@ -1,0 +1,197 @@
+// Turns bench/results.json into BENCHMARKS.md and bench/chart.svg. Run by bench/run.ts; or alone, after editing
+// the analysis text, with `npx tsx bench/report.ts`.
+import { execFileSync } from 'node:child_process'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import type { Layer } from './layers.js'
+import type { CaseResult, Size, TimelineResult, Workload } from './run.js'
+
+interface Results {
+  readonly machine: Record<string, string | number>
+  readonly results: readonly CaseResult[]
+  readonly timeline: readonly TimelineResult[]
+}
+
+const require = createRequire(import.meta.url)
+const versionOf = (name: string): string => {
+  try {
+    return (require(`${name}/package.json`) as { version: string }).version
+  } catch {
+    return '?'
+  }
+}
+const commandVersion = (command: string, args: string[]): string => {
+  try {
+    return execFileSync(command, args, { encoding: 'utf8' }).trim().split('\n')[0] ?? '?'
+  } catch {
+    return '?'
+  }
+}
+
+const PEERS: readonly Layer[] = ['connect-memcached', 'connect-redis']
+const WORKLOAD_NAMES: Record<Workload, string> = {
+  read: 'read-only',
+  write: 'write on every request',
+  mix: '80 % read / 20 % write',
+}
+const SIZE_NAMES: Record<Size, string> = { small: '~200 B session', large: '~20 KB session' }
+
+/** The baseline (in-process limit) and the peer each layer is compared with. */
+function referencesOf(layer: Layer, group: readonly CaseResult[]) {
+  const find = (name: Layer) => group.find((result) => result.layer === name)
+  if (layer.startsWith('fastify/')) {
+    const memory = find('fastify/@fastify/session-memory')
+    return { memory, peer: memory }
+  }
+  const peers = group.filter((result) => PEERS.includes(result.layer))
+  const peer = peers.reduce<CaseResult | undefined>(
+    (best, r) => (!best || r.rps > best.rps ? r : best),
+    undefined,
+  )
+  return { memory: find('express-session/memory'), peer }
+}
+
+const ratio = (value: number, reference: number | undefined) =>
+  reference ? `${(value / reference).toFixed(2)}x` : '-'
+
+function table(group: readonly CaseResult[]): string {
+  const lines = [
+    '| Layer | req/s | p50 ms | p99 ms | req/s vs MemoryStore | req/s vs best peer | p99 vs best peer |',
+    '|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  for (const result of group) {
+    const { memory, peer } = referencesOf(result.layer, group)
+    const failures = result.errors + result.non2xx
+    lines.push(
+      `| ${result.layer}${failures ? ` (${failures} failed)` : ''} | ${result.rps.toFixed(0)} | ${result.p50} | ${result.p99} | ${ratio(result.rps, memory?.rps)} | ${ratio(result.rps, peer?.rps)} | ${peer ? `${result.p99} vs ${peer.p99}` : '-'} |`,
+    )
+  }
+  return lines.join('\n')
+}
+
+function chart(results: readonly CaseResult[]): string {
+  const groups = [...new Set(results.map((r) => `${r.workload}/${r.size}`))]
+  const layers = [...new Set(results.map((r) => r.layer))]
+  const barHeight = 11
+  const groupHeight = layers.length * barHeight + 28
+  const width = 860
+  const left = 250
+  const scale = (width - left - 60) / 1.3
+  const colors = ['#888', '#c77', '#c97', '#2a7', '#27a', '#36c', '#64c', '#aaa', '#0a9']
+  const parts: string[] = []
+  groups.forEach((key, g) => {
+    const [workload, size] = key.split('/') as [Workload, Size]
+    const y0 = 20 + g * groupHeight
+    parts.push(
+      `<text x="0" y="${y0 + 12}" font-weight="bold">${WORKLOAD_NAMES[workload]}, ${SIZE_NAMES[size]}: req/s relative to MemoryStore</text>`,
+    )
+    const group = results.filter((r) => r.workload === workload && r.size === size)
+    layers.forEach((layer, i) => {
+      const result = group.find((r) => r.layer === layer)
+      const { memory } = referencesOf(layer, group)
+      if (!result || !memory) return
+      const value = result.rps / memory.rps
+      const y = y0 + 20 + i * barHeight
+      parts.push(
+        `<text x="${left - 6}" y="${y + 9}" text-anchor="end">${layer}</text>`,
+        `<rect x="${left}" y="${y}" width="${Math.max(1, value * scale).toFixed(1)}" height="${barHeight - 2}" fill="${colors[i % colors.length]}"/>`,
+        `<text x="${left + value * scale + 4}" y="${y + 9}">${value.toFixed(2)}x</text>`,
+      )
+    })
+    parts.push(
+      `<line x1="${left + scale}" y1="${y0 + 18}" x2="${left + scale}" y2="${y0 + 20 + layers.length * barHeight}" stroke="#000" stroke-dasharray="3,3"/>`,
+    )
+  })
+  const height = 20 + groups.length * groupHeight
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" font-family="sans-serif" font-size="10">\n<rect width="100%" height="100%" fill="#fff"/>\n${parts.join('\n')}\n</svg>\n`
+}
+
+function timelineSection(timeline: readonly TimelineResult[]): string {
+  return timeline
+    .map((t) => {
+      const rows = t.windows
+        .filter((w) => w.t >= t.killedAtMs - 1000 && w.t <= t.killedAtMs + 3000)
+        .map(
+          (w) =>
+            `| ${((w.t - t.killedAtMs) / 1000).toFixed(2)} | ${w.requests} | ${w.failed} | ${w.p50} | ${w.max} |`,
+        )
+      return [
+        `${t.layer}, 3 nodes, 80/20 load, 50 connections; one node SIGKILLed at t = 0:`,
+        '',
+        `- failed requests (errors and non-2xx) over the whole run: **${t.failed}**`,
+        `- worst latency in the 2 s after the kill: **${t.worstAfterKill} ms** (worst per ${t.windowMs} ms window before it: median ${t.baselineP99} ms)`,
+        `- back to baseline (every later window's worst within 2x the baseline): **${t.recoveredAfterMs === null ? 'not within the run' : `${t.recoveredAfterMs} ms`}** after the kill`,
+        '',
+        '| t (s) | requests | failed | p50 ms | worst ms |',
+        '|---:|---:|---:|---:|---:|',
+        ...rows,
+      ].join('\n')
+    })
+    .join('\n\n')
+}
+
+export function writeReport(data: Results, analysis = readAnalysis()): void {
+  const groups: string[] = []
+  for (const size of ['small', 'large'] as const) {
+    for (const workload of ['read', 'write', 'mix'] as const) {
+      const group = data.results.filter((r) => r.workload === workload && r.size === size)
+      if (group.length > 0)
+        groups.push(`### ${WORKLOAD_NAMES[workload]}, ${SIZE_NAMES[size]}\n\n${table(group)}`)
+    }
+  }
+  const versions = [
+    `Node.js ${data.machine.node}`,
+    `memcached ${commandVersion('memcached', ['-V']).replace('memcached ', '')}`,
+    `redis-server ${/v=(\S+)/.exec(commandVersion('redis-server', ['--version']))?.[1] ?? '?'}`,
+    ...[
+      'express',
+      'express-session',
+      'connect-memcached',
+      'connect-redis',
+      'ioredis',
+      'memjs',
+      'fastify',
+      '@fastify/session',
+      'autocannon',
+    ].map((name) => `${name} ${versionOf(name)}`),
+  ].join(', ')
+  const text = `# Benchmarks
+
+Measured by \`npm run bench\` on ${data.machine.date}: ${data.machine.cpus}, ${data.machine.memoryGiB} GiB,
+${versions}. Every layer serves the same small app (bench/app.ts) in its own process, in turn, against real
+memcached and Redis processes on this machine; autocannon drives it from the parent process with
+${data.machine.connections} connections, each with its own session. Each case has a warm-up, then
+${data.machine.rounds} rounds of ${data.machine.seconds} s; the figures are the medians of the rounds. The machine
+is shared and has 2 cores for the load generator, the app and the servers together, so absolute numbers are low
+and noisy; the ratios within one run are what to read.
+
+Peers keep one copy of a session; session-failover keeps two (sticky mode: memory plus two synchronous copies on
+the nodes; non-sticky: two copies written in parallel). "Best peer" is the faster of connect-memcached and
+connect-redis in that case (for the Fastify rows, @fastify/session's MemoryStore).
+
+![req/s relative to MemoryStore](bench/chart.svg)
+
+${groups.join('\n\n')}
+
+## Failover under load
+
+${timelineSection(data.timeline)}
+
+${analysis}
+`
+  writeFileSync(new URL('../BENCHMARKS.md', import.meta.url), text)
+  writeFileSync(new URL('./chart.svg', import.meta.url), chart(data.results))
+}
+
+/** The hand-written part of BENCHMARKS.md (what the numbers mean, what profiling found), kept across runs. */
+function readAnalysis(): string {
+  try {
+    return readFileSync(new URL('./analysis.md', import.meta.url), 'utf8').trim()
+  } catch {
+    return ''
+  }
+}
+
+if (process.argv[1] && import.meta.url.endsWith(process.argv[1].replace(/^.*\//, ''))) {
+  writeReport(JSON.parse(readFileSync(new URL('./results.json', import.meta.url), 'utf8')) as Results)
+}

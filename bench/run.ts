@@ -1,0 +1,295 @@
+// npm run bench: every session layer against the same small app, in turn, on this machine, with real memcached
+// and Redis; then a failover timeline. Writes bench/results.json, BENCHMARKS.md and bench/chart.svg.
+//   npm run bench -- --quick                     one short round per case (a smoke run)
+//   npm run bench -- --layers=connect-redis,session-failover/auto --workloads=read --sizes=small
+import { type ChildProcess, spawn } from 'node:child_process'
+import { writeFileSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { fileURLToPath } from 'node:url'
+import autocannon from 'autocannon'
+import { startCluster, stopAllMemcached } from '../test/support/memcached.js'
+import { startRedis, stopAllRedis } from '../test/support/redis.js'
+import { LAYERS, type Layer } from './layers.js'
+import { writeReport } from './report.js'
+
+export const WORKLOADS = ['read', 'write', 'mix'] as const
+export type Workload = (typeof WORKLOADS)[number]
+export const SIZES = { small: 150, large: 20_000 } as const
+export type Size = keyof typeof SIZES
+
+export interface CaseResult {
+  readonly layer: Layer
+  readonly workload: Workload
+  readonly size: Size
+  /** Medians over the rounds. */
+  readonly rps: number
+  readonly p50: number
+  readonly p99: number
+  readonly errors: number
+  readonly non2xx: number
+  readonly rounds: readonly { rps: number; p50: number; p99: number }[]
+}
+
+export interface TimelineResult {
+  readonly layer: Layer
+  readonly killedAtMs: number
+  readonly windowMs: number
+  /** Per window: requests, errors and non-2xx answers, and the worst and median latency (ms). */
+  readonly windows: readonly { t: number; requests: number; failed: number; max: number; p50: number }[]
+  readonly baselineP99: number
+  readonly worstAfterKill: number
+  readonly failed: number
+  readonly recoveredAfterMs: number | null
+}
+
+const option = (name: string): string | undefined =>
+  process.argv.find((arg) => arg.startsWith(`--${name}=`))?.slice(name.length + 3)
+const quick = process.argv.includes('--quick')
+const layers = (option('layers')?.split(',') ?? LAYERS) as Layer[]
+const workloads = (option('workloads')?.split(',') ?? WORKLOADS) as Workload[]
+const sizes = (option('sizes')?.split(',') ?? Object.keys(SIZES)) as Size[]
+const rounds = Number(option('rounds') ?? (quick ? 1 : 3))
+const seconds = Number(option('duration') ?? (quick ? 2 : 5))
+const warmupSeconds = quick ? 1 : 3
+const CONNECTIONS = 50
+
+const appMain = fileURLToPath(new URL('./app.ts', import.meta.url))
+
+async function startApp(layer: Layer, size: Size, env: Record<string, string>) {
+  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', appMain], {
+    env: {
+      ...process.env,
+      ...env,
+      NODE_ENV: 'production',
+      BENCH_LAYER: layer,
+      BENCH_SESSION_BYTES: String(SIZES[size]),
+    },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = ''
+    child.stdout?.on('data', (chunk: Buffer) => {
+      out += chunk.toString()
+      const match = /LISTENING (\d+)/.exec(out)
+      if (match) resolve(Number(match[1]))
+    })
+    child.once('exit', (code) => reject(new Error(`${layer} app exited with ${code}`)))
+  })
+  return {
+    url: `http://127.0.0.1:${port}`,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        child.once('exit', () => resolve())
+        child.kill('SIGKILL')
+      }),
+  }
+}
+
+/** One session per connection, each holding the payload. */
+async function sessionCookies(url: string): Promise<string[]> {
+  const cookies: string[] = []
+  for (let i = 0; i < CONNECTIONS; i++) {
+    const response = await fetch(`${url}/init`, { method: 'POST' })
+    const cookie = response.headers.getSetCookie()[0]?.split(';')[0]
+    if (response.status !== 200 || !cookie) throw new Error(`POST /init answered ${response.status}`)
+    cookies.push(cookie)
+  }
+  return cookies
+}
+
+type Request = NonNullable<autocannon.Options['requests']>[number]
+
+function requestsFor(workload: Workload, cookies: readonly string[]): Request[] {
+  let next = 0
+  const withCookie = (method: 'GET' | 'POST', path: string): Request => ({
+    method,
+    path,
+    setupRequest: (request, context) => {
+      const ctx = context as { cookie?: string }
+      ctx.cookie ??= cookies[next++ % cookies.length]
+      return { ...request, headers: { ...request.headers, cookie: ctx.cookie as string } }
+    },
+  })
+  const read = withCookie('GET', '/read')
+  const write = withCookie('POST', '/write')
+  if (workload === 'read') return [read]
+  if (workload === 'write') return [write]
+  return [read, read, read, read, write] // 80 % read, 20 % write, on every connection
+}
+
+function run(url: string, requests: Request[], duration: number) {
+  return autocannon({ url, connections: CONNECTIONS, duration, requests })
+}
+
+const median = (values: number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b)
+  return sorted[Math.floor(sorted.length / 2)] as number
+}
+
+async function measure(layer: Layer, workload: Workload, size: Size, env: Record<string, string>) {
+  const app = await startApp(layer, size, env)
+  try {
+    const cookies = await sessionCookies(app.url)
+    const requests = requestsFor(workload, cookies)
+    await run(app.url, requests, warmupSeconds)
+    const measured: { rps: number; p50: number; p99: number }[] = []
+    let errors = 0
+    let non2xx = 0
+    for (let round = 0; round < rounds; round++) {
+      const result = await run(app.url, requests, seconds)
+      measured.push({ rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99 })
+      errors += result.errors + result.timeouts
+      non2xx += result.non2xx
+    }
+    const summary: CaseResult = {
+      layer,
+      workload,
+      size,
+      rps: median(measured.map((r) => r.rps)),
+      p50: median(measured.map((r) => r.p50)),
+      p99: median(measured.map((r) => r.p99)),
+      errors,
+      non2xx,
+      rounds: measured,
+    }
+    console.log(
+      `${layer.padEnd(32)} ${workload.padEnd(5)} ${size.padEnd(5)} ${summary.rps.toFixed(0).padStart(7)} req/s  p50 ${summary.p50} ms  p99 ${summary.p99} ms${errors + non2xx ? `  errors ${errors} non-2xx ${non2xx}` : ''}`,
+    )
+    return summary
+  } finally {
+    await app.stop()
+  }
+}
+
+/** Under a 80/20 load, SIGKILL the node holding the first session at `killAtMs`; latency per window around it. */
+async function failoverTimeline(
+  layer: Layer,
+  env: Record<string, string>,
+  kill: () => Promise<void>,
+): Promise<TimelineResult> {
+  const windowMs = 250
+  const killAtMs = 4000
+  const durationSeconds = 12
+  const app = await startApp(layer, 'small', env)
+  try {
+    const cookies = await sessionCookies(app.url)
+    await run(app.url, requestsFor('mix', cookies), warmupSeconds)
+    const buckets = new Map<number, { latencies: number[]; failed: number }>()
+    const started = Date.now()
+    let finished: () => void = () => {}
+    const done = new Promise<void>((resolve) => {
+      finished = resolve
+    })
+    const instance = autocannon(
+      {
+        url: app.url,
+        connections: CONNECTIONS,
+        duration: durationSeconds,
+        requests: requestsFor('mix', cookies),
+      },
+      () => finished(),
+    )
+    const bucket = () => {
+      const t = Math.floor((Date.now() - started) / windowMs) * windowMs
+      let entry = buckets.get(t)
+      if (!entry) {
+        entry = { latencies: [], failed: 0 }
+        buckets.set(t, entry)
+      }
+      return entry
+    }
+    instance.on('response', (_client: unknown, statusCode: number, _bytes: number, responseTime: number) => {
+      const entry = bucket()
+      entry.latencies.push(responseTime)
+      if (statusCode < 200 || statusCode >= 300) entry.failed++
+    })
+    instance.on('reqError', () => {
+      bucket().failed++
+    })
+    const killer = new Promise<void>((resolve) => setTimeout(() => void kill().then(resolve), killAtMs))
+    await Promise.all([done, killer])
+    const windows = [...buckets.entries()]
+      .sort(([a], [b]) => a - b)
+      .map(([t, { latencies, failed }]) => ({
+        t,
+        requests: latencies.length,
+        failed,
+        max: Math.max(0, ...latencies),
+        p50: latencies.length ? median(latencies) : 0,
+      }))
+    const before = windows.filter((w) => w.t < killAtMs - windowMs).flatMap((w) => [w.max])
+    const baselineP99 = median(before)
+    const after = windows.filter((w) => w.t >= killAtMs)
+    const worstAfterKill = Math.max(0, ...after.slice(0, 8).map((w) => w.max))
+    // Back to baseline: the first window from which every later one has its worst latency within 2x the baseline.
+    const recovered = after.findIndex((_, i) => after.slice(i).every((w) => w.max <= 2 * baselineP99))
+    const result: TimelineResult = {
+      layer,
+      killedAtMs: killAtMs,
+      windowMs,
+      windows,
+      baselineP99,
+      worstAfterKill,
+      failed: windows.reduce((sum, w) => sum + w.failed, 0),
+      recoveredAfterMs: recovered === -1 ? null : (after[recovered]?.t ?? killAtMs) - killAtMs + windowMs,
+    }
+    console.log(
+      `failover ${layer}: worst ${worstAfterKill} ms after the kill (baseline worst ${baselineP99} ms per window), ${result.failed} failed, back to baseline after ${result.recoveredAfterMs} ms`,
+    )
+    return result
+  } finally {
+    await app.stop()
+  }
+}
+
+async function main(): Promise<void> {
+  const servers = await startCluster(3)
+  const redis = await startRedis()
+  const env = {
+    BENCH_MEMCACHED: servers
+      .slice(0, 2)
+      .map((server) => `127.0.0.1:${server.port}`)
+      .join(' '),
+    BENCH_REDIS: `redis://127.0.0.1:${redis.port}`,
+  }
+  const results: CaseResult[] = []
+  try {
+    for (const size of sizes) {
+      for (const workload of workloads) {
+        for (const layer of layers) results.push(await measure(layer, workload, size, env))
+      }
+    }
+    // The timeline runs on three nodes; the node that holds the first session's primary is killed.
+    const timelineEnv = {
+      ...env,
+      BENCH_MEMCACHED: servers.map((server) => `127.0.0.1:${server.port}`).join(' '),
+    }
+    const timeline = option('layers')
+      ? []
+      : [
+          await failoverTimeline('session-failover/auto', timelineEnv, () =>
+            (servers[0] as { kill(): Promise<void> }).kill(),
+          ),
+        ]
+    const machine = {
+      cpus: `${cpus().length} × ${cpus()[0]?.model ?? 'unknown'}`,
+      memoryGiB: Math.round(totalmem() / 2 ** 30),
+      node: process.version,
+      date: new Date().toISOString().slice(0, 10),
+      connections: CONNECTIONS,
+      rounds,
+      seconds,
+    }
+    writeFileSync(
+      new URL('./results.json', import.meta.url),
+      `${JSON.stringify({ machine, results, timeline }, null, 2)}\n`,
+    )
+    if (!option('layers') && !option('workloads') && !option('sizes'))
+      writeReport({ machine, results, timeline })
+  } finally {
+    await stopAllMemcached()
+    await stopAllRedis()
+  }
+}
+
+await main()
