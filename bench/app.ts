@@ -12,10 +12,13 @@ import express from 'express'
 import expressSession from 'express-session'
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
-import type { LockingMode } from '../src/core/locking-policy.js'
-import { fastifySessionFailover } from '../src/fastify.js'
-import { sessionFailover } from '../src/index.js'
+import type { LockingMode } from '../src/index.js'
 import { LAYERS, type Layer } from './layers.js'
+
+// The built package, as users run it (bench/run.ts builds it first); typed by the sources it is built from.
+const dist = (name: string) => new URL(`../dist/${name}`, import.meta.url).href
+const { sessionFailover } = (await import(dist('index.js'))) as typeof import('../src/index.js')
+const { fastifySessionFailover } = (await import(dist('fastify.js'))) as typeof import('../src/fastify.js')
 
 const SECRET = 'benchmark secret, long enough for anything'
 
@@ -107,3 +110,5 @@ const port = layer.startsWith('fastify/')
   ? await fastifyApp(layer, memcached, payload)
   : await expressApp(layer, memcached, process.env.BENCH_REDIS ?? '', payload)
 process.stdout.write(`LISTENING ${port}\n`)
+// An orderly exit on SIGINT, so `node --cpu-prof` writes its profile.
+process.once('SIGINT', () => process.exit(0))

@@ -2,7 +2,7 @@
 // and Redis; then a failover timeline. Writes bench/results.json, BENCHMARKS.md and bench/chart.svg.
 //   npm run bench -- --quick                     one short round per case (a smoke run)
 //   npm run bench -- --layers=connect-redis,session-failover/auto --workloads=read --sizes=small
-import { type ChildProcess, spawn } from 'node:child_process'
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -25,6 +25,7 @@ export interface CaseResult {
   readonly rps: number
   readonly p50: number
   readonly p99: number
+  /** Requests that failed: errors, timeouts and non-2xx answers, over all rounds. */
   readonly errors: number
   readonly non2xx: number
   readonly rounds: readonly { rps: number; p50: number; p99: number }[]
@@ -126,38 +127,60 @@ const median = (values: number[]): number => {
   return sorted[Math.floor(sorted.length / 2)] as number
 }
 
-async function measure(layer: Layer, workload: Workload, size: Size, env: Record<string, string>) {
-  const app = await startApp(layer, size, env)
+/**
+ * One workload and session size across every layer. All the apps are started first; each round then runs every
+ * layer once, in an order that rotates from round to round, so a slow spell of this shared machine hits all
+ * layers alike instead of whichever happened to be running.
+ */
+async function measureCase(
+  workload: Workload,
+  size: Size,
+  env: Record<string, string>,
+): Promise<CaseResult[]> {
+  const apps = new Map<Layer, Awaited<ReturnType<typeof startApp>>>()
   try {
-    const cookies = await sessionCookies(app.url)
-    const requests = requestsFor(workload, cookies)
-    await run(app.url, requests, warmupSeconds)
-    const measured: { rps: number; p50: number; p99: number }[] = []
-    let errors = 0
-    let non2xx = 0
-    for (let round = 0; round < rounds; round++) {
-      const result = await run(app.url, requests, seconds)
-      measured.push({ rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99 })
-      errors += result.errors + result.timeouts
-      non2xx += result.non2xx
+    for (const layer of layers) apps.set(layer, await startApp(layer, size, env))
+    const requests = new Map<Layer, Request[]>()
+    for (const [layer, app] of apps) {
+      requests.set(layer, requestsFor(workload, await sessionCookies(app.url)))
+      await run(app.url, requests.get(layer) as Request[], warmupSeconds)
     }
-    const summary: CaseResult = {
-      layer,
-      workload,
-      size,
-      rps: median(measured.map((r) => r.rps)),
-      p50: median(measured.map((r) => r.p50)),
-      p99: median(measured.map((r) => r.p99)),
-      errors,
-      non2xx,
-      rounds: measured,
-    }
-    console.log(
-      `${layer.padEnd(32)} ${workload.padEnd(5)} ${size.padEnd(5)} ${summary.rps.toFixed(0).padStart(7)} req/s  p50 ${summary.p50} ms  p99 ${summary.p99} ms${errors + non2xx ? `  errors ${errors} non-2xx ${non2xx}` : ''}`,
+    const measured = new Map<Layer, { rps: number; p50: number; p99: number; failed: number }[]>(
+      layers.map((layer) => [layer, []]),
     )
-    return summary
+    for (let round = 0; round < rounds; round++) {
+      const order = layers.map((_, index) => layers[(index + round) % layers.length] as Layer)
+      for (const layer of order) {
+        const app = apps.get(layer) as { url: string }
+        const result = await run(app.url, requests.get(layer) as Request[], seconds)
+        measured.get(layer)?.push({
+          rps: result.requests.average,
+          p50: result.latency.p50,
+          p99: result.latency.p99,
+          failed: result.errors + result.timeouts + result.non2xx,
+        })
+      }
+    }
+    return layers.map((layer) => {
+      const rounds = measured.get(layer) ?? []
+      const summary: CaseResult = {
+        layer,
+        workload,
+        size,
+        rps: median(rounds.map((r) => r.rps)),
+        p50: median(rounds.map((r) => r.p50)),
+        p99: median(rounds.map((r) => r.p99)),
+        errors: rounds.reduce((sum, r) => sum + r.failed, 0),
+        non2xx: 0,
+        rounds: rounds.map(({ rps, p50, p99 }) => ({ rps, p50, p99 })),
+      }
+      console.log(
+        `${layer.padEnd(32)} ${workload.padEnd(5)} ${size.padEnd(5)} ${summary.rps.toFixed(0).padStart(7)} req/s  p50 ${summary.p50} ms  p99 ${summary.p99} ms${summary.errors ? `  failed ${summary.errors}` : ''}`,
+      )
+      return summary
+    })
   } finally {
-    await app.stop()
+    await Promise.all([...apps.values()].map((app) => app.stop()))
   }
 }
 
@@ -243,6 +266,7 @@ async function failoverTimeline(
 }
 
 async function main(): Promise<void> {
+  execFileSync('npm', ['run', 'build'], { stdio: 'ignore' })
   const servers = await startCluster(3)
   const redis = await startRedis()
   const env = {
@@ -256,7 +280,7 @@ async function main(): Promise<void> {
   try {
     for (const size of sizes) {
       for (const workload of workloads) {
-        for (const layer of layers) results.push(await measure(layer, workload, size, env))
+        results.push(...(await measureCase(workload, size, env)))
       }
     }
     // The timeline runs on three nodes; the node that holds the first session's primary is killed.

@@ -7,13 +7,13 @@ import { Metrics } from './core/metrics.js'
 import { StickyStore } from './core/sticky.js'
 import { ReplicatedStore } from './core/store.js'
 import { StoreKeyring } from './core/store-keys.js'
-import { ConfigError } from './errors.js'
+import { ClosedError, ConfigError } from './errors.js'
 import { MemcachedNode } from './nodes/memcached.js'
 import { MemoryNode } from './nodes/memory.js'
 import type { SessionNode } from './nodes/node.js'
 import { RedisNode } from './nodes/redis.js'
 import { NodeRing } from './nodes/ring.js'
-import { type Config, type NodeConfig, parseNodes } from './options.js'
+import { type Config, describe, type NodeConfig, parseNodes } from './options.js'
 
 export interface Engine {
   readonly session: SessionEngine
@@ -23,7 +23,10 @@ export interface Engine {
   readonly sticky: StickyStore | undefined
   /** Replaces the configured nodes without a restart; sessions on a removed node move as they are used. */
   setNodes(nodes: unknown): void
-  close(): Promise<void>
+  /** True once close() was called. */
+  readonly closed: boolean
+  /** `timeout`: how long requests in flight are waited for (ms). */
+  close(options?: { readonly timeout?: number }): Promise<void>
 }
 
 const DEV_WARNING =
@@ -127,6 +130,7 @@ export function createEngine(config: Config): Engine {
     logger: config.logger,
     concurrency,
   })
+  let closed = false
   const live = new Map<string, { spec: NodeConfig; node: SessionNode }>(
     specs?.map((spec, index) => [spec.id, { spec, node: nodes[index] as SessionNode }]),
   )
@@ -135,7 +139,11 @@ export function createEngine(config: Config): Engine {
     ring,
     metrics,
     sticky,
+    get closed() {
+      return closed
+    },
     setNodes(value) {
+      if (closed) throw new ClosedError('session-failover was closed; its nodes cannot change')
       if (!specs) {
         throw new ConfigError(
           'setNodes() needs `nodes` configured at start-up; the development store has none',
@@ -149,6 +157,17 @@ export function createEngine(config: Config): Engine {
             `Expected node '${spec.id}' to keep its address in setNodes() (ids name where sessions live); give a changed node a new id`,
           )
         }
+        if (ring.isRetired(spec.id)) {
+          // Its server may still hold copies of sessions destroyed since it was removed.
+          throw new ConfigError(
+            `Expected a new id for a node added back after removal, got '${spec.id}' again; give the server a new id`,
+          )
+        }
+      }
+      if (next.every((spec) => config.failoverNodeIds.has(spec.id))) {
+        throw new ConfigError(
+          'Expected at least one node that is not in `failoverNodes`, got only failover nodes',
+        )
       }
       const kept = new Set(next.map((spec) => spec.id))
       for (const id of [...live.keys()]) if (!kept.has(id)) live.delete(id)
@@ -163,7 +182,16 @@ export function createEngine(config: Config): Engine {
       specs = next
       config.logger.info({ nodes: next.map((spec) => spec.id) }, 'session-failover: nodes replaced')
     },
-    async close() {
+    async close({ timeout = FLUSH_TIMEOUT_MS } = {}) {
+      if (typeof timeout !== 'number' || !(timeout >= 0)) {
+        throw new ConfigError(
+          `Expected close()'s \`timeout\` to be milliseconds >= 0, got ${describe(timeout)}`,
+        )
+      }
+      if (closed) return
+      closed = true
+      // Requests in flight finish first: their writes are stored (or fail) before anything is closed.
+      await session.drain(timeout)
       await backend.close()
       await locks?.releaseAll()
       await ring.close()

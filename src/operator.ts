@@ -27,10 +27,11 @@ export interface MetricsSource {
 /** The operator's side of a middleware or plugin: the same in both adapters. */
 export interface SessionOperations {
   /**
-   * Writes queued backups (sticky `backupAsync`), releases the locks requests still hold, then closes every
-   * node connection. Call on shutdown (SIGTERM) after the HTTP server stopped accepting.
+   * Waits for requests in flight (up to `timeout` ms, default 10000), writes queued backups (sticky
+   * `backupAsync`), releases the locks requests still hold, then closes every node connection. Call on shutdown
+   * (SIGTERM) after the HTTP server stopped accepting. Later requests get ClosedError (503).
    */
-  close(): Promise<void>
+  close(options?: { readonly timeout?: number }): Promise<void>
   health(): SessionHealth
   stats(): SessionStats
   /** Sticky mode: sessions and bytes held in memory, and backups not yet written; undefined otherwise. */
@@ -40,18 +41,21 @@ export interface SessionOperations {
    * address; sessions on a removed node move to the others, from their backups, as they are used.
    */
   setNodes(nodes: string | readonly NodeSpec[]): void
-  on<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => void): void
-  off<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => void): void
+  on<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => unknown): void
+  off<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => unknown): void
   readonly [METRICS_SOURCE]: MetricsSource
 }
 
-export function operationsOf(engine: Engine, close: () => Promise<void>): SessionOperations {
+export function operationsOf(
+  engine: Engine,
+  close: (options?: { readonly timeout?: number }) => Promise<void>,
+): SessionOperations {
   const { metrics, ring } = engine
   return {
     close,
     health: () => {
       const nodes = ring.health()
-      return { ready: nodes.some((node) => node.alive), nodes }
+      return { ready: !engine.closed && nodes.some((node) => node.alive), nodes }
     },
     stats: () => ({
       ...metrics.counters,

@@ -1,6 +1,7 @@
 import { Counter, Gauge, Histogram, type Registry, register } from 'prom-client'
 import type { SessionCounters } from './core/counters.js'
 import { LATENCY_BUCKETS, type LatencyName } from './core/metrics.js'
+import { ConfigError } from './errors.js'
 import { METRICS_SOURCE, type MetricsSource } from './operator.js'
 
 export interface PrometheusOptions {
@@ -92,6 +93,11 @@ const COUNTERS: readonly {
     series: [{ field: 'corruptSessions' }],
   },
   {
+    name: 'foreign_records_total',
+    help: 'Stored copies skipped because another instance may read them (another key or serializer)',
+    series: [{ field: 'foreignRecords' }],
+  },
+  {
     name: 'known_absent_hits_total',
     help: 'Requests for an expired or destroyed id answered without reading any node',
     series: [{ field: 'knownAbsentHits' }],
@@ -119,11 +125,23 @@ export function registerSessionMetrics(
   const source = provider[METRICS_SOURCE]
   const registry = options.registry ?? register
   const prefix = options.prefix ?? 'session_failover_'
-  const names: string[] = []
+  const names = [
+    ...COUNTERS.map((counter) => counter.name),
+    'node_up',
+    'node_operations_total',
+    'node_errors_total',
+    ...Object.values(HISTOGRAMS).map((histogram) => histogram.name),
+  ].map((name) => prefix + name)
+  // All or nothing: a clash (a second middleware with the same prefix) registers none of them.
+  const taken = names.find((name) => registry.getSingleMetric(name) !== undefined)
+  if (taken) {
+    throw new ConfigError(
+      `Expected the metric ${taken} to be free on this registry, got one already registered: give each middleware its own \`prefix\``,
+    )
+  }
   const registers = [registry]
 
   for (const counter of COUNTERS) {
-    names.push(prefix + counter.name)
     new Counter({
       name: prefix + counter.name,
       help: counter.help,
@@ -140,7 +158,6 @@ export function registerSessionMetrics(
     })
   }
 
-  names.push(`${prefix}node_up`, `${prefix}node_operations_total`, `${prefix}node_errors_total`)
   new Gauge({
     name: `${prefix}node_up`,
     help: 'Whether the node is alive (1) or marked dead (0)',
@@ -172,7 +189,6 @@ export function registerSessionMetrics(
     LatencyName,
     (typeof HISTOGRAMS)['load'],
   ][]) {
-    names.push(prefix + name)
     histograms.set(
       latency,
       new Histogram({ name: prefix + name, help, buckets: [...LATENCY_BUCKETS], registers }),

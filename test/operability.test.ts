@@ -220,21 +220,67 @@ describe('events and warnings', () => {
     expect(parseSessionId(browser.sessionId)?.route).toBe('b')
   })
 
-  it('keeps a listener that throws from breaking the request', async () => {
+  it('keeps a listener that throws, or rejects, from breaking the request or silencing the others', async () => {
     servers = await startCluster(2)
-    const app = await shop()
+    const { logger } = capturingLogger()
+    const app = await shop({ logger })
     app.sessions.on('corruptSession', () => {
       throw new Error('listener bug')
     })
+    app.sessions.on('corruptSession', async () => {
+      throw new Error('async listener bug')
+    })
+    const events = recordEvents(app)
     const browser = new Browser()
     await browser.send(app, 'POST', '/cart/apple')
     const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
     await serverOf(browser.sessionId).put(keys.primary, Buffer.from('garbage'))
     expect((await browser.send(app, 'GET', '/cart')).status).toBe(200)
+    expect(events.named('corruptSession')).toHaveLength(1)
+    await sleep(20) // the rejection is handled, not left to crash the process
+  })
+
+  it('counts a relocation once however many parallel requests of the session fail over together', async () => {
+    servers = await startCluster(3)
+    const app = await shop({ lockingMode: 'none' })
+    const events = recordEvents(app)
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    await serverOf(browser.sessionId).kill()
+    const cookie = browser.cookie
+    const replies = await Promise.all(
+      Array.from({ length: 5 }, () => {
+        const parallel = new Browser()
+        parallel.cookie = cookie
+        return parallel.send(app, 'GET', '/cart')
+      }),
+    )
+    for (const reply of replies) expect(reply.body.cart).toEqual(['apple'])
+    expect(app.sessions.stats().relocations).toBe(1)
+    expect(events.named('relocated')).toHaveLength(1)
+  })
+
+  it('counts writesSkipped once per request, and not for a request that wrote with save()', async () => {
+    servers = await startCluster(2)
+    const app = await shop({ lockingMode: 'none' })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/save-twice/apple')
+    await browser.send(app, 'POST', '/stream/pear')
+    expect(app.sessions.stats().writesSkipped).toBe(0)
+    await browser.send(app, 'GET', '/cart')
+    expect(app.sessions.stats().writesSkipped).toBe(1)
   })
 })
 
 describe('health()', () => {
+  it('is not ready once closed', async () => {
+    servers = await startCluster(2)
+    const app = await startShop(express, { secret: SECRET, nodes: nodesOption(servers) })
+    expect(app.sessions.health().ready).toBe(true)
+    await app.close()
+    expect(app.sessions.health().ready).toBe(false)
+  })
+
   it('is ready while a node is alive, and not ready once none is', async () => {
     servers = await startCluster(2)
     const app = await shop()
@@ -290,8 +336,13 @@ describe('Prometheus metrics', () => {
     expect(
       parseExposition(await registry.metrics()).get('session_failover_writes_total{copy="primary"}'),
     ).toBe(stats.primaryWrites + 1)
+    // A second middleware on the same registry needs its own prefix; a clash registers nothing.
+    const other = await shop()
+    expect(() => registerSessionMetrics(other.sessions, { registry })).toThrow(/give each middleware its own/)
+    registerSessionMetrics(other.sessions, { registry, prefix: 'other_sessions_' })
     unregister()
     expect(await registry.metrics()).not.toContain('session_failover_')
+    expect(await registry.metrics()).toContain('other_sessions_requests_total')
   })
 
   it('takes a Fastify app the same way', async () => {
@@ -335,7 +386,7 @@ describe('setNodes()', () => {
     expect(app.sessions.stats().nodes.every((node) => node.alive)).toBe(true)
   })
 
-  it('refuses a node that keeps its id but changes its address, and a malformed list, naming the problem', async () => {
+  it('refuses a node that keeps its id but changes its address, a removed id added back, and a malformed list', async () => {
     servers = await startCluster(2)
     const app = await shop()
     expect(() => app.sessions.setNodes(`n1:127.0.0.1:1 n2:127.0.0.1:${servers[1]?.port}`)).toThrow(
@@ -343,6 +394,26 @@ describe('setNodes()', () => {
     )
     expect(() => app.sessions.setNodes('nonsense')).toThrow(/Expected each entry of `nodes`/)
     expect(app.sessions.health().nodes.map((node) => node.id)).toEqual(['n1', 'n2'])
+    app.sessions.setNodes(`n2:127.0.0.1:${servers[1]?.port}`)
+    expect(() => app.sessions.setNodes(nodesOption(servers))).toThrow(
+      /a node added back after removal, got 'n1'/,
+    )
+  })
+
+  it('lets an instance started with the new list serve sessions of a node removed before it started', async () => {
+    servers = await startCluster(3)
+    const [one, two, three] = servers as [MemcachedServer, MemcachedServer, MemcachedServer]
+    const before = await shop({ nodes: nodesOption([one, two]) })
+    const browsers = Array.from({ length: 4 }, () => new Browser())
+    for (const [index, browser] of browsers.entries())
+      await browser.send(before, 'POST', `/cart/item${index}`)
+    expect(browsers.some((browser) => parseSessionId(browser.sessionId)?.nodeId === 'n1')).toBe(true)
+    const after = await shop({ nodes: `n2:127.0.0.1:${two.port} n3:127.0.0.1:${three.port}` })
+    await one.kill()
+    for (const [index, browser] of browsers.entries()) {
+      expect((await browser.send(after, 'GET', '/cart')).body.cart).toEqual([`item${index}`])
+      expect(['n2', 'n3']).toContain(parseSessionId(browser.sessionId)?.nodeId)
+    }
   })
 })
 
@@ -393,6 +464,42 @@ describe('graceful shutdown', () => {
     }
   })
 
+  it('lets a request in flight finish and store its change before closing', async () => {
+    servers = await startCluster(2)
+    const app = await startShop(express, {
+      secret: SECRET,
+      nodes: nodesOption(servers),
+      sticky: true,
+      route: 'a',
+    })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    app.beforeModify = async () => {
+      await sleep(200)
+    }
+    const slow = browser.send(app, 'POST', '/slow/pear')
+    await sleep(50)
+    const closing = app.sessions.close()
+    const reply = await slow
+    await closing
+    expect(reply.status).toBe(200)
+    const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+    const records = recordsOf(SECRET)
+    let copies = 0
+    for (const server of servers) {
+      for (const key of [keys.primary, keys.backup]) {
+        const raw = await server.get(key)
+        if (!raw) continue
+        copies++
+        expect(records.dataOf<{ cart: string[] }>(browser.sessionId, raw).cart).toEqual(['apple', 'pear'])
+      }
+    }
+    expect(copies).toBe(2)
+    expect((await browser.send(app, 'GET', '/cart')).status).toBe(503)
+    app.server.closeAllConnections()
+    await new Promise<void>((resolve) => app.server.close(() => resolve()))
+  })
+
   it('releases the locks requests still hold when closed', async () => {
     servers = await startCluster(2)
     const app = await startShop(express, { secret: SECRET, nodes: nodesOption(servers), lockingMode: 'all' })
@@ -401,7 +508,7 @@ describe('graceful shutdown', () => {
     const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
     const hanging = hangingRequest(app, browser.cookie)
     await until(() => serverOf(browser.sessionId).has(keys.lock))
-    await app.sessions.close()
+    await app.sessions.close({ timeout: 100 })
     expect(await serverOf(browser.sessionId).has(keys.lock)).toBe(false)
     hanging.abort()
     await hanging.done

@@ -168,7 +168,7 @@ describe('integrity of stored sessions', () => {
 
     const reply = await browser.send(app, 'GET', '/cart')
     expect(reply.body).toEqual({ cart: [], admin: null })
-    expect(app.sessions.stats().corruptSessions).toBe(2)
+    expect(app.sessions.stats()).toMatchObject({ corruptSessions: 0, foreignRecords: 2 })
     expect(await copiesOf(browser.sessionId)).toHaveLength(2)
   })
 
@@ -258,7 +258,7 @@ describe('rotation and mixed fleets', () => {
     const cookie = browser.cookie
     const json = await shop()
     expect((await browser.send(json, 'GET', '/cart')).body.cart).toEqual([])
-    expect(json.sessions.stats().corruptSessions).toBe(1)
+    expect(json.sessions.stats()).toMatchObject({ corruptSessions: 0, foreignRecords: 1 })
     expect(await copiesOf(browser.sessionId)).toHaveLength(2)
     browser.cookie = cookie
     expect((await browser.send(custom, 'GET', '/cart')).body.cart).toEqual(['apple'])

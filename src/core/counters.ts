@@ -24,6 +24,8 @@ export interface SessionCounters {
   mergeConflicts: number
   /** Stored copies that failed their integrity check, decryption or deserialization. */
   corruptSessions: number
+  /** Stored copies skipped because another instance may read them (another store key, another serializer). */
+  foreignRecords: number
   /** Reads answered from the negative cache: an expired or destroyed id presented again. */
   knownAbsentHits: number
 }
@@ -46,6 +48,7 @@ export function newCounters(): SessionCounters {
     merges: 0,
     mergeConflicts: 0,
     corruptSessions: 0,
+    foreignRecords: 0,
     knownAbsentHits: 0,
   }
 }

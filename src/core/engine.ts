@@ -67,6 +67,8 @@ export class SessionEngine {
   readonly #options: EngineOptions
   readonly #concurrency: Concurrency | undefined
   readonly #merges = new KeyedQueue()
+  /** Sessions of requests in flight (opened, not finished): what close() waits for. */
+  readonly #inFlight = new Set<SessionState>()
 
   constructor(store: SessionBackend, options: EngineOptions) {
     this.store = store
@@ -108,7 +110,17 @@ export class SessionEngine {
     opened.state.lock = lock
     // A cookie signed with a rotated-out secret is re-signed, so that secret can be retired.
     opened.state.resign = presented?.resign === true && found !== undefined
+    this.#inFlight.add(opened.state)
     return opened
+  }
+
+  /** Resolves once no request is in flight, or after `timeoutMs`; whether they all finished. */
+  async drain(timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs
+    while (this.#inFlight.size > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    return this.#inFlight.size === 0
   }
 
   /** The adapter's session object as the bytes that would be stored; UnserializableSessionError if it cannot be. */
@@ -140,16 +152,22 @@ export class SessionEngine {
     } catch (error) {
       if (!(error instanceof CorruptSessionError || error instanceof UnserializableSessionError)) throw error
       const session = logIdOf(this.store.recognize(loaded.id)?.random ?? '')
+      // Data in a format only other instances read (or cannot convert to this one's) stays theirs.
+      if (error instanceof ForeignRecordError || error instanceof UnserializableSessionError) {
+        this.counters.foreignRecords++
+        this.#options.logger.info(
+          { session, err: error.message },
+          'session-failover: session in a format this instance cannot use; a new one is served',
+        )
+        return undefined
+      }
       this.counters.corruptSessions++
       this.#options.metrics.emit('corruptSession', { session, node: undefined, reason: error.message })
       this.#options.logger.warn(
         { session, err: error.message },
         'session-failover: unreadable stored session replaced by a new one',
       )
-      // Data in a format only other instances read (or cannot convert to this one's) stays theirs.
-      if (!(error instanceof ForeignRecordError || error instanceof UnserializableSessionError)) {
-        this.#discard(loaded.id)
-      }
+      this.#discard(loaded.id)
       return undefined
     }
   }
@@ -172,6 +190,12 @@ export class SessionEngine {
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
     await state.committing?.catch(() => {})
     await state.lock?.release()
+    this.#inFlight.delete(state)
+    // Once per answered request (a streamed response commits more than once).
+    if (request && !state.tallied) {
+      state.tallied = true
+      if (!state.wrote) this.counters.writesSkipped++
+    }
     if (request && !state.finished && state.record !== undefined) {
       state.finished = true
       this.#concurrency?.policy.learn(request, state.wrote)
@@ -220,7 +244,6 @@ export class SessionEngine {
       await this.#options.metrics.time('save', () => this.save(state, snapshot))
       return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
     }
-    this.counters.writesSkipped++
     if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
       // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
       void this.store.refresh(
@@ -291,6 +314,8 @@ export class SessionEngine {
    */
   startOver(destroyed: SessionState): SessionState {
     const next = this.#fresh(destroyed.cookieId)
+    this.#inFlight.delete(destroyed)
+    this.#inFlight.add(next)
     next.lock = destroyed.lock
     next.wrote = true
     return next

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { AllNodesDownError, LockTimeoutError, NodeRejectedError } from '../errors.js'
+import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
 import type { NodeRing } from '../nodes/ring.js'
 
 export interface LockOptions {
@@ -97,10 +97,11 @@ export class LockManager {
         if (added) return { nodeId, sentAt, busy }
         busy++
       } catch (error) {
-        if (error instanceof NodeRejectedError) throw error
+        if (error instanceof NodeRejectedError || error instanceof ClosedError) throw error
         // The node is marked dead now; the next pass locks where the session moves to. The add may still have
         // been applied (a frozen node runs it when it resumes): that lock is removed before the node is back.
         this.#ring.deleteWhenBack(nodeId, lockKey, value)
+        if (Date.now() >= deadline) throw this.#timeout()
         continue
       }
       const wait = pause * (0.5 + Math.random())

@@ -92,6 +92,8 @@ export class Metrics {
     serialize: new LatencyHistogram(),
   }
   readonly #events = new EventEmitter()
+  /** Each listener as given, and the guard registered in its place. */
+  readonly #guards = new Map<SessionEventName, Map<(payload: never) => unknown, (payload: unknown) => void>>()
   readonly #observers = new Set<(name: LatencyName, seconds: number) => void>()
   readonly #logger: Logger
 
@@ -100,20 +102,37 @@ export class Metrics {
   }
 
   emit<K extends SessionEventName>(name: K, payload: SessionEvents[K]): void {
-    if (this.#events.listenerCount(name) === 0) return
-    try {
-      this.#events.emit(name, payload)
-    } catch (error) {
-      this.#logger.error({ event: name, err: String(error) }, 'session-failover: an event listener threw')
+    if (this.#events.listenerCount(name) > 0) this.#events.emit(name, payload)
+  }
+
+  /**
+   * Each listener runs guarded: one that throws, or returns a promise that rejects, is logged; the others still
+   * run and the request that emitted goes on.
+   */
+  on<K extends SessionEventName>(name: K, listener: (payload: SessionEvents[K]) => unknown): void {
+    const guards = this.#guards.get(name) ?? new Map()
+    this.#guards.set(name, guards)
+    if (guards.has(listener)) return
+    const logFailure = (error: unknown): void => {
+      this.#logger.error({ event: name, err: String(error) }, 'session-failover: an event listener failed')
     }
+    const guard = (payload: unknown): void => {
+      try {
+        const result = listener(payload as SessionEvents[K])
+        if (result instanceof Promise) result.catch(logFailure)
+      } catch (error) {
+        logFailure(error)
+      }
+    }
+    guards.set(listener, guard)
+    this.#events.on(name, guard)
   }
 
-  on<K extends SessionEventName>(name: K, listener: (payload: SessionEvents[K]) => void): void {
-    this.#events.on(name, listener)
-  }
-
-  off<K extends SessionEventName>(name: K, listener: (payload: SessionEvents[K]) => void): void {
-    this.#events.off(name, listener)
+  off<K extends SessionEventName>(name: K, listener: (payload: SessionEvents[K]) => unknown): void {
+    const guard = this.#guards.get(name)?.get(listener)
+    if (!guard) return
+    this.#guards.get(name)?.delete(listener)
+    this.#events.off(name, guard)
   }
 
   observe(name: LatencyName, seconds: number): void {

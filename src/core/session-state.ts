@@ -50,6 +50,8 @@ export class SessionState {
   resign = false
   /** finish() ran: the lock is released and the route learned. */
   finished = false
+  /** The request was counted (as a write, or as a write skipped). */
+  tallied = false
   /** regenerate() replaced the session: its writes concern a new session nobody else knows. */
   renewed = false
   /** The primary copy's compare-and-set token as read (until this request writes). */

@@ -95,6 +95,8 @@ export class ReplicatedStore implements SessionBackend {
    * must not record the session as absent, whatever order their replies came in.
    */
   readonly #lastWrite = new LRUCache<string, number>({ max: ABSENT_ENTRIES })
+  /** Relocations and restores counted recently, so that one move is counted once. */
+  readonly #recentMoves = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
 
   constructor(ring: NodeRing, options: StoreOptions) {
@@ -111,10 +113,13 @@ export class ReplicatedStore implements SessionBackend {
     return formatSessionId(newRandomPart(), nodeId, route)
   }
 
-  /** Parses an id and checks its node is configured; the library never reaches a node named only by a cookie. */
+  /**
+   * Parses an id. Its node may be one this instance does not know (removed by setNodes(), here or before this
+   * instance started): such a session is looked for on the configured nodes, from its backup, and moved like
+   * one whose node died. The library never connects anywhere but to configured nodes.
+   */
   recognize(id: string): ParsedSessionId | null {
-    const parsed = parseSessionId(id)
-    return parsed && this.#ring.has(parsed.nodeId) ? parsed : null
+    return parseSessionId(id)
   }
 
   /** Whether the session was recently found on no node, or destroyed, by this instance. */
@@ -157,21 +162,23 @@ export class ReplicatedStore implements SessionBackend {
       }
     }
 
+    // A primary removed from the node list has nothing more to say: every configured node is a backup.
+    const configured = this.#ring.isConfigured(primary)
     const backup = await this.#freshestBackup(primary, keys)
     if (!backup.record) {
       if (!primaryAnswered && backup.answered === 0) throw this.#allNodesDown()
       // Absent only when every node answered and held nothing, not even a copy another instance could read
       // (one that did not answer may return holding the session), and no write of it ended meanwhile.
       if (
-        primaryAnswered &&
-        backup.answered === this.#ring.size - 1 &&
+        (primaryAnswered || !configured) &&
+        backup.answered === this.#ring.size - (configured ? 1 : 0) &&
         !seen.foreign &&
         !backup.foreign &&
         (this.#lastWrite.get(parsed.random) ?? 0) < started
       ) {
         this.#absent.set(parsed.random, true)
       }
-      if (!primaryAnswered) {
+      if (!primaryAnswered && configured) {
         this.#options.logger.warn(
           { node: primary },
           'session-failover: primary is down and no backup was found',
@@ -181,7 +188,7 @@ export class ReplicatedStore implements SessionBackend {
     }
     if (primaryAnswered) {
       // The primary is up but lost its copy (restarted empty): same id, the copy is written back this request.
-      this.#options.metrics.counters.restores++
+      if (this.#firstMove(parsed.random, 'restore')) this.#options.metrics.counters.restores++
       return { id, record: backup.record, mustWrite: true, relocatedFrom: undefined }
     }
     const target = this.#ring.nextAliveAfter(primary)
@@ -487,9 +494,18 @@ export class ReplicatedStore implements SessionBackend {
     this.#options.metrics.emit('backupFailed', { session, primary })
   }
 
+  /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
   #relocated(keys: StorageKeys, from: string, to: string): void {
+    if (!this.#firstMove(keys.digest, `${from}>${to}`)) return
     this.#options.metrics.counters.relocations++
     this.#options.metrics.emit('relocated', { session: keys.digest.slice(0, 12), from, to })
+  }
+
+  #firstMove(session: string, move: string): boolean {
+    const key = `${session}:${move}`
+    if (this.#recentMoves.has(key)) return false
+    this.#recentMoves.set(key, true)
+    return true
   }
 
   /** The freshest copy of either key on every alive node. */
@@ -559,16 +575,22 @@ export class ReplicatedStore implements SessionBackend {
     } catch (error) {
       if (!(error instanceof CorruptSessionError)) throw error
       const session = keys.digest.slice(0, 12)
+      if (error instanceof ForeignRecordError) {
+        // Expected while instances roll onto a new key or serializer: counted apart, never an alarm.
+        this.#options.metrics.counters.foreignRecords++
+        this.#options.logger.debug(
+          { node: nodeId, session, err: error.message },
+          'session-failover: copy skipped',
+        )
+        if (seen) seen.foreign = true
+        return undefined
+      }
       this.#options.metrics.counters.corruptSessions++
       this.#options.metrics.emit('corruptSession', { session, node: nodeId, reason: error.message })
       this.#options.logger.warn(
         { node: nodeId, session, err: error.message },
         'session-failover: unreadable stored session ignored',
       )
-      if (error instanceof ForeignRecordError) {
-        if (seen) seen.foreign = true
-        return undefined
-      }
       void this.#ring
         .call(nodeId, async (node) => {
           const current = await node.gets(key)

@@ -122,9 +122,9 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
 
   return Object.assign(
     middleware,
-    operationsOf(engine, () => {
+    operationsOf(engine, (options) => {
       closed = true
-      return engine.close()
+      return engine.close(options)
     }),
   )
 }

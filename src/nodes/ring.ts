@@ -1,5 +1,5 @@
 import type { Metrics } from '../core/metrics.js'
-import { NodeRejectedError } from '../errors.js'
+import { ClosedError, NodeRejectedError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionNode } from './node.js'
 
@@ -67,6 +67,15 @@ export class NodeRing {
     for (const member of this.#members) this.#byId.set(member.node.id, member)
   }
 
+  /** Removed by setNodes(): such an id can never be configured again. */
+  isRetired(nodeId: string): boolean {
+    return this.#byId.get(nodeId)?.retired === true
+  }
+
+  get closed(): boolean {
+    return this.#closed
+  }
+
   /**
    * Replaces the configured nodes (setNodes): `nodes` in their new order, reusing the member of an id that
    * stays. A removed node is retired and its connections closed.
@@ -98,6 +107,12 @@ export class NodeRing {
 
   has(nodeId: string): boolean {
     return this.#byId.has(nodeId)
+  }
+
+  /** In the current node list: neither unknown nor removed by setNodes(). */
+  isConfigured(nodeId: string): boolean {
+    const member = this.#byId.get(nodeId)
+    return member !== undefined && !member.retired
   }
 
   isAlive(nodeId: string): boolean {
@@ -149,9 +164,11 @@ export class NodeRing {
    */
   nextAliveAfter(nodeId: string, exclude?: ReadonlySet<string>): string | undefined {
     const count = this.#members.length
+    // A node this instance does not know (removed before it started) counts as coming before the first.
     const start = this.#members.findIndex((member) => member.node.id === nodeId)
+    const steps = start === -1 ? count : count - 1
     for (const failover of [false, true]) {
-      for (let step = 1; step < count; step++) {
+      for (let step = 1; step <= steps; step++) {
         const member = this.#members[(start + step) % count]
         if (
           member?.alive &&
@@ -171,7 +188,8 @@ export class NodeRing {
     const others: string[] = []
     const count = this.#members.length
     const start = this.#members.findIndex((member) => member.node.id === nodeId)
-    for (let step = 1; step < count; step++) {
+    const steps = start === -1 ? count : count - 1
+    for (let step = 1; step <= steps; step++) {
       const member = this.#members[(start + step) % count]
       if (member?.alive && member.node.id !== nodeId) others.push(member.node.id)
     }
@@ -185,6 +203,8 @@ export class NodeRing {
   async call<T>(nodeId: string, operation: (node: SessionNode) => Promise<T>): Promise<T> {
     const member = this.#byId.get(nodeId)
     if (!member) throw new Error(`unknown node ${nodeId}`)
+    // After close() nothing reaches a node, and no node is marked dead for it.
+    if (this.#closed) throw new ClosedError('session-failover was closed; no node is reachable')
     member.ops++
     try {
       return await operation(member.node)
@@ -284,6 +304,8 @@ export class NodeRing {
   }
 
   #rememberDeletes(member: Member, keys: readonly string[], ifValue?: Buffer): void {
+    // A retired node is never read again (its id cannot come back), so nothing needs deleting there.
+    if (member.retired) return
     for (const key of keys) member.pendingDeletes.set(key, ifValue)
     if (member.pendingDeletes.size <= MAX_PENDING_DELETES) return
     for (const key of member.pendingDeletes.keys()) {
