@@ -190,6 +190,33 @@ export class SessionEngine {
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
     await state.committing?.catch(() => {})
     await state.lock?.release()
+    this.#settle(state, request)
+  }
+
+  /**
+   * The commit of a request that stores nothing and holds no lock (most reads), decided and done at once, so
+   * the response need not wait for a promise. Undefined when the commit needs the store or a lock release: then
+   * commit() and finish() do it.
+   */
+  commitAtOnce(
+    state: SessionState,
+    snapshot: SessionSnapshot,
+    request?: RequestFacts,
+  ): CommitResult | undefined {
+    if (state.lock || state.committing || state.shouldSave(snapshot.data, this.policy)) return undefined
+    if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
+      void this.store.refresh(
+        state.id,
+        state.record,
+        this.ttlSeconds(snapshot.expires, state.record.createdAt),
+      )
+    }
+    this.#settle(state, request)
+    return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
+  }
+
+  /** The bookkeeping of a finished request: no longer in flight, counted, and its route learned. */
+  #settle(state: SessionState, request: RequestFacts | undefined): void {
     this.#inFlight.delete(state)
     // Once per answered request (a streamed response commits more than once).
     if (request && !state.tallied) {

@@ -30,6 +30,11 @@ export function holdResponse(
   /** `final`: the response ends after this commit (no later commit will follow). */
   commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
   onCommitError: (error: unknown) => void,
+  /**
+   * The commit done at once when it needs no I/O (a read): then end() goes straight out, with nothing queued.
+   * Undefined when it cannot be; `commit` follows at once.
+   */
+  commitNow?: (final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined,
 ): void {
   const target = res as unknown as Record<WireMethod | HeaderMethod, AnyFunction | undefined>
   const wire = {
@@ -181,6 +186,21 @@ export function holdResponse(
       return phase === 'ending' ? res : wire.end.apply(res, args)
     if (endQueued) return res
     if (typeof args[0] !== 'function') chunkLength(args[0], false)
+    if (phase === 'open' && queue.length === 0) {
+      const done = commitNow?.(true)
+      if (done) {
+        phase = 'done'
+        restoreWire()
+        restoreHeaders()
+        try {
+          done.applyHeaders?.()
+        } catch (error) {
+          fail(error)
+          return res
+        }
+        return wire.end.apply(res, args)
+      }
+    }
     endQueued = true
     freezeHeaders()
     queue.push({ method: 'end', args })

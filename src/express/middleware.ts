@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { OpenedSession } from '../core/engine.js'
+import type { SessionSnapshot } from '../core/session-state.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
 import { operationsOf, type SessionOperations } from '../operator.js'
@@ -59,21 +60,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         store.generate()
       }
 
-      const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
-        const current = req.session
-        if (!current) {
-          await engine.session.commit(state, null)
-          await engine.session.finish(state, final ? request : undefined)
-          return undefined
-        }
-        current.touch()
-        const { setCookie } = await engine.session.commit(
-          state,
-          engine.session.snapshot(current, current.cookie),
-        )
-        // The lock is free before the client hears back (its next request never waits on this one), and once the
-        // headers of a streamed response are out (a later change is merged, not held under a lock).
-        await engine.session.finish(state, final ? request : undefined)
+      const cookieHeaders = (
+        setCookie: boolean,
+        current: NonNullable<SessionRequest['session']>,
+      ): ApplyHeaders | undefined => {
         req.sessionID = state.id
         if (!setCookie || (current.cookie.secure && !isSecure(req, config.proxy))) return undefined
         const header = sessionCookieHeader(
@@ -86,7 +76,42 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
           if (!res.headersSent) appendSessionCookie(res, header)
         }
       }
-      holdResponse(res, commit, next)
+      // Taken by commitNow when it could not finish at once, so commit does not serialize the session again.
+      let pending: SessionSnapshot | undefined
+      const commitNow = (final: boolean): { applyHeaders: ApplyHeaders | undefined } | undefined => {
+        const current = req.session
+        if (!current) return undefined
+        try {
+          current.touch()
+          const snapshot = engine.session.snapshot(current, current.cookie)
+          const done = engine.session.commitAtOnce(state, snapshot, final ? request : undefined)
+          if (done) return { applyHeaders: cookieHeaders(done.setCookie, current) }
+          pending = snapshot
+        } catch {
+          // Unserializable: commit() meets the same error, and answers it.
+        }
+        return undefined
+      }
+      const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
+        const current = req.session
+        if (!current) {
+          await engine.session.commit(state, null)
+          await engine.session.finish(state, final ? request : undefined)
+          return undefined
+        }
+        let snapshot = pending
+        pending = undefined
+        if (!snapshot) {
+          current.touch()
+          snapshot = engine.session.snapshot(current, current.cookie)
+        }
+        const { setCookie } = await engine.session.commit(state, snapshot)
+        // The lock is free before the client hears back (its next request never waits on this one), and once the
+        // headers of a streamed response are out (a later change is merged, not held under a lock).
+        await engine.session.finish(state, final ? request : undefined)
+        return cookieHeaders(setCookie, current)
+      }
+      holdResponse(res, commit, next, commitNow)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
       res.once('close', () => void engine.session.finish(state))
     }
