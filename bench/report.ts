@@ -2,7 +2,6 @@
 // the analysis text, with `npx tsx bench/report.ts`.
 import { execFileSync } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import type { Layer } from './layers.js'
 import type { CaseResult, Size, TimelineResult, Workload } from './run.js'
 
@@ -12,14 +11,15 @@ interface Results {
   readonly timeline: readonly TimelineResult[]
 }
 
-const require = createRequire(import.meta.url)
 const versionOf = (name: string): string => {
   try {
-    return (require(`${name}/package.json`) as { version: string }).version
+    const file = new URL(`../node_modules/${name}/package.json`, import.meta.url)
+    return (JSON.parse(readFileSync(file, 'utf8')) as { version: string }).version
   } catch {
     return '?'
   }
 }
+const ms = (value: number) => value.toFixed(1)
 const commandVersion = (command: string, args: string[]): string => {
   try {
     return execFileSync(command, args, { encoding: 'utf8' }).trim().split('\n')[0] ?? '?'
@@ -50,6 +50,9 @@ function referencesOf(layer: Layer, group: readonly CaseResult[]) {
   )
   return { memory: find('express-session/memory'), peer }
 }
+
+const median = (values: number[]): number =>
+  [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)] ?? 0
 
 const ratio = (value: number, reference: number | undefined) =>
   reference ? `${(value / reference).toFixed(2)}x` : '-'
@@ -106,21 +109,95 @@ function chart(results: readonly CaseResult[]): string {
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" font-family="sans-serif" font-size="10">\n<rect width="100%" height="100%" fill="#fff"/>\n${parts.join('\n')}\n</svg>\n`
 }
 
+/** The issue's targets, each with its ratio in this run. */
+function targetsSection(results: readonly CaseResult[]): string {
+  const rows: string[] = ['| Target | Size | Measured | Met |', '|---|---|---:|:---:|']
+  const find = (layer: Layer, workload: Workload, size: Size) =>
+    results.find((r) => r.layer === layer && r.workload === workload && r.size === size)
+  const bestPeer = (workload: Workload, size: Size) =>
+    PEERS.map((layer) => find(layer, workload, size))
+      .filter((r): r is CaseResult => r !== undefined)
+      .reduce<CaseResult | undefined>((best, r) => (!best || r.rps > best.rps ? r : best), undefined)
+  const row = (target: string, size: Size, value: number | undefined, goal: number) => {
+    if (value === undefined || !Number.isFinite(value)) return
+    rows.push(`| ${target} | ${SIZE_NAMES[size]} | ${value.toFixed(2)}x | ${value >= goal ? 'yes' : 'no'} |`)
+  }
+  for (const size of ['small', 'large'] as const) {
+    const memoryRead = find('express-session/memory', 'read', size)?.rps
+    const stickyRead = find('session-failover/sticky', 'read', size)?.rps
+    row(
+      'sticky, read-only >= 0.97x MemoryStore',
+      size,
+      stickyRead && memoryRead && stickyRead / memoryRead,
+      0.97,
+    )
+    for (const mode of ['none', 'auto'] as const) {
+      const read = find(`session-failover/${mode}`, 'read', size)?.rps
+      const peer = bestPeer('read', size)?.rps
+      row(`non-sticky (${mode}), read-only >= 1.0x best peer`, size, read && peer && read / peer, 1)
+    }
+    const peerWrite = bestPeer('write', size)?.rps
+    const noneWrite = find('session-failover/none', 'write', size)?.rps
+    const stickyWrite = find('session-failover/sticky', 'write', size)?.rps
+    row(
+      "non-sticky 'none', two copies, write >= 1.0x best peer",
+      size,
+      noneWrite && peerWrite && noneWrite / peerWrite,
+      1,
+    )
+    row(
+      'sticky, two synchronous backups, write >= 1.0x best peer',
+      size,
+      stickyWrite && peerWrite && stickyWrite / peerWrite,
+      1,
+    )
+    const autoMix = find('session-failover/auto', 'mix', size)?.rps
+    const noneMix = find('session-failover/none', 'mix', size)?.rps
+    row("'auto' on the 80/20 mix >= 0.9x 'none'", size, autoMix && noneMix && autoMix / noneMix, 0.9)
+    for (const workload of ['read', 'write', 'mix'] as const) {
+      const peer = bestPeer(workload, size)
+      const ours = (['sticky', 'none', 'auto'] as const)
+        .map((mode) => find(`session-failover/${mode}`, workload, size))
+        .filter((r): r is CaseResult => r !== undefined)
+      if (!peer || ours.length === 0) continue
+      const worst = Math.max(...ours.map((r) => r.p99))
+      row(
+        `p99 (worst of sticky/none/auto) no worse than best peer's, ${WORKLOAD_NAMES[workload]}`,
+        size,
+        peer.p99 / worst,
+        1,
+      )
+    }
+  }
+  return `${rows.join('\n')}\n\n(For p99 the figure is the best peer's p99 divided by ours: 1.0x or more meets the target.)`
+}
+
 function timelineSection(timeline: readonly TimelineResult[]): string {
   return timeline
     .map((t) => {
       const rows = t.windows
-        .filter((w) => w.t >= t.killedAtMs - 1000 && w.t <= t.killedAtMs + 3000)
+        .filter((w) => w.t >= t.killedAtMs - 1000 && w.t <= t.killedAtMs + 4000)
         .map(
           (w) =>
-            `| ${((w.t - t.killedAtMs) / 1000).toFixed(2)} | ${w.requests} | ${w.failed} | ${w.p50} | ${w.max} |`,
+            `| ${((w.t - t.killedAtMs) / 1000).toFixed(2)} | ${w.requests} | ${w.failed} | ${ms(w.p50)} | ${ms(w.max)} |`,
         )
+      // Throughput: the first window after the kill from which every full window serves 90 % of the baseline.
+      const full = t.windows.slice(0, -1)
+      const baselineRequests = median(
+        full.filter((w) => w.t < t.killedAtMs - t.windowMs).map((w) => w.requests),
+      )
+      const after = full.filter((w) => w.t >= t.killedAtMs)
+      const back = after.findIndex((_, i) =>
+        after.slice(i).every((w) => w.requests >= 0.9 * baselineRequests),
+      )
+      const throughputBack = back === -1 ? 'not within the run' : `${(after[back]?.t ?? 0) - t.killedAtMs} ms`
       return [
         `${t.layer}, 3 nodes, 80/20 load, 50 connections; one node SIGKILLed at t = 0:`,
         '',
         `- failed requests (errors and non-2xx) over the whole run: **${t.failed}**`,
-        `- worst latency in the 2 s after the kill: **${t.worstAfterKill} ms** (worst per ${t.windowMs} ms window before it: median ${t.baselineP99} ms)`,
-        `- back to baseline (every later window's worst within 2x the baseline): **${t.recoveredAfterMs === null ? 'not within the run' : `${t.recoveredAfterMs} ms`}** after the kill`,
+        `- worst latency in the 2 s after the kill: **${ms(t.worstAfterKill)} ms** (worst per ${t.windowMs} ms window before it: median ${ms(t.baselineP99)} ms)`,
+        `- latency back to baseline (every later window's worst within 2x the baseline): **${t.recoveredAfterMs === null ? 'not within the run' : `${t.recoveredAfterMs} ms`}** after the kill`,
+        `- throughput back to baseline (every later window at 90 % of the requests per window before the kill): **${throughputBack}** after the kill`,
         '',
         '| t (s) | requests | failed | p50 ms | worst ms |',
         '|---:|---:|---:|---:|---:|',
@@ -172,6 +249,10 @@ connect-redis in that case (for the Fastify rows, @fastify/session's MemoryStore
 ![req/s relative to MemoryStore](bench/chart.svg)
 
 ${groups.join('\n\n')}
+
+## Targets
+
+${targetsSection(data.results)}
 
 ## Failover under load
 

@@ -77,7 +77,8 @@ export class MemcachedNode implements SessionNode {
     const response = await this.#run('gets', () => this.#request(OPCODE.get, key, EMPTY, EMPTY))
     if (response.header.status === STATUS.notFound) return null
     if (response.header.status !== STATUS.ok) throw this.#rejected('gets', response.header.status)
-    return { value: Buffer.from(response.val), cas: Buffer.from(response.header.cas) as unknown as CasToken }
+    // No copy of the value: memjs gives each reply its own buffer, and the codec copies what it keeps.
+    return { value: response.val, cas: Buffer.from(response.header.cas) as unknown as CasToken }
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
@@ -138,20 +139,20 @@ export class MemcachedNode implements SessionNode {
   #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
     // memjs would silently reconnect; a closed node must stay closed.
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
-    const wrapped = start().catch((cause: unknown) => {
-      const message = `${this.address} failed ${operation}: ${describeCause(cause)}`
-      // memjs prefixes errors that carry a server reply status with 'MemJS'; anything else is the connection.
-      if (cause instanceof Error && cause.message.startsWith('MemJS '))
-        throw new NodeRejectedError(message, { cause })
-      throw new NodeOperationError(message, { cause })
-    })
     return withTimeout(
-      wrapped,
+      start(),
       this.#timeoutMs,
       () => `${this.address} (${operation})`,
       // A request that timed out may never be answered; failing the connection releases every callback
       // memjs holds for it and the next operation reconnects.
       () => this.#server.error(new Error('operation timed out')),
+      (cause) => {
+        const message = `${this.address} failed ${operation}: ${describeCause(cause)}`
+        // memjs prefixes errors that carry a server reply status with 'MemJS'; anything else is the connection.
+        if (cause instanceof Error && cause.message.startsWith('MemJS '))
+          return new NodeRejectedError(message, { cause })
+        return new NodeOperationError(message, { cause })
+      },
     )
   }
 }

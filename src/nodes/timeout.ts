@@ -2,13 +2,15 @@ import { OperationTimeoutError } from '../errors.js'
 
 /**
  * Settles with `operation`, or rejects with OperationTimeoutError after `timeoutMs`. `onTimeout` lets the caller
- * reset a client whose request may never be answered (memjs keeps such callbacks forever).
+ * reset a client whose request may never be answered (memjs keeps such callbacks forever); `mapError` turns
+ * the operation's own failure into the error to reject with. One promise per operation: this is the hot path.
  */
 export function withTimeout<T>(
   operation: Promise<T>,
   timeoutMs: number,
   describe: () => string,
   onTimeout?: () => void,
+  mapError: (error: unknown) => unknown = (error) => error,
 ): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const timer = setTimeout(() => {
@@ -22,7 +24,7 @@ export function withTimeout<T>(
       },
       (error: unknown) => {
         clearTimeout(timer)
-        reject(error)
+        reject(mapError(error))
       },
     )
   })

@@ -1,0 +1,119 @@
+// Where the time goes: one layer under load with `node --cpu-prof`, then the functions with the most self time
+// and the library's functions with the most inclusive time.
+//   npx tsx bench/profile.ts session-failover/none read
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
+import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import autocannon from 'autocannon'
+import { startCluster, stopAllMemcached } from '../test/support/memcached.js'
+import { LAYERS, type Layer } from './layers.js'
+
+interface ProfileNode {
+  id: number
+  callFrame: { functionName: string; url: string; lineNumber: number }
+  children?: number[]
+}
+
+const [layer = 'session-failover/none', workload = 'read'] = process.argv.slice(2) as [Layer, string]
+if (!LAYERS.includes(layer)) throw new Error(`the layer must be one of ${LAYERS.join(', ')}`)
+execFileSync('npm', ['run', 'build'], { stdio: 'ignore' })
+const dir = mkdtempSync(join(tmpdir(), 'sf-profile-'))
+const servers = await startCluster(2)
+const child: ChildProcess = spawn(
+  process.execPath,
+  [
+    '--cpu-prof',
+    `--cpu-prof-dir=${dir}`,
+    '--import',
+    'tsx',
+    fileURLToPath(new URL('./app.ts', import.meta.url)),
+  ],
+  {
+    env: {
+      ...process.env,
+      NODE_ENV: 'production',
+      BENCH_LAYER: layer,
+      BENCH_MEMCACHED: servers.map((server) => `127.0.0.1:${server.port}`).join(' '),
+    },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  },
+)
+const port = await new Promise<number>((resolve) => {
+  child.stdout?.on('data', (chunk: Buffer) => {
+    const match = /LISTENING (\d+)/.exec(chunk.toString())
+    if (match) resolve(Number(match[1]))
+  })
+})
+const url = `http://127.0.0.1:${port}`
+const cookies: string[] = []
+for (let i = 0; i < 50; i++) {
+  const response = await fetch(`${url}/init`, { method: 'POST' })
+  cookies.push(response.headers.getSetCookie()[0]?.split(';')[0] ?? '')
+}
+let next = 0
+const result = await autocannon({
+  url,
+  connections: 50,
+  duration: 8,
+  requests: [
+    {
+      method: workload === 'read' ? 'GET' : 'POST',
+      path: workload === 'read' ? '/read' : '/write',
+      setupRequest: (request, context) => {
+        const ctx = context as { cookie?: string }
+        ctx.cookie ??= cookies[next++ % cookies.length]
+        return { ...request, headers: { ...request.headers, cookie: ctx.cookie as string } }
+      },
+    },
+  ],
+})
+console.log(`${layer} ${workload}: ${result.requests.average.toFixed(0)} req/s, p99 ${result.latency.p99} ms`)
+child.kill('SIGINT')
+await new Promise((resolve) => child.once('exit', resolve))
+await stopAllMemcached()
+
+// The main thread's profile is the largest (tsx's loader thread writes one too).
+const file = readdirSync(dir)
+  .filter((name) => name.endsWith('.cpuprofile'))
+  .map((name) => join(dir, name))
+  .sort((a, b) => statSync(b).size - statSync(a).size)[0] as string
+const profile = JSON.parse(readFileSync(file, 'utf8')) as {
+  nodes: ProfileNode[]
+  samples: number[]
+  timeDeltas: number[]
+}
+const byId = new Map(profile.nodes.map((node) => [node.id, node]))
+const parentOf = new Map<number, number>()
+for (const node of profile.nodes) for (const child of node.children ?? []) parentOf.set(child, node.id)
+const timeOf = new Map<number, number>()
+for (const [index, id] of profile.samples.entries()) {
+  timeOf.set(id, (timeOf.get(id) ?? 0) + (profile.timeDeltas[index] ?? 0))
+}
+const total = profile.timeDeltas.reduce((sum, delta) => sum + delta, 0)
+const name = (node: ProfileNode) =>
+  `${node.callFrame.functionName || '(anonymous)'} ${node.callFrame.url.replace(/^.*node_modules\//, '').replace(/^file:\/\/.*\/(dist|bench)\//, '$1/')}:${node.callFrame.lineNumber}`
+const self = new Map<string, number>()
+const inclusive = new Map<string, number>()
+for (const [id, time] of timeOf) {
+  const node = byId.get(id) as ProfileNode
+  self.set(name(node), (self.get(name(node)) ?? 0) + time)
+  const seen = new Set<string>()
+  for (let at: number | undefined = id; at !== undefined; at = parentOf.get(at)) {
+    const frame = byId.get(at) as ProfileNode
+    const key = name(frame)
+    if (frame.callFrame.url.includes('/dist/') && !seen.has(key)) {
+      seen.add(key)
+      inclusive.set(key, (inclusive.get(key) ?? 0) + time)
+    }
+  }
+}
+const top = (map: Map<string, number>, count: number) =>
+  [...map]
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, count)
+    .map(([key, time]) => `${((time / total) * 100).toFixed(1).padStart(5)} %  ${key}`)
+    .join('\n')
+console.log(`\nself time\n${top(self, 25)}\n\ninclusive time in session-failover\n${top(inclusive, 20)}`)
+child.removeAllListeners()
