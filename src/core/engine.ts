@@ -83,8 +83,7 @@ export class SessionEngine {
    * first. Rejects with AllNodesDownError when nothing can answer, LockTimeoutError when the lock stays taken.
    */
   async open(presented: PresentedId | undefined, request?: RequestFacts): Promise<OpenedSession> {
-    // An id that names no configured node, or was recently found nowhere, is a new session at no cost: no lock,
-    // no read.
+    // A malformed id, or one recently found nowhere, is a new session at no cost: no lock, no read.
     const parsed = presented && this.store.recognize(presented.id)
     const cookieId = parsed && !this.store.knownAbsent(parsed) ? presented.id : undefined
     const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)

@@ -88,6 +88,9 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const presented = verifiedId(raw, config.secrets)
     const facts: RequestFacts = { method: request.method, path, raw: request }
     const { state, content } = await engine.session.open(presented, facts)
+    // A client that left while this request waited for its lock got its onRequestAbort before there was
+    // anything to release: release it now.
+    if (request.raw.socket?.destroyed) await engine.session.finish(state)
     const context: RequestContext = {
       state,
       facts,
