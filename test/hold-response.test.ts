@@ -103,6 +103,41 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['one', 'two'])
   })
 
+  it('keeps the first response of a read-only route whose handler sends twice, also once it is answered at once', async () => {
+    const big = 'x'.repeat(8 * 1024 * 1024)
+    const shop = await app({
+      '/start': (req, res) => {
+        step(req, 'start')
+        res.json({ ok: true })
+      },
+      '/read-twice': (_req, res) => {
+        res.send(big)
+        res.send('second')
+      },
+    })
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/start') // a stored session
+    // The first answer teaches 'auto' the route only reads; the later ones go out without waiting for anything.
+    for (let i = 0; i < 3; i++) {
+      const reply = await browser.send(shop, 'POST', '/read-twice')
+      expect(reply.status).toBe(200)
+      expect(reply.body.text).toHaveLength(big.length)
+    }
+  })
+
+  it('keeps the status of a response whose handler calls next(err) after answering', async () => {
+    const shop = await app({
+      '/late-error-status': (req, res, next) => {
+        step(req, 'late')
+        res.status(201).json({ ok: true })
+        next(new Error('late'))
+      },
+    })
+    const reply = await new Browser().send(shop, 'POST', '/late-error-status')
+    expect(reply.status).toBe(201)
+    expect(reply.body).toEqual({ ok: true })
+  })
+
   it('throws bad headers and bad body chunks in the handler, as Node does (500, no crash)', async () => {
     const shop = await app({
       '/bad-header': (_req, res) => {

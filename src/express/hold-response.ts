@@ -49,8 +49,11 @@ export function holdResponse(
     appendHeader: target.appendHeader as AnyFunction | undefined,
   }
   const queue: Array<{ method: WireMethod; args: unknown[] }> = []
-  let phase: 'open' | 'committing' | 'streaming' | 'ending' | 'done' = 'open'
+  // 'sent': end() went straight out (nothing to store); like a frozen response, later calls are ignored.
+  let phase: 'open' | 'committing' | 'streaming' | 'ending' | 'done' | 'sent' = 'open'
   let endQueued = false
+  /** The status when end() was queued: a late next(err) may set 500 meanwhile; the response is the handler's. */
+  let endStatus: { readonly code: number; readonly message: string } | undefined
   let queuedBytes = 0
   let producerWaiting = false
 
@@ -83,6 +86,10 @@ export function holdResponse(
     const lateEnd = endAt > 0 ? queue[endAt] : undefined
     const calls = queue.splice(0, lateEnd ? endAt : queue.length)
     queue.length = 0
+    if (endStatus) {
+      res.statusCode = endStatus.code
+      res.statusMessage = endStatus.message
+    }
     phase = endAt === 0 ? 'done' : 'streaming'
     target.writeHead = wire.writeHead
     target.write = wire.write
@@ -146,7 +153,9 @@ export function holdResponse(
 
   const ignoredWhileFrozen = (method: HeaderMethod): AnyFunction =>
     function frozen(this: unknown, ...args: unknown[]): unknown {
-      if (phase === 'open' || phase === 'committing') return method === 'removeHeader' ? undefined : res
+      if (phase === 'open' || phase === 'committing' || phase === 'sent') {
+        return method === 'removeHeader' ? undefined : res
+      }
       return headers[method]?.apply(res, args)
     }
 
@@ -158,6 +167,7 @@ export function holdResponse(
 
   // Other middleware (compression, on-headers) may capture these functions; once released they pass through.
   target.writeHead = function writeHead(...args: unknown[]): unknown {
+    if (phase === 'sent') return res
     if (phase !== 'open' && phase !== 'committing') return wire.writeHead.apply(res, args)
     if (endQueued) return res
     applyWriteHead(res, headers, args)
@@ -167,6 +177,7 @@ export function holdResponse(
     return res
   }
   target.write = function write(...args: unknown[]): unknown {
+    if (phase === 'sent') return false
     if (phase !== 'open' && phase !== 'committing') return wire.write.apply(res, args)
     if (endQueued) return false
     queuedBytes += chunkLength(args[0], true)
@@ -177,6 +188,7 @@ export function holdResponse(
     return false
   }
   target.end = function end(...args: unknown[]): unknown {
+    if (phase === 'sent') return res
     if (phase === 'streaming') {
       if (typeof args[0] !== 'function') chunkLength(args[0], false)
       finishAfterCommit(args)
@@ -189,25 +201,30 @@ export function holdResponse(
     if (phase === 'open' && queue.length === 0) {
       const done = commitNow?.(true)
       if (done) {
-        phase = 'done'
-        restoreWire()
-        restoreHeaders()
         try {
           done.applyHeaders?.()
         } catch (error) {
           fail(error)
           return res
         }
-        return wire.end.apply(res, args)
+        // The wrappers pass through while Node ends the response (it calls writeHead itself), then it is frozen,
+        // as a held response is: a second send or a late error handler changes nothing.
+        phase = 'done'
+        const result = wire.end.apply(res, args)
+        phase = 'sent'
+        freezeHeaders()
+        return result
       }
     }
     endQueued = true
+    endStatus = { code: res.statusCode, message: res.statusMessage }
     freezeHeaders()
     queue.push({ method: 'end', args })
     start(true)
     return res
   }
   target.flushHeaders = function flushHeaders(...args: unknown[]): unknown {
+    if (phase === 'sent') return undefined
     if (phase !== 'open' && phase !== 'committing') return wire.flushHeaders.apply(res, args)
     if (endQueued) return undefined
     queue.push({ method: 'flushHeaders', args })

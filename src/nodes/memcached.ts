@@ -77,7 +77,7 @@ export class MemcachedNode implements SessionNode {
     const response = await this.#run('gets', () => this.#request(OPCODE.get, key, EMPTY, EMPTY))
     if (response.header.status === STATUS.notFound) return null
     if (response.header.status !== STATUS.ok) throw this.#rejected('gets', response.header.status)
-    // No copy of the value: memjs gives each reply its own buffer, and the codec copies what it keeps.
+    // No copy of the value: memjs never writes into a buffer it has parsed, and the codec copies what it keeps.
     return { value: response.val, cas: Buffer.from(response.header.cas) as unknown as CasToken }
   }
 
