@@ -19,7 +19,16 @@ describe('the npm package', () => {
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'consumer', private: true }))
     run(
       'npm',
-      ['install', '--no-audit', '--no-fund', '--prefer-offline', `./${tarball}`, 'express@5', 'fastify@5'],
+      [
+        'install',
+        '--no-audit',
+        '--no-fund',
+        '--prefer-offline',
+        `./${tarball}`,
+        'express@5',
+        'fastify@5',
+        'prom-client@15',
+      ],
       app,
     )
   }, 240_000)
@@ -32,6 +41,8 @@ describe('the npm package', () => {
       .filter(Boolean)
     expect(files).toContain('package/dist/index.js')
     expect(files).toContain('package/dist/index.d.ts')
+    expect(files).toContain('package/dist/prometheus.js')
+    expect(files).toContain('package/dist/prometheus.d.ts')
     expect(files).toContain('package/README.md')
     expect(files).toContain('package/LICENSE')
     expect(files.filter((file) => /package\/(src|test|examples|bench)\//.test(file))).toEqual([])
@@ -46,6 +57,18 @@ const app = express()
 app.use(sessionFailover({ secret: 's', nodes: 'n1:127.0.0.1:1' }))
 try { sessionFailover({ secret: '' }) } catch (e) { if (!(e instanceof ConfigError)) throw e }
 console.log(parseSessionId('${'a'.repeat(24)}-n1').nodeId)
+process.exit(0)
+`,
+    )
+    writeFileSync(
+      join(app, 'prometheus.mjs'),
+      `import { Registry } from 'prom-client'
+import { sessionFailover } from 'session-failover'
+import { registerSessionMetrics } from 'session-failover/prometheus'
+const registry = new Registry()
+registerSessionMetrics(sessionFailover({ secret: 's', nodes: 'n1:127.0.0.1:1' }), { registry })
+const text = await registry.metrics()
+console.log(text.includes('session_failover_requests_total') ? 'metrics' : 'none')
 process.exit(0)
 `,
     )
@@ -69,6 +92,7 @@ await app.close()
     )
     expect(run('node', ['esm.mjs'], app).trim()).toBe('n1')
     expect(run('node', ['fastify.mjs'], app).trim()).toBe('function')
+    expect(run('node', ['prometheus.mjs'], app).trim()).toBe('metrics')
     expect(run('node', ['cjs.cjs'], app).trim()).toBe('n2')
   })
 
