@@ -6,6 +6,7 @@ import {
   UnserializableSessionError,
 } from '../errors.js'
 import type { Logger } from '../logger.js'
+import type { ParsedSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
 import type { SessionRecord } from './codec.js'
 import type { PresentedId } from './cookie-value.js'
@@ -86,7 +87,7 @@ export class SessionEngine {
     // A malformed id, or one recently found nowhere, is a new session at no cost: no lock, no read.
     const parsed = presented && this.store.recognize(presented.id)
     const cookieId = parsed && !this.store.knownAbsent(parsed) ? presented.id : undefined
-    const lock = cookieId === undefined || !request ? undefined : await this.#lock(cookieId, request)
+    const lock = cookieId === undefined || !parsed || !request ? undefined : await this.#lock(parsed, request)
     let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
       const loaded =
@@ -228,10 +229,9 @@ export class SessionEngine {
     }
   }
 
-  async #lock(cookieId: string, request: RequestFacts) {
+  async #lock(parsed: ParsedSessionId, request: RequestFacts) {
     const concurrency = this.#concurrency
-    const parsed = this.store.recognize(cookieId)
-    if (!concurrency || !parsed || !concurrency.policy.shouldLock(request)) return undefined
+    if (!concurrency || !concurrency.policy.shouldLock(request)) return undefined
     const keys = storageKeys(concurrency.prefix, parsed.random)
     try {
       const lock = await this.#options.metrics.time('lockWait', () =>

@@ -188,7 +188,7 @@ export class ReplicatedStore implements SessionBackend {
     }
     if (primaryAnswered) {
       // The primary is up but lost its copy (restarted empty): same id, the copy is written back this request.
-      if (this.#firstMove(parsed.random, 'restore')) this.#options.metrics.counters.restores++
+      if (this.#firstMove(keys.digest, 'restore')) this.#options.metrics.counters.restores++
       return { id, record: backup.record, mustWrite: true, relocatedFrom: undefined }
     }
     const target = this.#ring.nextAliveAfter(primary)
