@@ -59,14 +59,14 @@ const ratio = (value: number, reference: number | undefined) =>
 
 function table(group: readonly CaseResult[]): string {
   const lines = [
-    '| Layer | req/s | p50 ms | p99 ms | req/s vs MemoryStore | req/s vs best peer | p99 vs best peer |',
-    '|---|---:|---:|---:|---:|---:|---:|',
+    '| Layer | req/s | p50 ms | p99 ms | req/s vs MemoryStore | req/s vs best peer | p99 vs best peer | app CPU µs/req |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for (const result of group) {
     const { memory, peer } = referencesOf(result.layer, group)
     const failures = result.errors + result.non2xx
     lines.push(
-      `| ${result.layer}${failures ? ` (${failures} failed)` : ''} | ${result.rps.toFixed(0)} | ${result.p50} | ${result.p99} | ${ratio(result.rps, memory?.rps)} | ${ratio(result.rps, peer?.rps)} | ${peer ? `${result.p99} vs ${peer.p99}` : '-'} |`,
+      `| ${result.layer}${failures ? ` (${failures} failed)` : ''} | ${result.rps.toFixed(0)} | ${result.p50} | ${result.p99} | ${ratio(result.rps, memory?.rps)} | ${ratio(result.rps, peer?.rps)} | ${peer ? `${result.p99} vs ${peer.p99}` : '-'} | ${result.cpuMicros === undefined ? '-' : result.cpuMicros.toFixed(0)} |`,
     )
   }
   return lines.join('\n')
@@ -240,7 +240,9 @@ memcached and Redis processes on this machine; autocannon drives it from the par
 ${data.machine.connections} connections, each with its own session. Each case has a warm-up, then
 ${data.machine.rounds} rounds of ${data.machine.seconds} s; the figures are the medians of the rounds. The machine
 is shared and has 2 cores for the load generator, the app and the servers together, so absolute numbers are low
-and noisy; the ratios within one run are what to read.
+and noisy; the ratios within one run are what to read. "App CPU µs/req" is the app process's CPU time per
+request (from /proc): what the layer costs the app itself, steadier than req/s, though it excludes the servers'
+work (two copies cost memcached twice).
 
 Peers keep one copy of a session; session-failover keeps two (sticky mode: memory plus two synchronous copies on
 the nodes; non-sticky: two copies written in parallel). "Best peer" is the faster of connect-memcached and

@@ -3,7 +3,7 @@
 //   npm run bench -- --quick                     one short round per case (a smoke run)
 //   npm run bench -- --layers=connect-redis,session-failover/auto --workloads=read --sizes=small
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
-import { writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
@@ -25,10 +25,13 @@ export interface CaseResult {
   readonly rps: number
   readonly p50: number
   readonly p99: number
+  /** The app process's CPU time per request, in microseconds (median over the rounds): the cost of the layer itself,
+   * and far steadier on a shared machine than req/s. */
+  readonly cpuMicros?: number
   /** Requests that failed: errors, timeouts and non-2xx answers, over all rounds. */
   readonly errors: number
   readonly non2xx: number
-  readonly rounds: readonly { rps: number; p50: number; p99: number }[]
+  readonly rounds: readonly { rps: number; p50: number; p99: number; cpuMicros: number }[]
 }
 
 export interface TimelineResult {
@@ -53,6 +56,8 @@ const rounds = Number(option('rounds') ?? (quick ? 1 : 3))
 const seconds = Number(option('duration') ?? (quick ? 2 : 5))
 const warmupSeconds = quick ? 1 : 3
 const CONNECTIONS = 50
+/** Linux's USER_HZ, the unit of /proc/<pid>/stat's CPU times. */
+const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK']).toString())
 
 const appMain = fileURLToPath(new URL('./app.ts', import.meta.url))
 
@@ -78,6 +83,11 @@ async function startApp(layer: Layer, size: Size, env: Record<string, string>) {
   })
   return {
     url: `http://127.0.0.1:${port}`,
+    /** User plus system CPU time of the app process so far, in microseconds. */
+    cpuMicros: () => {
+      const fields = readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? []
+      return ((Number(fields[11]) + Number(fields[12])) * 1e6) / CLOCK_TICKS
+    },
     stop: () =>
       new Promise<void>((resolve) => {
         child.once('exit', () => resolve())
@@ -145,15 +155,18 @@ async function measureCase(
       requests.set(layer, requestsFor(workload, await sessionCookies(app.url)))
       await run(app.url, requests.get(layer) as Request[], warmupSeconds)
     }
-    const measured = new Map<Layer, { rps: number; p50: number; p99: number; failed: number }[]>(
-      layers.map((layer) => [layer, []]),
-    )
+    const measured = new Map<
+      Layer,
+      { rps: number; p50: number; p99: number; cpuMicros: number; failed: number }[]
+    >(layers.map((layer) => [layer, []]))
     for (let round = 0; round < rounds; round++) {
       const order = layers.map((_, index) => layers[(index + round) % layers.length] as Layer)
       for (const layer of order) {
-        const app = apps.get(layer) as { url: string }
+        const app = apps.get(layer) as Awaited<ReturnType<typeof startApp>>
+        const cpuBefore = app.cpuMicros()
         const result = await run(app.url, requests.get(layer) as Request[], seconds)
         measured.get(layer)?.push({
+          cpuMicros: (app.cpuMicros() - cpuBefore) / Math.max(1, result.requests.total),
           rps: result.requests.average,
           p50: result.latency.p50,
           p99: result.latency.p99,
@@ -170,12 +183,13 @@ async function measureCase(
         rps: median(rounds.map((r) => r.rps)),
         p50: median(rounds.map((r) => r.p50)),
         p99: median(rounds.map((r) => r.p99)),
+        cpuMicros: median(rounds.map((r) => r.cpuMicros)),
         errors: rounds.reduce((sum, r) => sum + r.failed, 0),
         non2xx: 0,
-        rounds: rounds.map(({ rps, p50, p99 }) => ({ rps, p50, p99 })),
+        rounds: rounds.map(({ rps, p50, p99, cpuMicros }) => ({ rps, p50, p99, cpuMicros })),
       }
       console.log(
-        `${layer.padEnd(32)} ${workload.padEnd(5)} ${size.padEnd(5)} ${summary.rps.toFixed(0).padStart(7)} req/s  p50 ${summary.p50} ms  p99 ${summary.p99} ms${summary.errors ? `  failed ${summary.errors}` : ''}`,
+        `${layer.padEnd(32)} ${workload.padEnd(5)} ${size.padEnd(5)} ${summary.rps.toFixed(0).padStart(7)} req/s  p50 ${summary.p50} ms  p99 ${summary.p99} ms  cpu ${summary.cpuMicros?.toFixed(0)} µs/req${summary.errors ? `  failed ${summary.errors}` : ''}`,
       )
       return summary
     })

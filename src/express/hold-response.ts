@@ -13,6 +13,22 @@ const SUCCESS_HEADERS = /^(content-|etag$|last-modified$|location$|set-cookie$|t
 const HIGH_WATER_MARK = 16 * 1024
 
 /**
+ * Each held response's hold, where the shared wrappers below find it. Not a property of the response: once
+ * Express has set a response's prototype, V8 shares no map between responses, and each property added to one
+ * copies its whole map.
+ */
+const holds = new WeakMap<ServerResponse, ResponseHold>()
+
+/** The response's own header functions, kept while header changes are frozen. */
+interface HeaderFunctions {
+  readonly setHeader: AnyFunction
+  readonly removeHeader: AnyFunction
+  readonly appendHeader: AnyFunction | undefined
+}
+
+type Phase = 'open' | 'committing' | 'streaming' | 'ending' | 'done' | 'sent'
+
+/**
  * Holds the response back until `commit` has settled, so the status line and headers (and a 2xx with them) go
  * out only after the session is stored. express-session flushes headers first and saves afterwards, which is how
  * a failed save still answers 200; this is the fix.
@@ -24,6 +40,9 @@ const HIGH_WATER_MARK = 16 * 1024
  * corrupt the one already given). When bytes were queued before end(), or the body is streamed, `commit` runs
  * again before end() for changes made meanwhile; if that late commit fails the connection is destroyed, so the
  * client never sees a complete response for a change that was not stored.
+ *
+ * The wrappers put on the response are the same functions for every response, and stay in place once released
+ * (they pass calls through): every property stored on a response costs a copy of its map, so as few are.
  */
 export function holdResponse(
   res: ServerResponse,
@@ -36,90 +55,237 @@ export function holdResponse(
    */
   commitNow?: (final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined,
 ): void {
-  const target = res as unknown as Record<WireMethod | HeaderMethod, AnyFunction | undefined>
-  const wire = {
-    writeHead: res.writeHead as AnyFunction,
-    write: res.write as AnyFunction,
-    end: res.end as AnyFunction,
-    flushHeaders: res.flushHeaders as AnyFunction,
-  }
-  const headers = {
-    setHeader: res.setHeader as AnyFunction,
-    removeHeader: res.removeHeader as AnyFunction,
-    appendHeader: target.appendHeader as AnyFunction | undefined,
-  }
-  const queue: Array<{ method: WireMethod; args: unknown[] }> = []
+  holds.set(res, new ResponseHold(res, commit, onCommitError, commitNow))
+  res.writeHead = heldWriteHead as ServerResponse['writeHead']
+  res.write = heldWrite as ServerResponse['write']
+  res.end = heldEnd as ServerResponse['end']
+  res.flushHeaders = heldFlushHeaders
+}
+
+// Other middleware (compression, on-headers) may capture these functions; once released they pass through.
+function heldWriteHead(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).writeHead(args)
+}
+function heldWrite(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).write(args)
+}
+function heldEnd(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).end(args)
+}
+function heldFlushHeaders(this: ServerResponse): void {
+  ;(holds.get(this) as ResponseHold).flushHeaders()
+}
+function frozenSetHeader(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).header('setHeader', args)
+}
+function frozenRemoveHeader(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).header('removeHeader', args)
+}
+function frozenAppendHeader(this: ServerResponse, ...args: unknown[]): unknown {
+  return (holds.get(this) as ResponseHold).header('appendHeader', args)
+}
+
+class ResponseHold {
+  readonly #res: ServerResponse
+  readonly #commit: (final: boolean) => Promise<ApplyHeaders | undefined>
+  readonly #onCommitError: (error: unknown) => void
+  readonly #commitNow:
+    | ((final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined)
+    | undefined
+  readonly #wire: Record<WireMethod, AnyFunction>
+  /** Read when end() freezes the headers; set back when the response is released. */
+  #headers: HeaderFunctions | undefined
+  readonly #queue: Array<{ method: WireMethod; args: unknown[] }> = []
   // 'sent': end() went straight out (nothing to store); like a frozen response, later calls are ignored.
-  let phase: 'open' | 'committing' | 'streaming' | 'ending' | 'done' | 'sent' = 'open'
-  let endQueued = false
+  #phase: Phase = 'open'
+  #endQueued = false
   /** The status when end() was queued: a late next(err) may set 500 meanwhile; the response is the handler's. */
-  let endStatus: { readonly code: number; readonly message: string } | undefined
-  let queuedBytes = 0
-  let producerWaiting = false
+  #endStatus: { readonly code: number; readonly message: string } | undefined
+  #queuedBytes = 0
+  #producerWaiting = false
 
-  const restoreWire = (): void => {
-    for (const method of ['writeHead', 'write', 'end', 'flushHeaders'] as const) target[method] = wire[method]
-  }
-  const restoreHeaders = (): void => {
-    for (const method of ['setHeader', 'removeHeader', 'appendHeader'] as const)
-      target[method] = headers[method]
-  }
-  const destroy = (): void => {
-    res.on('error', () => {})
-    res.destroy()
-  }
-  const start = (final: boolean): void => {
-    if (phase !== 'open') return
-    phase = 'committing'
-    commit(final).then(release, fail)
+  constructor(
+    res: ServerResponse,
+    commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
+    onCommitError: (error: unknown) => void,
+    commitNow: ((final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined) | undefined,
+  ) {
+    this.#res = res
+    this.#commit = commit
+    this.#onCommitError = onCommitError
+    this.#commitNow = commitNow
+    this.#wire = {
+      writeHead: res.writeHead as AnyFunction,
+      write: res.write as AnyFunction,
+      end: res.end as AnyFunction,
+      flushHeaders: res.flushHeaders as AnyFunction,
+    }
   }
 
-  const release = (applyHeaders: ApplyHeaders | undefined): void => {
-    restoreHeaders()
+  /** Before the release, nothing goes out; afterwards the wrappers pass every call through. */
+  get #holding(): boolean {
+    return this.#phase === 'open' || this.#phase === 'committing'
+  }
+
+  writeHead(args: unknown[]): unknown {
+    const res = this.#res
+    if (this.#phase === 'sent') return res
+    if (!this.#holding) return this.#wire.writeHead.apply(res, args)
+    if (this.#endQueued) return res
+    applyWriteHead(res, args)
+    // Status and headers are already applied; one marker is enough to send them at the right point.
+    if (!this.#queue.some((call) => call.method === 'writeHead'))
+      this.#queue.push({ method: 'writeHead', args: [] })
+    this.#start(false)
+    return res
+  }
+
+  write(args: unknown[]): unknown {
+    if (this.#phase === 'sent') return false
+    if (!this.#holding) return this.#wire.write.apply(this.#res, args)
+    if (this.#endQueued) return false
+    this.#queuedBytes += chunkLength(args[0], true)
+    this.#queue.push({ method: 'write', args })
+    this.#start(false)
+    if (this.#queuedBytes < HIGH_WATER_MARK) return true
+    this.#producerWaiting = true
+    return false
+  }
+
+  end(args: unknown[]): unknown {
+    const res = this.#res
+    const phase = this.#phase
+    if (phase === 'sent' || phase === 'ending') return res
+    if (phase === 'streaming') {
+      if (typeof args[0] !== 'function') chunkLength(args[0], false)
+      this.#finishAfterCommit(args)
+      return res
+    }
+    if (phase === 'done') return this.#wire.end.apply(res, args)
+    if (this.#endQueued) return res
+    if (typeof args[0] !== 'function') chunkLength(args[0], false)
+    if (phase === 'open' && this.#queue.length === 0) {
+      const done = this.#commitNow?.(true)
+      if (done) {
+        try {
+          done.applyHeaders?.()
+        } catch (error) {
+          this.#fail(error)
+          return res
+        }
+        // The wrappers pass through while Node ends the response (it calls writeHead itself), then it is frozen,
+        // as a held response is: a second send or a late error handler changes nothing.
+        this.#phase = 'done'
+        const result = this.#wire.end.apply(res, args)
+        this.#phase = 'sent'
+        this.#freezeHeaders()
+        return result
+      }
+    }
+    this.#endQueued = true
+    this.#endStatus = { code: res.statusCode, message: res.statusMessage }
+    this.#freezeHeaders()
+    this.#queue.push({ method: 'end', args })
+    this.#start(true)
+    return res
+  }
+
+  flushHeaders(): void {
+    if (this.#phase === 'sent') return
+    if (!this.#holding) {
+      this.#wire.flushHeaders.call(this.#res)
+      return
+    }
+    if (this.#endQueued) return
+    this.#queue.push({ method: 'flushHeaders', args: [] })
+    this.#start(false)
+  }
+
+  /** A header change once end() is queued: ignored until the response is released, then passed through. */
+  header(method: HeaderMethod, args: unknown[]): unknown {
+    if (this.#holding || this.#phase === 'sent') return method === 'removeHeader' ? undefined : this.#res
+    return (this.#headers as HeaderFunctions)[method]?.apply(this.#res, args)
+  }
+
+  #freezeHeaders(): void {
+    const res = this.#res as unknown as Record<HeaderMethod, AnyFunction | undefined>
+    this.#headers = {
+      setHeader: res.setHeader as AnyFunction,
+      removeHeader: res.removeHeader as AnyFunction,
+      appendHeader: res.appendHeader,
+    }
+    res.setHeader = frozenSetHeader
+    res.removeHeader = frozenRemoveHeader
+    if (this.#headers.appendHeader) res.appendHeader = frozenAppendHeader
+  }
+
+  #restoreHeaders(): void {
+    const headers = this.#headers
+    if (!headers) return
+    const res = this.#res as unknown as Record<HeaderMethod, AnyFunction | undefined>
+    res.setHeader = headers.setHeader
+    res.removeHeader = headers.removeHeader
+    if (headers.appendHeader) res.appendHeader = headers.appendHeader
+  }
+
+  #destroy(): void {
+    this.#res.on('error', () => {})
+    this.#res.destroy()
+  }
+
+  #start(final: boolean): void {
+    if (this.#phase !== 'open') return
+    this.#phase = 'committing'
+    this.#commit(final).then(
+      (applyHeaders) => this.#release(applyHeaders),
+      (error: unknown) => this.#fail(error),
+    )
+  }
+
+  #release(applyHeaders: ApplyHeaders | undefined): void {
+    const res = this.#res
+    this.#restoreHeaders()
     try {
       applyHeaders?.()
     } catch (error) {
-      fail(error)
+      this.#fail(error)
       return
     }
+    const queue = this.#queue
     const endAt = queue.findIndex((call) => call.method === 'end')
     const lateEnd = endAt > 0 ? queue[endAt] : undefined
     const calls = queue.splice(0, lateEnd ? endAt : queue.length)
     queue.length = 0
-    if (endStatus) {
-      res.statusCode = endStatus.code
-      res.statusMessage = endStatus.message
+    if (this.#endStatus) {
+      res.statusCode = this.#endStatus.code
+      res.statusMessage = this.#endStatus.message
     }
-    phase = endAt === 0 ? 'done' : 'streaming'
-    target.writeHead = wire.writeHead
-    target.write = wire.write
-    target.flushHeaders = wire.flushHeaders
-    if (phase === 'done') target.end = wire.end
+    this.#phase = endAt === 0 ? 'done' : 'streaming'
     let writable = true
     try {
       for (const call of calls) {
         const result =
           call.method === 'writeHead'
-            ? wire.writeHead.call(res, res.statusCode)
-            : wire[call.method].apply(res, call.args)
+            ? this.#wire.writeHead.call(res, res.statusCode)
+            : this.#wire[call.method].apply(res, call.args)
         if (call.method === 'write') writable = result !== false
       }
     } catch {
-      destroy()
+      this.#destroy()
       return
     }
-    if (producerWaiting && writable) res.emit('drain')
-    if (lateEnd) finishAfterCommit(lateEnd.args)
+    if (this.#producerWaiting && writable) res.emit('drain')
+    if (lateEnd) this.#finishAfterCommit(lateEnd.args)
   }
 
-  const fail = (error: unknown): void => {
-    phase = 'done'
-    restoreWire()
-    restoreHeaders()
-    const callbacks = queue.flatMap((call) =>
+  #fail(error: unknown): void {
+    const res = this.#res
+    this.#phase = 'done'
+    this.#restoreHeaders()
+    const callbacks = this.#queue.flatMap((call) =>
       call.args.filter((arg): arg is AnyFunction => typeof arg === 'function'),
     )
-    queue.length = 0
+    this.#queue.length = 0
     if (!res.headersSent) {
       for (const name of res.getHeaderNames()) if (SUCCESS_HEADERS.test(name)) res.removeHeader(name)
       res.statusCode = 500
@@ -127,118 +293,31 @@ export function holdResponse(
     // A handler that was streaming may still write after the error response ended; that must not crash.
     res.on('error', () => {})
     for (const callback of callbacks) process.nextTick(callback, error)
-    onCommitError(error)
+    this.#onCommitError(error)
   }
 
   /** end() after bytes went out: store changes made meanwhile, then end, or cut the connection. */
-  const finishAfterCommit = (args: unknown[]): void => {
-    phase = 'ending'
-    commit(true).then(
+  #finishAfterCommit(args: unknown[]): void {
+    this.#phase = 'ending'
+    this.#commit(true).then(
       () => {
-        phase = 'done'
-        target.end = wire.end
+        this.#phase = 'done'
         try {
-          wire.end.apply(res, args)
+          this.#wire.end.apply(this.#res, args)
         } catch {
-          destroy()
+          this.#destroy()
         }
       },
       () => {
-        phase = 'done'
-        target.end = wire.end
-        destroy()
+        this.#phase = 'done'
+        this.#destroy()
       },
     )
-  }
-
-  const ignoredWhileFrozen = (method: HeaderMethod): AnyFunction =>
-    function frozen(this: unknown, ...args: unknown[]): unknown {
-      if (phase === 'open' || phase === 'committing' || phase === 'sent') {
-        return method === 'removeHeader' ? undefined : res
-      }
-      return headers[method]?.apply(res, args)
-    }
-
-  const freezeHeaders = (): void => {
-    target.setHeader = ignoredWhileFrozen('setHeader')
-    target.removeHeader = ignoredWhileFrozen('removeHeader')
-    if (headers.appendHeader) target.appendHeader = ignoredWhileFrozen('appendHeader')
-  }
-
-  // Other middleware (compression, on-headers) may capture these functions; once released they pass through.
-  target.writeHead = function writeHead(...args: unknown[]): unknown {
-    if (phase === 'sent') return res
-    if (phase !== 'open' && phase !== 'committing') return wire.writeHead.apply(res, args)
-    if (endQueued) return res
-    applyWriteHead(res, headers, args)
-    // Status and headers are already applied; one marker is enough to send them at the right point.
-    if (!queue.some((call) => call.method === 'writeHead')) queue.push({ method: 'writeHead', args: [] })
-    start(false)
-    return res
-  }
-  target.write = function write(...args: unknown[]): unknown {
-    if (phase === 'sent') return false
-    if (phase !== 'open' && phase !== 'committing') return wire.write.apply(res, args)
-    if (endQueued) return false
-    queuedBytes += chunkLength(args[0], true)
-    queue.push({ method: 'write', args })
-    start(false)
-    if (queuedBytes < HIGH_WATER_MARK) return true
-    producerWaiting = true
-    return false
-  }
-  target.end = function end(...args: unknown[]): unknown {
-    if (phase === 'sent') return res
-    if (phase === 'streaming') {
-      if (typeof args[0] !== 'function') chunkLength(args[0], false)
-      finishAfterCommit(args)
-      return res
-    }
-    if (phase !== 'open' && phase !== 'committing')
-      return phase === 'ending' ? res : wire.end.apply(res, args)
-    if (endQueued) return res
-    if (typeof args[0] !== 'function') chunkLength(args[0], false)
-    if (phase === 'open' && queue.length === 0) {
-      const done = commitNow?.(true)
-      if (done) {
-        try {
-          done.applyHeaders?.()
-        } catch (error) {
-          fail(error)
-          return res
-        }
-        // The wrappers pass through while Node ends the response (it calls writeHead itself), then it is frozen,
-        // as a held response is: a second send or a late error handler changes nothing.
-        phase = 'done'
-        const result = wire.end.apply(res, args)
-        phase = 'sent'
-        freezeHeaders()
-        return result
-      }
-    }
-    endQueued = true
-    endStatus = { code: res.statusCode, message: res.statusMessage }
-    freezeHeaders()
-    queue.push({ method: 'end', args })
-    start(true)
-    return res
-  }
-  target.flushHeaders = function flushHeaders(...args: unknown[]): unknown {
-    if (phase === 'sent') return undefined
-    if (phase !== 'open' && phase !== 'committing') return wire.flushHeaders.apply(res, args)
-    if (endQueued) return undefined
-    queue.push({ method: 'flushHeaders', args })
-    start(false)
-    return undefined
   }
 }
 
 /** writeHead(status, [reason], [headers]) applied now, as Node would: invalid input throws in the handler. */
-function applyWriteHead(
-  res: ServerResponse,
-  headers: { setHeader: AnyFunction; appendHeader: AnyFunction | undefined },
-  args: unknown[],
-): void {
+function applyWriteHead(res: ServerResponse, args: unknown[]): void {
   const [statusCode, second, third] = args
   if (
     typeof statusCode !== 'number' ||
@@ -256,10 +335,10 @@ function applyWriteHead(
   if (Array.isArray(fields)) {
     // The raw form: [name, value, name, value, ...]; repeated names are kept, as Node does.
     for (let i = 0; i + 1 < fields.length; i += 2) {
-      ;(headers.appendHeader ?? headers.setHeader).call(res, fields[i], fields[i + 1])
+      res.appendHeader(fields[i] as string, fields[i + 1] as string)
     }
   } else if (fields && typeof fields === 'object') {
-    for (const [name, value] of Object.entries(fields)) if (name) headers.setHeader.call(res, name, value)
+    for (const [name, value] of Object.entries(fields)) if (name) res.setHeader(name, value as string)
   }
 }
 

@@ -116,17 +116,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       res.once('close', () => void engine.session.finish(state))
     }
 
-    // A client that leaves while its request still waits for the lock must not leave the lock behind.
-    let gone = false
-    const onGone = (): void => {
-      gone = true
-    }
-    res.once('close', onGone)
-
     engine.session.open(presented, request).then(
       (opened) => {
-        res.off('close', onGone)
-        if (gone) {
+        // A client that left while its request waited (for the lock) must not leave the lock behind.
+        if (res.destroyed) {
           void engine.session.finish(opened.state)
           return
         }
@@ -138,10 +131,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         }
         next()
       },
-      (error: unknown) => {
-        res.off('close', onGone)
-        next(error)
-      },
+      (error: unknown) => next(error),
     )
   }
 
