@@ -4,7 +4,8 @@
 //   npm run bench -- --layers=connect-redis,session-failover/auto --workloads=read --sizes=small
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
-import { cpus, totalmem } from 'node:os'
+import { cpus, tmpdir, totalmem } from 'node:os'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import { startCluster, stopAllMemcached } from '../test/support/memcached.js'
@@ -318,12 +319,14 @@ async function main(): Promise<void> {
       rounds,
       seconds,
     }
-    writeFileSync(
-      new URL('./results.json', import.meta.url),
-      `${JSON.stringify({ machine, results, timeline }, null, 2)}\n`,
-    )
-    if (!option('layers') && !option('workloads') && !option('sizes'))
-      writeReport({ machine, results, timeline })
+    // A partial run (some layers, workloads or sizes) must not replace the committed results.
+    const full = !option('layers') && !option('workloads') && !option('sizes')
+    const output = full
+      ? new URL('./results.json', import.meta.url)
+      : join(tmpdir(), 'session-failover-bench.json')
+    writeFileSync(output, `${JSON.stringify({ machine, results, timeline }, null, 2)}\n`)
+    if (full) writeReport({ machine, results, timeline })
+    else console.log(`partial run: results in ${output}`)
   } finally {
     await stopAllMemcached()
     await stopAllRedis()
