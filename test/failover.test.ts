@@ -239,6 +239,28 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     expect(reply.body.cart).toBeUndefined()
   })
 
+  it('keeps a change made under the lock when the primary dies while the request runs', async () => {
+    const locked = await start({
+      secret: SECRET,
+      nodes: nodesFor(servers),
+      operationTimeout: OPERATION_TIMEOUT,
+      nodeProbeInterval: PROBE_INTERVAL,
+      lockingMode: 'all',
+    })
+    try {
+      const id = await fillCart()
+      // Loaded (with its compare-and-set token) from the primary, which is gone by the time the change is written.
+      locked.beforeModify = () => serverOf(id).kill()
+      const reply = await browser.send(locked, 'POST', '/slow/melon')
+      expect(reply.status).toBe(200)
+      expect(reply.body.cart).toEqual(['apple', 'pear', 'melon'])
+      expect(nodeIndex(browser.sessionId)).not.toBe(nodeIndex(id))
+      expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'melon'])
+    } finally {
+      await locked.close()
+    }
+  })
+
   it('stores a change made in a streamed response before the headers go out', async () => {
     await fillCart()
     const reply = await browser.send(appA, 'POST', '/stream/lime')

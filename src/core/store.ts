@@ -4,7 +4,9 @@ import {
   ConcurrentUpdateError,
   CorruptSessionError,
   ForeignRecordError,
+  NodeOperationError,
   NodeRejectedError,
+  OperationTimeoutError,
   SessionTooLargeError,
   StaleWriteError,
   UnserializableSessionError,
@@ -330,6 +332,11 @@ export class ReplicatedStore implements SessionBackend {
       .call(read.nodeId, (node) => node.setIfUnchanged(keys.primary, blob, ttlSeconds, read.token))
       .catch((error: unknown) => {
         counters.primaryWriteFailures++
+        // The primary died under the write (the ring marks it dead): the caller merges this request's change
+        // onto the freshest copy, where the session moves to, as for any write that finds the node gone.
+        if (error instanceof NodeOperationError || error instanceof OperationTimeoutError) {
+          throw new StaleWriteError('the primary failed during the write', { cause: error })
+        }
         throw error
       })
     if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
