@@ -1,16 +1,27 @@
 // Run one instance of the shop against your own memcached nodes:
 //   MEMCACHED_NODES='n1:127.0.0.1:11211 n2:127.0.0.1:11212' PORT=3000 npx tsx examples/cart/server.ts
+// Optional: INSTANCE (its name in responses), STICKY=1 with ROUTE (sticky mode, this instance's route).
+// Prints `LISTENING <port>` once it accepts requests (PORT=0 picks a free port).
+import type { AddressInfo } from 'node:net'
 import { sessionFailover } from '../../src/index.js'
 import { createCartApp } from './app.js'
 
+const sticky = process.env.STICKY === '1'
 const sessions = sessionFailover({
   secret: process.env.SESSION_SECRET ?? 'change-me',
   nodes: process.env.MEMCACHED_NODES,
   cookie: { maxAge: 30 * 60 * 1000 },
+  // Quick failure detection, for a demo on one machine.
+  operationTimeout: 300,
+  nodeProbeInterval: 500,
+  ...(sticky ? { sticky: true, route: process.env.ROUTE } : {}),
 })
 const port = Number(process.env.PORT ?? 3000)
-const server = createCartApp(sessions, `port ${port}`).listen(port, () => {
-  console.log(`shop on http://localhost:${port}/cart`)
+const name = process.env.INSTANCE ?? `port ${port}`
+const server = createCartApp(sessions, name).listen(port, '127.0.0.1', () => {
+  const { port: listening } = server.address() as AddressInfo
+  console.log(`LISTENING ${listening}`)
+  console.log(`shop ${name} on http://127.0.0.1:${listening}/cart`)
 })
 
 // Stop taking requests, let the ones in flight finish (their sessions are stored before they answer), then close.

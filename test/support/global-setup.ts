@@ -7,7 +7,7 @@ import { installed } from './process.js'
 import { redisBinary } from './redis.js'
 
 /**
- * Makes sure memcached, redis-server and saslpasswd2 are installed (installing Debian's packages when running as root), and
+ * Makes sure memcached, redis-server, saslpasswd2 and chromium are installed (installing Debian's packages when running as root), and
  * keeps a pid file that the teardown uses to kill any server a test worker left running, whatever happened to
  * the worker.
  */
@@ -17,6 +17,8 @@ export default function setup(): () => void {
     redisBinary() ? '' : 'redis-server',
     // saslpasswd2, for the memcached that requires SASL authentication; the PLAIN mechanism.
     installed('saslpasswd2') ? '' : 'sasl2-bin libsasl2-modules',
+    // The demo page's test drives it through playwright-core (no browser download).
+    installed('chromium') ? '' : 'chromium',
   ].filter(Boolean)
   if (missing.length > 0) {
     const packages = missing.join(' ')

@@ -1,0 +1,87 @@
+import { existsSync } from 'node:fs'
+import { type Browser, chromium } from 'playwright-core'
+import { afterAll, afterEach, describe, expect, it } from 'vitest'
+import { runChaos } from '../examples/cluster/chaos.js'
+import { DemoCluster } from '../examples/cluster/cluster.js'
+
+const CHROMIUM = '/usr/bin/chromium'
+
+/**
+ * `npm run chaos` in a short configuration: the demo cluster (3 memcached, 3 shop instances, the balancer), with
+ * every failure of the schedule, must lose no acknowledged write in either mode.
+ */
+describe('the chaos run', () => {
+  for (const mode of ['non-sticky', 'sticky'] as const) {
+    it(`loses no acknowledged cart write through node kills, empty restarts, an instance killed with a node, and a freeze (${mode})`, async () => {
+      const users = 12
+      const writesPerUser = 30
+      const report = await runChaos({ mode, users, writesPerUser, durationMs: 12_000 })
+      expect(report.events).toHaveLength(7)
+      expect(report.lost).toBe(0)
+      expect(report.requests).toBe(users * writesPerUser)
+      // Only requests in flight on the killed instance may fail; almost every write is acknowledged.
+      expect(report.acknowledged).toBeGreaterThan(0.9 * users * writesPerUser)
+      expect(report.relocations).toBeGreaterThan(0)
+      if (mode === 'sticky') expect(report.takeovers).toBeGreaterThan(0)
+    }, 90_000)
+  }
+})
+
+describe('the live page', () => {
+  let cluster: DemoCluster | undefined
+  let browser: Browser | undefined
+
+  afterEach(async () => {
+    await browser?.close()
+    await cluster?.stop()
+    browser = undefined
+    cluster = undefined
+  })
+  afterAll(async () => {
+    await cluster?.stop()
+  })
+
+  it('shows the cart and where it is stored, and keeps it when the node holding it is killed from the page', async () => {
+    expect(existsSync(CHROMIUM), `${CHROMIUM} (apt-get install chromium)`).toBe(true)
+    cluster = await DemoCluster.start({ mode: 'non-sticky' })
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] })
+    const page = await browser.newPage()
+    await page.goto(`${cluster.url}/`)
+    const cart = async () => page.getByTestId('cart').locator('li').allTextContents()
+    const text = async (testId: string) => (await page.getByTestId(testId).textContent())?.trim() ?? ''
+
+    await page.getByTestId('add').click()
+    await expect.poll(cart).toHaveLength(1)
+    await page.getByTestId('add').click()
+    await expect.poll(cart).toHaveLength(2)
+    const before = await cart()
+    const primary = await text('primary')
+    const session = await text('session')
+    expect(primary).toMatch(/^n[123]$/)
+    expect(await text('backup')).toMatch(/^n[123]$/)
+    expect(await text('backup')).not.toBe(primary)
+    expect(session).toContain(`-${primary}`)
+    expect(['a', 'b', 'c']).toContain(await text('instance'))
+
+    const node = cluster.nodes[Number(primary.slice(1)) - 1]
+    const pid = node?.pid
+    await page.getByTestId(`kill-${primary}`).click()
+    await expect.poll(() => text(`state-${primary}`)).toBe('killed')
+    expect(existsSync(`/proc/${pid}`)).toBe(false)
+
+    await page.getByTestId('add').click()
+    await expect.poll(cart).toHaveLength(3)
+    expect((await cart()).slice(0, 2)).toEqual(before)
+    const moved = await text('primary')
+    expect(moved).not.toBe(primary)
+    expect(await text('session')).not.toBe(session)
+    expect(await text('status')).toBe('200')
+    // The instance that moved the session counted one relocation, and the page shows it.
+    const relocations = async () =>
+      (await page.locator('#instances tr td:nth-child(4)').allTextContents()).reduce(
+        (sum, cell) => sum + (Number(cell) || 0),
+        0,
+      )
+    await expect.poll(relocations).toBe(1)
+  }, 60_000)
+})
