@@ -1,4 +1,11 @@
-import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
+import {
+  createCipheriv,
+  createDecipheriv,
+  createHmac,
+  type KeyObject,
+  randomBytes,
+  timingSafeEqual,
+} from 'node:crypto'
 import { CorruptSessionError, UnknownStoreKeyError } from '../errors.js'
 import type { StoreKeyring } from './store-keys.js'
 
@@ -160,11 +167,11 @@ export class RecordCodec {
 }
 
 /** The AES key of one record: the cipher key and the record's salt through HMAC-SHA256 (a PRF). */
-function recordKey(cipherKey: Buffer, nonce: Buffer): Buffer {
+function recordKey(cipherKey: KeyObject, nonce: Buffer): Buffer {
   return createHmac('sha256', cipherKey).update(nonce.subarray(0, SALT_BYTES)).digest()
 }
 
-function macOf(key: Buffer, digest: string, signed: Buffer): Buffer {
+function macOf(key: KeyObject, digest: string, signed: Buffer): Buffer {
   return createHmac('sha256', key).update(digest).update(signed).digest().subarray(0, TAG_BYTES)
 }
 

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 
 export interface StorageKeys {
   /** The hash of the id's random part: names the session in every key, in stored records' tags and in logs. */
@@ -14,7 +14,8 @@ export interface StorageKeys {
  * usable cookie. The node id is not part of the key, so a relocated session keeps its keys.
  */
 export function storageKeys(prefix: string, random: string): StorageKeys {
-  const digest = createHash('sha256').update(random).digest('base64url')
+  // The one-shot hash: no Hash object per call (this runs on every request).
+  const digest = hash('sha256', random, 'base64url')
   return {
     digest,
     primary: `${prefix}${digest}`,

@@ -110,6 +110,8 @@ export class StickyStore implements SessionBackend {
 
   /** Never for a session held in memory or waiting in the backup queue: those exist whatever the nodes say. */
   knownAbsent(parsed: ParsedSessionId): boolean {
+    // The remote's memory first: almost always it says no, and then memory need not be searched.
+    if (!this.#remote.remembersAbsent(parsed.random)) return false
     if (this.#local.has(parsed.random) || this.#queue.has(parsed.random)) return false
     return this.#remote.knownAbsent(parsed)
   }

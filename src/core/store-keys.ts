@@ -1,13 +1,13 @@
-import { hkdfSync } from 'node:crypto'
+import { createSecretKey, hkdfSync, type KeyObject } from 'node:crypto'
 
 /** The keys one secret yields for stored sessions. */
 export interface StoreKey {
   /** Written into every record, so a reader finds the key without trying each one. */
   readonly id: number
-  /** HMAC-SHA256 key of the integrity tag. */
-  readonly mac: Buffer
-  /** AES-256-GCM key of encryption at rest. */
-  readonly cipher: Buffer
+  /** HMAC-SHA256 key of the integrity tag. A KeyObject: an HMAC made with one skips importing a raw key. */
+  readonly mac: KeyObject
+  /** Key of the HMAC that derives each record's AES-256-GCM key. */
+  readonly cipher: KeyObject
 }
 
 const SALT = 'session-failover store keys'
@@ -29,8 +29,8 @@ export class StoreKeyring {
     const keys = secrets.map(
       (secret): StoreKey => ({
         id: derive(secret, 'key id', 4).readUInt32BE(0),
-        mac: derive(secret, 'integrity', 32),
-        cipher: derive(secret, 'aes-256-gcm', 32),
+        mac: createSecretKey(derive(secret, 'integrity', 32)),
+        cipher: createSecretKey(derive(secret, 'aes-256-gcm', 32)),
       }),
     )
     const [current] = keys

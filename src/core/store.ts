@@ -125,6 +125,11 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /** Whether the session was recently found on no node, or destroyed, by this instance. */
+  /** Whether the id is remembered as found nowhere, without counting a hit. */
+  remembersAbsent(random: string): boolean {
+    return this.#absent.has(random)
+  }
+
   knownAbsent(parsed: ParsedSessionId): boolean {
     if (!this.#absent.has(parsed.random)) return false
     this.#options.metrics.counters.knownAbsentHits++
