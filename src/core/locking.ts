@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
+import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 
 export interface LockOptions {
@@ -65,8 +66,8 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const { nodeId, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, sentAt, done, ahead !== undefined || busy > 0)
+      const { nodeId, cas, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, cas, sentAt, done, ahead !== undefined || busy > 0)
     } catch (error) {
       done()
       throw error
@@ -78,7 +79,7 @@ export class LockManager {
     lockKey: string,
     token: string,
     deadline: number,
-  ): Promise<{ nodeId: string; sentAt: number; busy: number }> {
+  ): Promise<{ nodeId: string; cas: CasToken; sentAt: number; busy: number }> {
     const value = Buffer.from(token)
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
     let busy = 0
@@ -91,10 +92,10 @@ export class LockManager {
         )
       const sentAt = Date.now()
       try {
-        const added = await this.#ring.call(nodeId, (node) =>
-          node.add(lockKey, value, this.#options.lockExpirationSeconds),
+        const cas = await this.#ring.call(nodeId, (node) =>
+          node.addWithToken(lockKey, value, this.#options.lockExpirationSeconds),
         )
-        if (added) return { nodeId, sentAt, busy }
+        if (cas) return { nodeId, cas, sentAt, busy }
         busy++
       } catch (error) {
         if (error instanceof NodeRejectedError || error instanceof ClosedError) throw error
@@ -114,6 +115,8 @@ export class LockManager {
     nodeId: string,
     lockKey: string,
     token: string,
+    /** The lock's compare-and-set token as added: whatever replaced it (after it expired) is never deleted. */
+    cas: CasToken,
     sentAt: number,
     leave: () => void,
     waited: boolean,
@@ -140,7 +143,7 @@ export class LockManager {
         const stillMine = held
         held = false
         try {
-          if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
+          if (stillMine) await this.#ring.call(nodeId, (node) => node.deleteIfUnchanged(lockKey, cas))
         } catch {
           // Unreachable: released when the node is back (or it expires by itself).
           this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
@@ -161,13 +164,6 @@ export class LockManager {
     }
     this.#heldLocks.add(lock)
     return lock
-  }
-
-  async #deleteIfMine(nodeId: string, lockKey: string, token: string): Promise<void> {
-    await this.#ring.call(nodeId, async (node) => {
-      const current = await node.gets(lockKey)
-      if (current && current.value.toString() === token) await node.deleteIfUnchanged(lockKey, current.cas)
-    })
   }
 
   #lockNode(primaryNodeId: string): string | undefined {
