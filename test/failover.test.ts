@@ -261,6 +261,43 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     }
   })
 
+  for (const lockingMode of ['all', 'none'] as const) {
+    it(`never serves a write that landed late on a frozen primary to a client with the old cookie (lockingMode '${lockingMode}')`, async () => {
+      const app = await start({
+        secret: SECRET,
+        nodes: nodesFor(servers),
+        operationTimeout: OPERATION_TIMEOUT,
+        nodeProbeInterval: PROBE_INTERVAL,
+        lockingMode,
+      })
+      try {
+        const id = await fillCart()
+        const oldCookie = browser.cookie
+        const primary = serverOf(id)
+        // Frozen after the session was read: the write to it times out, and runs when the node resumes.
+        app.beforeModify = () => primary.freeze()
+        try {
+          expect((await browser.send(app, 'POST', '/slow/melon')).status).toBe(200)
+          app.beforeModify = undefined
+          expect((await browser.send(app, 'POST', '/cart/kiwi')).body.cart).toEqual([
+            'apple',
+            'pear',
+            'melon',
+            'kiwi',
+          ])
+        } finally {
+          primary.thaw()
+        }
+        await sleep(PROBE_INTERVAL * 5) // the node is back, and the late copy was deleted first
+        const stale = new Browser()
+        stale.cookie = oldCookie
+        expect((await stale.send(app, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'melon', 'kiwi'])
+      } finally {
+        await app.close()
+      }
+    })
+  }
+
   it('stores a change made in a streamed response before the headers go out', async () => {
     await fillCart()
     const reply = await browser.send(appA, 'POST', '/stream/lime')

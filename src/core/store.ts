@@ -251,7 +251,12 @@ export class ReplicatedStore implements SessionBackend {
         this.#writeBackup(primary, keys, blob, ttlSeconds),
       ])
       const counters = this.#options.metrics.counters
-      if (primaryWrite.status === 'rejected') counters.primaryWriteFailures++
+      if (primaryWrite.status === 'rejected') {
+        counters.primaryWriteFailures++
+        // A write that timed out may still land (a frozen node runs it when it resumes): that copy must not be
+        // served to a client with the old cookie once the node is back and the session lives elsewhere.
+        this.#ring.deleteWhenBack(primary, keys.primary, blob)
+      }
       if (primaryWrite.status === 'fulfilled') {
         counters.primaryWrites++
         this.#wrote(parsed.random)
@@ -338,8 +343,10 @@ export class ReplicatedStore implements SessionBackend {
       .catch((error: unknown) => {
         counters.primaryWriteFailures++
         // The primary died under the write (the ring marks it dead): the caller merges this request's change
-        // onto the freshest copy, where the session moves to, as for any write that finds the node gone.
+        // onto the freshest copy, where the session moves to, as for any write that finds the node gone. If the
+        // write lands after all (a frozen node resumes), that copy is deleted before the node counts as back.
         if (error instanceof NodeOperationError || error instanceof OperationTimeoutError) {
+          this.#ring.deleteWhenBack(read.nodeId, keys.primary, blob)
           throw new StaleWriteError('the primary failed during the write', { cause: error })
         }
         throw error

@@ -306,7 +306,11 @@ export class NodeRing {
   #rememberDeletes(member: Member, keys: readonly string[], ifValue?: Buffer): void {
     // A retired node is never read again (its id cannot come back), so nothing needs deleting there.
     if (member.retired) return
-    for (const key of keys) member.pendingDeletes.set(key, ifValue)
+    for (const key of keys) {
+      // A delete of whatever is there (a destroy) is never narrowed to a delete of one value.
+      if (ifValue && member.pendingDeletes.has(key) && member.pendingDeletes.get(key) === undefined) continue
+      member.pendingDeletes.set(key, ifValue)
+    }
     if (member.pendingDeletes.size <= MAX_PENDING_DELETES) return
     for (const key of member.pendingDeletes.keys()) {
       member.pendingDeletes.delete(key)
