@@ -49,11 +49,14 @@ describe.each(expressVersions)('holding the response until the session is stored
     }
   })
 
-  async function app(routes: Record<string, Handler>, setup?: (app: Express) => void): Promise<ShopApp> {
+  async function app(
+    routes: Record<string, Handler>,
+    setup?: (app: Express, sessions: SessionFailoverMiddleware) => void,
+  ): Promise<ShopApp> {
     const application = express()
     const sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}` })
     application.use(sessions)
-    setup?.(application)
+    setup?.(application, sessions)
     application.get('/steps', (req, res) => {
       res.json({ step: req.session.step ?? [] })
     })
@@ -82,6 +85,27 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect(reply.status).toBe(200)
     expect(reply.body).toEqual({ text: 'first' })
     expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['one'])
+  })
+
+  it('answers a request whose middleware ran twice (the session set to null in between)', async () => {
+    const shop = await app({}, (application, sessions) => {
+      application.post(
+        '/again',
+        (req, _res, next) => {
+          step(req, 'first')
+          ;(req as { session: unknown }).session = null
+          next()
+        },
+        sessions as unknown as Handler,
+        (req, res) => {
+          step(req, 'second')
+          res.json({ step: req.session.step })
+        },
+      )
+    })
+    const reply = await new Browser().send(shop, 'POST', '/again')
+    expect(reply.status).toBe(200)
+    expect(reply.body).toEqual({ step: ['second'] })
   })
 
   it('gives the first response when a handler answers and then calls next() or next(err)', async () => {

@@ -55,7 +55,10 @@ export function holdResponse(
    */
   commitNow?: (final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined,
 ): void {
-  holds.set(res, new ResponseHold(res, commit, onCommitError, commitNow))
+  // Held twice (the middleware ran again for a request whose session was set to null): the inner hold releases
+  // into the outer one, as nested wrappers would.
+  const outer = holds.get(res)
+  holds.set(res, new ResponseHold(res, commit, onCommitError, commitNow, outer))
   res.writeHead = heldWriteHead as ServerResponse['writeHead']
   res.write = heldWrite as ServerResponse['write']
   res.end = heldEnd as ServerResponse['end']
@@ -109,17 +112,25 @@ class ResponseHold {
     commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
     onCommitError: (error: unknown) => void,
     commitNow: ((final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined) | undefined,
+    outer: ResponseHold | undefined,
   ) {
     this.#res = res
     this.#commit = commit
     this.#onCommitError = onCommitError
     this.#commitNow = commitNow
-    this.#wire = {
-      writeHead: res.writeHead as AnyFunction,
-      write: res.write as AnyFunction,
-      end: res.end as AnyFunction,
-      flushHeaders: res.flushHeaders as AnyFunction,
-    }
+    this.#wire = outer
+      ? {
+          writeHead: (...args) => outer.writeHead(args),
+          write: (...args) => outer.write(args),
+          end: (...args) => outer.end(args),
+          flushHeaders: () => outer.flushHeaders(),
+        }
+      : {
+          writeHead: res.writeHead as AnyFunction,
+          write: res.write as AnyFunction,
+          end: res.end as AnyFunction,
+          flushHeaders: res.flushHeaders as AnyFunction,
+        }
   }
 
   /** Before the release, nothing goes out; afterwards the wrappers pass every call through. */
