@@ -4,7 +4,7 @@
 //   npm run chaos -- --users=50 --writes=100 --seconds=60      (defaults: 40 users, 60 writes, 30 s)
 //   npm run chaos -- --mode=sticky                             (one mode only)
 import { type ChaosReport, runChaos } from './cluster/chaos.js'
-import type { SessionMode } from './cluster/cluster.js'
+import { DemoCluster, type SessionMode } from './cluster/cluster.js'
 
 const option = (name: string, fallback: number): number => {
   const argument = process.argv.find((a) => a.startsWith(`--${name}=`))
@@ -25,42 +25,57 @@ if (only !== undefined && only !== 'sticky' && only !== 'non-sticky') {
 }
 const modes: SessionMode[] = only ? [only] : ['non-sticky', 'sticky']
 
+// Ctrl-C or a kill: stop every process the run started before going.
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.once(signal, () => {
+    console.log(`\n${signal}: stopping every process the chaos run started...`)
+    void DemoCluster.stopAll().finally(() => process.exit(130))
+  })
+}
+
 const reports: ChaosReport[] = []
 for (const mode of modes) {
   console.log(`\n${mode}: ${users} users × ${writesPerUser} cart writes over ${durationMs / 1000} s`)
   reports.push(await runChaos({ mode, users, writesPerUser, durationMs, log: console.log }))
 }
 
+const failed = (r: ChaosReport) => Object.values(r.failures).reduce((sum, n) => sum + n, 0)
 const columns = [
   'mode',
   'requests',
   'acknowledged',
   'lost',
+  'foreign',
   'failed',
   'relocations',
   'takeovers',
   'p50 ms',
   'p99 ms',
 ]
-console.log(`\n${columns.map((c) => c.padStart(14)).join('')}`)
+console.log(`\n${columns.map((c) => c.padStart(13)).join('')}`)
 for (const r of reports) {
   const row = [
     r.mode,
     r.requests,
     r.acknowledged,
     r.lost,
-    r.failed,
+    r.foreign,
+    failed(r),
     r.relocations,
     r.takeovers,
     r.p50Ms,
     r.p99Ms,
   ]
-  console.log(row.map((value) => String(value).padStart(14)).join(''))
+  console.log(row.map((value) => String(value).padStart(13)).join(''))
 }
-const lost = reports.reduce((sum, r) => sum + r.lost, 0)
+for (const r of reports) {
+  const causes = Object.entries(r.failures).map(([cause, count]) => `${count} × ${cause}`)
+  if (causes.length > 0) console.log(`${r.mode}: failed requests (never acknowledged): ${causes.join(', ')}`)
+}
+const broken = reports.reduce((sum, r) => sum + r.lost + r.foreign, 0)
 console.log(
-  lost === 0
-    ? '\nNo acknowledged write was lost.'
-    : `\n${lost} acknowledged writes were LOST. "failed" requests were never acknowledged and do not count.`,
+  broken === 0
+    ? "\nNo acknowledged write was lost, and no cart held another user's items."
+    : `\n${broken} acknowledged writes were LOST or carts held FOREIGN items.`,
 )
-process.exit(lost === 0 ? 0 : 1)
+process.exit(broken === 0 ? 0 : 1)

@@ -8,6 +8,23 @@ const portArgument = process.argv.find((argument) => argument.startsWith('--port
 // A free port unless one is asked for: the URL is printed.
 const port = portArgument ? Number(portArgument.slice('--port='.length)) : 0
 
+// Installed first: a signal during start-up must stop what did start.
+let stopping = false
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(signal, () => {
+    if (stopping) return
+    stopping = true
+    console.log(`\n${signal}: stopping every process the demo started...`)
+    void DemoCluster.stopAll().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        console.error(error)
+        process.exit(1)
+      },
+    )
+  })
+}
+
 console.log(`starting the demo cluster (${mode}): 3 memcached nodes, 3 shop instances, a load balancer...`)
 let cluster: DemoCluster
 try {
@@ -24,18 +41,3 @@ for (const instance of cluster.instances) {
 }
 console.log(`\nOpen ${cluster.url}/ : add items, kill the node that holds your cart, add another.`)
 console.log('Ctrl-C stops everything.\n')
-
-let stopping = false
-const stop = (signal: string): void => {
-  if (stopping) return
-  stopping = true
-  console.log(`\n${signal}: stopping every process the demo started...`)
-  void cluster.stop().then(
-    () => process.exit(0),
-    (error: unknown) => {
-      console.error(error)
-      process.exit(1)
-    },
-  )
-}
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => stop(signal))

@@ -1,25 +1,10 @@
 import express from 'express'
-import { parseSessionId, type SessionFailoverMiddleware } from '../../src/index.js'
+import type { SessionFailoverMiddleware } from '../../src/index.js'
 
 declare module 'express-session' {
   interface SessionData {
     cart: string[]
   }
-}
-
-/**
- * The node that holds a session's backup copy: the next alive node after its primary, in the configured order
- * (the rule the library writes backups by).
- */
-function backupNodeOf(sessions: SessionFailoverMiddleware, primary: string | undefined): string | undefined {
-  const nodes = sessions.health().nodes
-  const at = nodes.findIndex((node) => node.id === primary)
-  if (at === -1) return undefined
-  for (let step = 1; step < nodes.length; step++) {
-    const node = nodes[(at + step) % nodes.length]
-    if (node?.alive) return node.id
-  }
-  return undefined
 }
 
 /** A small shop: the cart lives in the session. `instance` names the app instance that answered. */
@@ -28,16 +13,9 @@ export function createCartApp(sessions: SessionFailoverMiddleware, instance: str
   app.disable('x-powered-by')
   app.use(sessions)
 
-  const view = (req: express.Request) => {
-    const node = parseSessionId(req.sessionID)?.nodeId
-    return {
-      instance,
-      sessionId: req.sessionID,
-      node,
-      backupNode: backupNodeOf(sessions, node),
-      cart: req.session.cart ?? [],
-    }
-  }
+  // The session id is not in the body: the body is written before the session is stored, and storing it can
+  // move the session to another node, and so change its id (the new id goes out in the cookie).
+  const view = (req: express.Request) => ({ instance, cart: req.session.cart ?? [] })
 
   app.get('/cart', (req, res) => {
     res.json(view(req))

@@ -1,6 +1,7 @@
 // Run one instance of the shop against your own memcached nodes:
 //   MEMCACHED_NODES='n1:127.0.0.1:11211 n2:127.0.0.1:11212' PORT=3000 npx tsx examples/cart/server.ts
-// Optional: INSTANCE (its name in responses), STICKY=1 with ROUTE (sticky mode, this instance's route).
+// Optional: INSTANCE (its name in responses), STICKY=1 with ROUTE (sticky mode, this instance's route),
+// EXIT_WITH_PARENT=1 (exit when stdin closes).
 // Prints `LISTENING <port>` once it accepts requests (PORT=0 picks a free port).
 import type { AddressInfo } from 'node:net'
 import { sessionFailover } from '../../src/index.js'
@@ -23,6 +24,12 @@ const server = createCartApp(sessions, name).listen(port, '127.0.0.1', () => {
   console.log(`LISTENING ${listening}`)
   console.log(`shop ${name} on http://127.0.0.1:${listening}/cart`)
 })
+
+// Started by the demo cluster: gone with it, even when it is killed (its end of stdin closes).
+if (process.env.EXIT_WITH_PARENT === '1') {
+  process.stdin.on('end', () => process.exit(0))
+  process.stdin.resume()
+}
 
 // Stop taking requests, let the ones in flight finish (their sessions are stored before they answer), then close.
 process.once('SIGTERM', () => {

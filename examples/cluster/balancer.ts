@@ -39,6 +39,19 @@ function cookieValue(header: string | undefined, name: string): string | undefin
   return undefined
 }
 
+/** The id inside an express-session style cookie value (`s:<id>.<signature>`, URI-encoded); not verified. */
+function sessionIdOf(value: string | undefined): string | undefined {
+  if (!value) return undefined
+  let decoded: string
+  try {
+    decoded = decodeURIComponent(value)
+  } catch {
+    return undefined
+  }
+  const signatureAt = decoded.lastIndexOf('.')
+  return decoded.startsWith('s:') && signatureAt > 2 ? decoded.slice(2, signatureAt) : undefined
+}
+
 /**
  * The demo's load balancer: every route `app` has not claimed is proxied to one of `upstreams` through
  * @fastify/reply-from. A request whose connection an instance refused (it was killed) goes to the next one; a
@@ -48,6 +61,12 @@ export async function addBalancer(
   app: FastifyInstance,
   upstreams: readonly Upstream[],
   mode: BalancingMode,
+  /**
+   * The session cookie's name: each response then says, in `x-session-id`, which session id the client holds
+   * after it (the one the app just set, else the one it sent). The demo page shows it; an app's JSON body is
+   * written before the session is stored, and a relocation at that point changes the id.
+   */
+  sessionCookie?: string,
 ): Promise<void> {
   const downUntil = upstreams.map(() => 0)
   let next = 0
@@ -83,11 +102,22 @@ export async function addBalancer(
     const body = Buffer.isBuffer(request.body) ? request.body : undefined
     reply.from(`${upstream.url}${request.url}`, {
       ...(body ? { body, contentType: request.headers['content-type'] ?? 'application/octet-stream' } : {}),
+      // reply-from retries a GET answered 503 on its own by default; a 503 here is the app's answer to pass on.
+      retryDelay: () => null,
       rewriteHeaders: (headers) => {
-        if (mode !== 'cookie' || pinned === index) return headers
-        const own = `${BALANCER_COOKIE}=${index}; Path=/; HttpOnly; SameSite=Lax`
-        const set = headers['set-cookie']
-        return { ...headers, 'set-cookie': set === undefined ? [own] : [...[set].flat(), own] }
+        const set = headers['set-cookie'] === undefined ? [] : [headers['set-cookie']].flat()
+        const rewritten: typeof headers = { ...headers }
+        if (sessionCookie) {
+          const sent = set.find((cookie) => cookie.startsWith(`${sessionCookie}=`))
+          const id =
+            sessionIdOf(sent?.slice(sessionCookie.length + 1).split(';')[0]) ??
+            sessionIdOf(cookieValue(request.headers.cookie, sessionCookie))
+          if (id) rewritten['x-session-id'] = id
+        }
+        if (mode === 'cookie' && pinned !== index) {
+          rewritten['set-cookie'] = [...set, `${BALANCER_COOKIE}=${index}; Path=/; HttpOnly; SameSite=Lax`]
+        }
+        return rewritten
       },
       onError: (failed, { error }) => {
         const undelivered = errorCodes(error).some((code) => NOT_DELIVERED.has(code))

@@ -19,23 +19,38 @@ export interface ChaosReport {
   readonly acknowledged: number
   /** Acknowledged writes missing from a cart read back at the end. Must be 0. */
   readonly lost: number
-  /** Answers other than 2xx, and requests that got no answer (in flight on an instance that was killed). */
-  readonly failed: number
-  /** Summed over every instance's stats(); a killed instance counts as of its last poll. */
+  /** Items in a cart read back that its user never sent (another user's session). Must be 0. */
+  readonly foreign: number
+  /** Requests not acknowledged, by cause: an HTTP status, or 'no answer'. */
+  readonly failures: Readonly<Record<string, number>>
+  /**
+   * During the run (not the read-back), summed over every instance's stats(); a killed instance counts as of its
+   * last poll.
+   */
   readonly relocations: number
   readonly takeovers: number
+  /** Over every request, failed ones included (a request with no answer counts its time until it gave up). */
   readonly p50Ms: number
   readonly p99Ms: number
   /** What the schedule did, with the time of each step. */
   readonly events: readonly string[]
+  /** When the last step ended and when the last write was sent (ms from the start): the failures hit traffic. */
+  readonly scheduleEndedAtMs: number
+  readonly lastWriteAtMs: number
 }
 
-type Step = readonly [fraction: number, label: string, act: (cluster: DemoCluster) => Promise<void>]
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)))
+
+type Step = readonly [
+  fraction: number,
+  label: string,
+  act: (cluster: DemoCluster, durationMs: number) => Promise<void>,
+]
 
 /**
- * The failures, at fractions of the run: a node, then an instance together with another node (in sticky mode the
- * instance's sessions must then come from the copies on the nodes, one of which is gone), then a freeze. Each with
- * time for traffic to heal it before the next.
+ * The failures, at fractions of the run: a node; then an instance together with another node (in sticky mode the
+ * instance's sessions must then come from the copies on the nodes, one of which is gone); then a freeze. Each
+ * with time for traffic to heal it before the next.
  */
 const SCHEDULE: readonly Step[] = [
   [0.1, 'SIGKILL node n1', (c) => c.nodeAction(0, 'kill')],
@@ -49,8 +64,15 @@ const SCHEDULE: readonly Step[] = [
   ],
   [0.55, 'restart n2 empty', (c) => c.nodeAction(1, 'revive')],
   [0.6, 'restart instance a', (c) => c.instanceAction(0, 'revive')],
-  [0.75, 'SIGSTOP node n3', (c) => c.nodeAction(2, 'freeze')],
-  [0.85, 'SIGCONT node n3', (c) => c.nodeAction(2, 'thaw')],
+  [
+    0.7,
+    'SIGSTOP node n3, SIGCONT after a tenth of the run',
+    async (c, durationMs) => {
+      await c.nodeAction(2, 'freeze')
+      await sleep(durationMs / 10)
+      await c.nodeAction(2, 'thaw')
+    },
+  ],
 ]
 
 /** A client with a cookie jar, as a browser would keep one. */
@@ -79,96 +101,129 @@ const percentile = (sorted: readonly number[], p: number): number =>
 
 /**
  * Starts the demo cluster, lets virtual users fill their carts while nodes and an instance are killed, restarted
- * and frozen, then reads every cart back. Every process started is stopped before it returns or throws.
+ * and frozen, then restarts every instance (so nothing is answered from an instance's memory) and reads every
+ * cart back. Every process started is stopped before it returns or throws.
  */
 export async function runChaos(options: ChaosOptions): Promise<ChaosReport> {
   const log = options.log ?? (() => {})
   const cluster = await DemoCluster.start({ mode: options.mode })
   const events: string[] = []
   const started = Date.now()
-  const at = () => `${((Date.now() - started) / 1000).toFixed(1)} s`
+  const since = () => Date.now() - started
   const latencies: number[] = []
+  const failures: Record<string, number> = {}
   const statsByIncarnation = new Map<string, { relocations: number; takeovers: number }>()
   let requests = 0
-  let failed = 0
+  let lastWriteAtMs = 0
+  let scheduleEndedAtMs = 0
   let polling = true
 
+  const collectStats = async (): Promise<void> => {
+    for (const instance of (await cluster.state()).instances) {
+      if (instance.stats && instance.pid)
+        statsByIncarnation.set(`${instance.name}/${instance.pid}`, instance.stats)
+    }
+  }
   const poll = async (): Promise<void> => {
     while (polling) {
-      const state = await cluster.state()
-      for (const instance of state.instances) {
-        const pid = cluster.instances.find((i) => i.settings.name === instance.name)?.pid
-        if (instance.stats && pid) statsByIncarnation.set(`${instance.name}/${pid}`, instance.stats)
-      }
-      await new Promise((resolve) => setTimeout(resolve, 250))
+      await collectStats()
+      await sleep(250)
     }
   }
 
-  const user = async (index: number): Promise<{ client: VirtualUser; acknowledged: string[] }> => {
+  const user = async (
+    index: number,
+  ): Promise<{ client: VirtualUser; sent: string[]; acknowledged: string[] }> => {
     const client = new VirtualUser()
+    const sent: string[] = []
     const acknowledged: string[] = []
     const pace = options.durationMs / options.writesPerUser
     // Users start spread over one pace, so requests do not arrive in waves.
-    await new Promise((resolve) => setTimeout(resolve, (pace * index) / options.users))
+    await sleep((pace * index) / options.users)
     for (let write = 0; write < options.writesPerUser; write++) {
       const item = `u${index}-${write}`
-      const sent = Date.now()
+      const sentAt = Date.now()
       requests++
+      sent.push(item)
+      lastWriteAtMs = since()
       try {
         const { status } = await client.send(`${cluster.url}/cart/${item}`, 'POST')
-        latencies.push(Date.now() - sent)
         if (status >= 200 && status < 300) acknowledged.push(item)
-        else failed++
+        else failures[status] = (failures[status] ?? 0) + 1
       } catch {
-        failed++
+        failures['no answer'] = (failures['no answer'] ?? 0) + 1
       }
-      await new Promise((resolve) => setTimeout(resolve, Math.max(0, pace - (Date.now() - sent))))
+      latencies.push(Date.now() - sentAt)
+      await sleep(pace - (Date.now() - sentAt))
     }
-    return { client, acknowledged }
+    return { client, sent, acknowledged }
+  }
+
+  const runSchedule = async (): Promise<void> => {
+    for (const [fraction, label, act] of SCHEDULE) {
+      await sleep(started + fraction * options.durationMs - Date.now())
+      const at = since()
+      await act(cluster, options.durationMs)
+      events.push(`${(at / 1000).toFixed(1)} s  ${label}`)
+      log(`  ${(at / 1000).toFixed(1)} s  ${label}`)
+    }
+    scheduleEndedAtMs = since()
   }
 
   try {
     const poller = poll()
-    const schedule = (async () => {
-      for (const [fraction, label, act] of SCHEDULE) {
-        await new Promise((resolve) =>
-          setTimeout(resolve, Math.max(0, started + fraction * options.durationMs - Date.now())),
-        )
-        await act(cluster)
-        events.push(`${at()}  ${label}`)
-        log(`  ${at()}  ${label}`)
-      }
-    })()
+    // Settled at once into a value, so a failing step is reported after the users finish, never unhandled.
+    const schedule = runSchedule().then(
+      () => undefined,
+      (error: unknown) => ({ error }),
+    )
     const users = await Promise.all(Array.from({ length: options.users }, (_, index) => user(index)))
-    await schedule
-    // Every cart read back through the balancer, with the cookies its user ended with.
-    let lost = 0
-    for (const { client, acknowledged } of users) {
-      const { status, cart = [] } = await client.send(`${cluster.url}/cart`, 'GET')
-      const kept = new Set(cart)
-      const missing = acknowledged.filter((item) => !kept.has(item))
-      if (status !== 200 || missing.length > 0) {
-        log(
-          `  lost: ${missing.length} of ${acknowledged.length} (read back answered ${status}): ${missing.join(' ')}`,
-        )
-      }
-      lost += status === 200 ? missing.length : acknowledged.length
-    }
+    const scheduleFailure = await schedule
+    if (scheduleFailure) throw scheduleFailure.error
     polling = false
     await poller
-    const sorted = latencies.sort((a, b) => a - b)
+    // The counters of the run itself: the read-back below adds a takeover per sticky session.
+    await collectStats()
     const totals = [...statsByIncarnation.values()]
+
+    // Every instance restarted: in sticky mode a cart is then read from the nodes, not from the memory of the
+    // instance that wrote it, so a write acknowledged without its copies stored would show.
+    for (const [index] of cluster.instances.entries()) {
+      await cluster.instanceAction(index, 'kill')
+      await cluster.instanceAction(index, 'revive')
+    }
+    log('  every instance restarted; reading every cart back')
+    let lost = 0
+    let foreign = 0
+    for (const { client, sent, acknowledged } of users) {
+      const { status, cart = [] } = await client.send(`${cluster.url}/cart`, 'GET')
+      const kept = new Set(cart)
+      const missing = status === 200 ? acknowledged.filter((item) => !kept.has(item)) : acknowledged
+      const mine = new Set(sent)
+      const strangers = cart.filter((item) => !mine.has(item))
+      if (missing.length > 0 || strangers.length > 0) {
+        log(
+          `  read back answered ${status}: missing ${missing.join(' ') || 'none'}; foreign ${strangers.join(' ') || 'none'}`,
+        )
+      }
+      lost += missing.length
+      foreign += strangers.length
+    }
+    const sorted = latencies.sort((a, b) => a - b)
     return {
       mode: options.mode,
       requests,
       acknowledged: users.reduce((sum, u) => sum + u.acknowledged.length, 0),
       lost,
-      failed,
+      foreign,
+      failures,
       relocations: totals.reduce((sum, s) => sum + s.relocations, 0),
       takeovers: totals.reduce((sum, s) => sum + s.takeovers, 0),
       p50Ms: percentile(sorted, 0.5),
       p99Ms: percentile(sorted, 0.99),
       events,
+      scheduleEndedAtMs,
+      lastWriteAtMs,
     }
   } finally {
     polling = false

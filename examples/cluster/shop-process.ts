@@ -51,9 +51,11 @@ export class ShopProcess {
         INSTANCE: this.settings.name,
         MEMCACHED_NODES: this.settings.nodes,
         SESSION_SECRET: 'session-failover demo secret',
+        EXIT_WITH_PARENT: '1',
         ...(this.settings.sticky ? { STICKY: '1', ROUTE: this.settings.name } : {}),
       },
-      stdio: ['ignore', 'pipe', 'inherit'],
+      // stdin stays open while this process lives: the instance exits when it closes.
+      stdio: ['pipe', 'pipe', 'inherit'],
     })
     this.#child = child
     // The test harness kills whatever a crashed test worker left running from this list.
