@@ -52,20 +52,6 @@ describe.each([
     expect((await node.get('k'))?.toString()).toBe('two')
   })
 
-  it('adds with a token that deletes exactly what was added, never a value added after it', async () => {
-    const token = await node.addWithToken('lock', Buffer.from('first'), 60)
-    expect(token).not.toBeNull()
-    expect(await node.addWithToken('lock', Buffer.from('second'), 60)).toBeNull()
-    expect((await node.get('lock'))?.toString()).toBe('first')
-    expect(await node.deleteIfUnchanged('lock', token as never)).toBe('stored')
-    expect(await node.get('lock')).toBeNull()
-    // Gone (say, expired) and added again by another holder: the first token deletes nothing.
-    const next = await node.addWithToken('lock', Buffer.from('next'), 60)
-    expect(await node.deleteIfUnchanged('lock', token as never)).not.toBe('stored')
-    expect((await node.get('lock'))?.toString()).toBe('next')
-    expect(await node.deleteIfUnchanged('lock', next as never)).toBe('stored')
-  })
-
   it('deletes only the value it read, and reports a value that is gone', async () => {
     await node.set('d', Buffer.from('mine'), 60)
     const mine = await node.gets('d')

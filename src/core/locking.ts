@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto'
 import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
-import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 
 export interface LockOptions {
@@ -66,8 +65,8 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const { nodeId, cas, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, cas, sentAt, done, ahead !== undefined || busy > 0)
+      const { nodeId, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, sentAt, done, ahead !== undefined || busy > 0)
     } catch (error) {
       done()
       throw error
@@ -79,7 +78,7 @@ export class LockManager {
     lockKey: string,
     token: string,
     deadline: number,
-  ): Promise<{ nodeId: string; cas: CasToken; sentAt: number; busy: number }> {
+  ): Promise<{ nodeId: string; sentAt: number; busy: number }> {
     const value = Buffer.from(token)
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
     let busy = 0
@@ -92,10 +91,10 @@ export class LockManager {
         )
       const sentAt = Date.now()
       try {
-        const cas = await this.#ring.call(nodeId, (node) =>
-          node.addWithToken(lockKey, value, this.#options.lockExpirationSeconds),
+        const added = await this.#ring.call(nodeId, (node) =>
+          node.add(lockKey, value, this.#options.lockExpirationSeconds),
         )
-        if (cas) return { nodeId, cas, sentAt, busy }
+        if (added) return { nodeId, sentAt, busy }
         busy++
       } catch (error) {
         if (error instanceof NodeRejectedError || error instanceof ClosedError) throw error
@@ -115,8 +114,6 @@ export class LockManager {
     nodeId: string,
     lockKey: string,
     token: string,
-    /** The lock's compare-and-set token as added: whatever replaced it (after it expired) is never deleted. */
-    cas: CasToken,
     sentAt: number,
     leave: () => void,
     waited: boolean,
@@ -143,7 +140,7 @@ export class LockManager {
         const stillMine = held
         held = false
         try {
-          if (stillMine) await this.#ring.call(nodeId, (node) => node.deleteIfUnchanged(lockKey, cas))
+          if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
         } catch {
           // Unreachable: released when the node is back (or it expires by itself).
           this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
@@ -164,6 +161,13 @@ export class LockManager {
     }
     this.#heldLocks.add(lock)
     return lock
+  }
+
+  async #deleteIfMine(nodeId: string, lockKey: string, token: string): Promise<void> {
+    await this.#ring.call(nodeId, async (node) => {
+      const current = await node.gets(lockKey)
+      if (current && current.value.toString() === token) await node.deleteIfUnchanged(lockKey, current.cas)
+    })
   }
 
   #lockNode(primaryNodeId: string): string | undefined {

@@ -17,7 +17,7 @@ export interface MemcachedNodeConfig {
 const silentMemjsLogger = { log: (): void => {} }
 
 /** Binary protocol opcodes and response statuses used directly (memjs has no CAS variants). */
-const OPCODE = { get: 0x00, set: 0x01, add: 0x02, delete: 0x04 } as const
+const OPCODE = { get: 0x00, set: 0x01, delete: 0x04 } as const
 const STATUS = { ok: 0x0000, notFound: 0x0001, exists: 0x0002 } as const
 const EMPTY = Buffer.alloc(0)
 
@@ -65,16 +65,6 @@ export class MemcachedNode implements SessionNode {
     return this.#run('add', () => this.#client.add(key, value, { expires: memcachedExpiry(ttlSeconds) }))
   }
 
-  async addWithToken(key: string, value: Buffer, ttlSeconds: number): Promise<CasToken | null> {
-    const response = await this.#run('add', () =>
-      this.#request(OPCODE.add, key, expiryExtras(ttlSeconds), value),
-    )
-    if (response.header.status === STATUS.exists) return null
-    if (response.header.status !== STATUS.ok) throw this.#rejected('add', response.header.status)
-    // The reply of a stored item carries its CAS unique, as a read would.
-    return Buffer.from(response.header.cas) as unknown as CasToken
-  }
-
   delete(key: string): Promise<boolean> {
     return this.#run('delete', () => this.#client.delete(key))
   }
@@ -92,9 +82,9 @@ export class MemcachedNode implements SessionNode {
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
-    const response = await this.#run('cas', () =>
-      this.#request(OPCODE.set, key, expiryExtras(ttlSeconds), value, cas),
-    )
+    const extras = Buffer.alloc(8) // flags (0), then the expiry
+    extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
+    const response = await this.#run('cas', () => this.#request(OPCODE.set, key, extras, value, cas))
     return this.#casOutcome('cas', response.header.status)
   }
 
@@ -165,13 +155,6 @@ export class MemcachedNode implements SessionNode {
       },
     )
   }
-}
-
-/** The extras of a binary set or add: flags (0), then the expiry. */
-function expiryExtras(ttlSeconds: number): Buffer {
-  const extras = Buffer.alloc(8)
-  extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
-  return extras
 }
 
 /**

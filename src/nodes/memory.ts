@@ -59,11 +59,6 @@ export class MemoryNode implements SessionNode {
     return true
   }
 
-  async addWithToken(key: string, value: Buffer, ttlSeconds: number): Promise<CasToken | null> {
-    if (!(await this.add(key, value, ttlSeconds))) return null
-    return (await this.gets(key))?.cas ?? null
-  }
-
   async delete(key: string): Promise<boolean> {
     return this.#entries.delete(key)
   }

@@ -12,11 +12,6 @@ export interface SessionNode {
   set(key: string, value: Buffer, ttlSeconds: number): Promise<void>
   /** Stores only if the key is absent; false when it was present. */
   add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean>
-  /**
-   * add(), answering with the stored value's compare-and-set token (null when the key was present): a value
-   * that only its writer deletes (a lock) is then deleted in one operation, with deleteIfUnchanged.
-   */
-  addWithToken(key: string, value: Buffer, ttlSeconds: number): Promise<CasToken | null>
   /** False when the key was absent. */
   delete(key: string): Promise<boolean>
   /** Moves the expiry without rewriting the value; false when the key was absent. */

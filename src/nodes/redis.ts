@@ -137,11 +137,6 @@ export class RedisNode implements SessionNode {
     return (await this.#run('add', () => this.#client.set(key, value, 'PX', toMs(ttlSeconds), 'NX'))) === 'OK'
   }
 
-  /** The token of a Redis value is the value itself (see gets). */
-  async addWithToken(key: string, value: Buffer, ttlSeconds: number): Promise<CasToken | null> {
-    return (await this.add(key, value, ttlSeconds)) ? (value as unknown as CasToken) : null
-  }
-
   async delete(key: string): Promise<boolean> {
     return (await this.#run('delete', () => this.#client.del(key))) > 0
   }
