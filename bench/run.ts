@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import { startCluster, stopAllMemcached } from '../test/support/memcached.js'
+import { announcedPort } from '../test/support/process.js'
 import { startRedis, stopAllRedis } from '../test/support/redis.js'
 import { LAYERS, type Layer } from './layers.js'
 import { writeReport } from './report.js'
@@ -62,6 +63,9 @@ const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK']).toString())
 
 const appMain = fileURLToPath(new URL('./app.ts', import.meta.url))
 
+/** App processes running, killed with the servers when the run is interrupted. */
+const runningApps = new Set<ChildProcess>()
+
 async function startApp(layer: Layer, size: Size, env: Record<string, string>) {
   const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', appMain], {
     env: {
@@ -73,15 +77,9 @@ async function startApp(layer: Layer, size: Size, env: Record<string, string>) {
     },
     stdio: ['ignore', 'pipe', 'inherit'],
   })
-  const port = await new Promise<number>((resolve, reject) => {
-    let out = ''
-    child.stdout?.on('data', (chunk: Buffer) => {
-      out += chunk.toString()
-      const match = /LISTENING (\d+)/.exec(out)
-      if (match) resolve(Number(match[1]))
-    })
-    child.once('exit', (code) => reject(new Error(`${layer} app exited with ${code}`)))
-  })
+  runningApps.add(child)
+  child.once('exit', () => runningApps.delete(child))
+  const port = await announcedPort(child, `${layer} app`, 30_000)
   return {
     url: `http://127.0.0.1:${port}`,
     /** User plus system CPU time of the app process so far, in microseconds. */
@@ -333,4 +331,11 @@ async function main(): Promise<void> {
   }
 }
 
+// Interrupted (Ctrl-C, a timeout's SIGTERM): the servers and apps it started go with it.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    for (const child of runningApps) child.kill('SIGKILL')
+    void Promise.all([stopAllMemcached(), stopAllRedis()]).finally(() => process.exit(130))
+  })
+}
 await main()

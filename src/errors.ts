@@ -95,9 +95,26 @@ export class UnserializableSessionError extends SessionFailoverError {
   override readonly code = 'ESF_UNSERIALIZABLE'
 }
 
-/** A delayed write found a newer copy stored by another instance, and was not made. Internal. */
+/** A write that may still land on a node that failed under it (a frozen node runs it when it resumes). */
+export interface LateWrite {
+  readonly nodeId: string
+  readonly key: string
+  readonly value: Buffer
+}
+
+/**
+ * A conditional write found a newer copy (or its node failing), and was not made; the caller merges instead.
+ * Internal.
+ */
 export class StaleWriteError extends SessionFailoverError {
   override readonly code = 'ESF_STALE_WRITE'
+  /** The write, when its node failed under it: once the merge stores the session elsewhere, it is deleted. */
+  readonly lateWrite: LateWrite | undefined
+
+  constructor(message: string, options?: ErrorOptions & { lateWrite?: LateWrite }) {
+    super(message, options)
+    this.lateWrite = options?.lateWrite
+  }
 }
 
 /** A stored blob could not be decoded: treated as no session, never shown to a client. */

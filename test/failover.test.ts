@@ -298,6 +298,35 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     })
   }
 
+  it('answers 503, and keeps the session, when its only copy is on a primary that freezes under a locked write', async () => {
+    const locked = await start({
+      secret: SECRET,
+      nodes: nodesFor(servers),
+      operationTimeout: OPERATION_TIMEOUT,
+      nodeProbeInterval: PROBE_INTERVAL,
+      lockingMode: 'all',
+    })
+    try {
+      const id = await fillCart()
+      await backupServerOf(id).restart() // the backup copy is gone: the primary holds the only one
+      const primary = serverOf(id)
+      locked.beforeModify = () => primary.freeze()
+      try {
+        // The write cannot be stored anywhere safely; a 200 here would acknowledge a session no node holds.
+        expect((await browser.send(locked, 'POST', '/slow/melon')).status).toBe(503)
+      } finally {
+        primary.thaw()
+      }
+      await sleep(PROBE_INTERVAL * 5)
+      locked.beforeModify = async () => {}
+      const reply = await browser.send(locked, 'GET', '/cart')
+      expect(reply.body.cart?.slice(0, 2)).toEqual(['apple', 'pear'])
+      expect(browser.sessionId).toBe(id)
+    } finally {
+      await locked.close()
+    }
+  })
+
   it('stores a change made in a streamed response before the headers go out', async () => {
     await fillCart()
     const reply = await browser.send(appA, 'POST', '/stream/lime')

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { NodeRejectedError } from '../src/errors.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
@@ -61,5 +62,32 @@ describe.each([
     expect(await node.deleteIfUnchanged('d', theirs?.cas as never)).toBe('stored')
     expect(await node.gets('d')).toBeNull()
     expect(await node.setIfUnchanged('d', Buffer.from('x'), 60, theirs?.cas as never)).toBe('missing')
+  })
+})
+
+describe('a memcached with compare-and-set disabled (-C)', () => {
+  afterAll(stopAllMemcached)
+
+  it('refuses a conditional write, which memcached would make unconditional, with an error that says why', async () => {
+    const server = await startMemcached(['-C'])
+    const node = new MemcachedNode({
+      id: 'n1',
+      operationTimeoutMs: 1000,
+      probeKey: 'p',
+      host: '127.0.0.1',
+      port: server.port,
+    })
+    try {
+      await node.set('k', Buffer.from('one'), 60)
+      const read = await node.gets('k')
+      expect(read?.value.toString()).toBe('one')
+      await expect(node.setIfUnchanged('k', Buffer.from('two'), 60, read?.cas as never)).rejects.toThrow(
+        /compare-and-set disabled \(memcached -C\)/,
+      )
+      await expect(node.deleteIfUnchanged('k', read?.cas as never)).rejects.toBeInstanceOf(NodeRejectedError)
+      expect((await node.get('k'))?.toString()).toBe('one')
+    } finally {
+      await node.close()
+    }
   })
 })

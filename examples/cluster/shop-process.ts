@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { appendFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
+import { announcedPort } from '../../test/support/process.js'
 
 const server = fileURLToPath(new URL('../cart/server.ts', import.meta.url))
 
@@ -64,25 +65,7 @@ export class ShopProcess {
     child.once('exit', () => {
       if (this.#child === child) this.#child = undefined
     })
-    this.#port = await new Promise<number>((resolve, reject) => {
-      let output = ''
-      const timer = setTimeout(
-        () => reject(new Error(`${this.settings.name} did not start within 20 s`)),
-        20_000,
-      )
-      child.stdout?.on('data', (chunk: Buffer) => {
-        output += chunk.toString()
-        const match = /LISTENING (\d+)/.exec(output)
-        if (match) {
-          clearTimeout(timer)
-          resolve(Number(match[1]))
-        }
-      })
-      child.once('exit', (code, signal) => {
-        clearTimeout(timer)
-        reject(new Error(`${this.settings.name} exited (${code ?? signal}) before listening`))
-      })
-    })
+    this.#port = await announcedPort(child, `instance ${this.settings.name}`, 20_000)
   }
 
   /** SIGKILL: a crash, with no chance to finish anything. Resolves once the process is gone. */

@@ -301,6 +301,7 @@ export class SessionEngine {
     }
     // Holding the lock: write only over the copy this request read (a lock can lapse, or its node die); if the
     // copy changed meanwhile, merge instead of overwriting.
+    let lateWrite: StaleWriteError['lateWrite']
     if (state.lock?.held && state.cas) {
       try {
         const id = await concurrency.store.save(state.id, record, ttlSeconds, { ifUnchanged: state.cas })
@@ -308,6 +309,7 @@ export class SessionEngine {
         return
       } catch (error) {
         if (!(error instanceof StaleWriteError)) throw error
+        lateWrite = error.lateWrite
       }
     }
     // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.
@@ -315,7 +317,7 @@ export class SessionEngine {
     const changes = changesBetween(this.#options.serializer, state.baseData, snapshot.data)
     const key = this.store.recognize(state.id)?.random ?? state.id
     const merged = await this.#merges.run(key, () =>
-      concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds),
+      concurrency.store.merge(state.id, changes, snapshot.cookieJson, ttlSeconds, lateWrite),
     )
     this.counters.merges++
     if (!merged) {

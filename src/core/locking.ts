@@ -140,7 +140,11 @@ export class LockManager {
         const stillMine = held
         held = false
         try {
-          if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
+          // A node known dead is not waited on (a frozen one would hold up the next request here): the lock is
+          // deleted when it is back.
+          if (stillMine && !this.#ring.isAlive(nodeId))
+            this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
+          else if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
         } catch {
           // Unreachable: released when the node is back (or it expires by itself).
           this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))

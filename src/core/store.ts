@@ -4,6 +4,7 @@ import {
   ConcurrentUpdateError,
   CorruptSessionError,
   ForeignRecordError,
+  type LateWrite,
   NodeOperationError,
   NodeRejectedError,
   OperationTimeoutError,
@@ -124,12 +125,12 @@ export class ReplicatedStore implements SessionBackend {
     return parseSessionId(id)
   }
 
-  /** Whether the session was recently found on no node, or destroyed, by this instance. */
   /** Whether the id is remembered as found nowhere, without counting a hit. */
   remembersAbsent(random: string): boolean {
     return this.#absent.has(random)
   }
 
+  /** Whether the session was recently found on no node, or destroyed, by this instance. */
   knownAbsent(parsed: ParsedSessionId): boolean {
     if (!this.#absent.has(parsed.random)) return false
     this.#options.metrics.counters.knownAbsentHits++
@@ -240,6 +241,9 @@ export class ReplicatedStore implements SessionBackend {
     if (ifUnchanged) return this.#saveIfUnchanged(parsed, keys, blob, ttlSeconds, ifUnchanged)
 
     let primary = parsed.nodeId
+    // Nodes whose write failed: the write may land later. Once the session is stored elsewhere, such a copy
+    // is deleted before its node counts as back; if it is stored nowhere, that copy may be the only one.
+    const failedOn: string[] = []
     for (let attempt = 0; attempt < this.#ring.size; attempt++) {
       if (!this.#ring.isAlive(primary)) {
         const next = this.#ring.nextAliveAfter(primary)
@@ -253,12 +257,14 @@ export class ReplicatedStore implements SessionBackend {
       const counters = this.#options.metrics.counters
       if (primaryWrite.status === 'rejected') {
         counters.primaryWriteFailures++
-        // A write that timed out may still land (a frozen node runs it when it resumes): that copy must not be
-        // served to a client with the old cookie once the node is back and the session lives elsewhere.
-        this.#ring.deleteWhenBack(primary, keys.primary, blob)
+        if (!(primaryWrite.reason instanceof NodeRejectedError)) failedOn.push(primary)
       }
       if (primaryWrite.status === 'fulfilled') {
         counters.primaryWrites++
+        this.#supersede(
+          failedOn.map((nodeId) => ({ nodeId, key: keys.primary, value: blob })),
+          primary,
+        )
         this.#wrote(parsed.random)
         if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
         const now = Date.now()
@@ -346,8 +352,10 @@ export class ReplicatedStore implements SessionBackend {
         // onto the freshest copy, where the session moves to, as for any write that finds the node gone. If the
         // write lands after all (a frozen node resumes), that copy is deleted before the node counts as back.
         if (error instanceof NodeOperationError || error instanceof OperationTimeoutError) {
-          this.#ring.deleteWhenBack(read.nodeId, keys.primary, blob)
-          throw new StaleWriteError('the primary failed during the write', { cause: error })
+          throw new StaleWriteError('the primary failed during the write', {
+            cause: error,
+            lateWrite: { nodeId: read.nodeId, key: keys.primary, value: blob },
+          })
         }
         throw error
       })
@@ -372,10 +380,14 @@ export class ReplicatedStore implements SessionBackend {
     changes: SessionChanges,
     cookieJson: string,
     ttlSeconds: number,
+    /** A write of this session that failed on its node (which may run it later): deleted once this one lands. */
+    lateWrite?: LateWrite,
   ): Promise<{ id: string; record: SessionRecord; conflicts: number } | null> {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('merge() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
+    const lateWrites: LateWrite[] = lateWrite ? [lateWrite] : []
+    let sent: Buffer | undefined
     for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
       const primary = this.#ring.isAlive(parsed.nodeId)
         ? parsed.nodeId
@@ -385,11 +397,20 @@ export class ReplicatedStore implements SessionBackend {
         const current = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         // No primary copy where the session is (it moved here, or the node restarted): the freshest copy of
         // either key on any alive node, the backup key on this very node included.
+        let freshest: FreshestCopy | undefined
+        sent = undefined
         const base =
           (current && this.#decode(current.value, primary, keys, keys.primary)) ??
-          (await this.#freshestCopy(keys)).record
-        // No copy anywhere: the session was destroyed (or expired) meanwhile; a part of it must not come back.
-        if (!base) return null
+          (freshest = await this.#freshestCopy(keys)).record
+        if (!base) {
+          // No copy on any node, and every node answered: the session was destroyed (or expired) meanwhile; a
+          // part of it must not come back. A node that did not answer (one that just failed) may hold it.
+          if (freshest && freshest.answered === this.#ring.size && !freshest.foreign) return null
+          throw new AllNodesDownError(
+            'The session is on no node that answers (its node just failed); the change was not stored',
+            this.#options.retryAfterSeconds,
+          )
+        }
         const { data, conflicts } = this.#applyChanges(base, changes)
         const record: SessionRecord = {
           version: base.version + 1,
@@ -400,6 +421,7 @@ export class ReplicatedStore implements SessionBackend {
           format: this.#options.serializer.tag,
         }
         const blob = this.#encodeWithinLimit(record, keys)
+        sent = blob
         const stored = current
           ? (await this.#ring.call(primary, (node) =>
               node.setIfUnchanged(keys.primary, blob, ttlSeconds, current.cas),
@@ -407,6 +429,7 @@ export class ReplicatedStore implements SessionBackend {
           : await this.#ring.call(primary, (node) => node.add(keys.primary, blob, ttlSeconds))
         if (!stored) continue
         this.#options.metrics.counters.primaryWrites++
+        this.#supersede(lateWrites, primary)
         this.#wrote(parsed.random)
         if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
         await this.#writeBackupIfOlder(primary, keys, record, blob, ttlSeconds)
@@ -418,12 +441,15 @@ export class ReplicatedStore implements SessionBackend {
           error instanceof NodeRejectedError ||
           error instanceof SessionTooLargeError ||
           error instanceof UnserializableSessionError ||
-          error instanceof CorruptSessionError
+          error instanceof CorruptSessionError ||
+          error instanceof AllNodesDownError
         ) {
           throw error
         }
         this.#options.metrics.counters.primaryWriteFailures++
-        // The node is marked dead; the next attempt merges where the session moves to.
+        // The node is marked dead; the next attempt merges where the session moves to. The write this attempt
+        // sent, if it got that far, may still land there.
+        if (sent) lateWrites.push({ nodeId: primary, key: keys.primary, value: sent })
       }
     }
     if (!this.#ring.anyAlive()) throw this.#allNodesDown()
@@ -514,6 +540,17 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
+  /**
+   * The session is stored on `storedOn`: writes of it that failed on other nodes, and may land there later (a
+   * frozen node runs them when it resumes), are deleted before those nodes count as back, so a client with an
+   * older cookie never reads them.
+   */
+  #supersede(lateWrites: readonly LateWrite[], storedOn: string): void {
+    for (const late of lateWrites) {
+      if (late.nodeId !== storedOn) this.#ring.deleteWhenBack(late.nodeId, late.key, late.value)
+    }
+  }
+
   #relocated(keys: StorageKeys, from: string, to: string): void {
     if (!this.#firstMove(keys.digest, `${from}>${to}`)) return
     this.#options.metrics.counters.relocations++

@@ -82,6 +82,7 @@ export class MemcachedNode implements SessionNode {
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
+    this.#assertCas(cas)
     const extras = Buffer.alloc(8) // flags (0), then the expiry
     extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
     const response = await this.#run('cas', () => this.#request(OPCODE.set, key, extras, value, cas))
@@ -89,6 +90,7 @@ export class MemcachedNode implements SessionNode {
   }
 
   async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    this.#assertCas(cas)
     const response = await this.#run('cas delete', () => this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas))
     return this.#casOutcome('cas delete', response.header.status)
   }
@@ -125,6 +127,15 @@ export class MemcachedNode implements SessionNode {
     })
   }
 
+  /** memcached started with -C answers CAS 0, and a write with CAS 0 is unconditional: it must not be sent. */
+  #assertCas(cas: CasToken): void {
+    if ((cas as unknown as Buffer).every((byte) => byte === 0)) {
+      throw new NodeRejectedError(
+        `${this.address} has compare-and-set disabled (memcached -C); locking and merges need it: start memcached without -C, or use lockingMode 'none'`,
+      )
+    }
+  }
+
   #casOutcome(operation: string, status: number): CasOutcome {
     if (status === STATUS.ok) return 'stored'
     if (status === STATUS.exists) return 'conflict'
@@ -144,8 +155,13 @@ export class MemcachedNode implements SessionNode {
       this.#timeoutMs,
       () => `${this.address} (${operation})`,
       // A request that timed out may never be answered; failing the connection releases every callback
-      // memjs holds for it and the next operation reconnects.
-      () => this.#server.error(new Error('operation timed out')),
+      // memjs holds for it and the next operation reconnects. Reset, not closed: a close lets the kernel go on
+      // sending what is queued, and a write that lands after the node counts as back could not be cleaned up.
+      () => {
+        const socket = (this.#server as MemjsServerInternals)._socket
+        if (socket && !socket.destroyed && !socket.connecting) socket.resetAndDestroy()
+        this.#server.error(new Error('operation timed out'))
+      },
       (cause) => {
         const message = `${this.address} failed ${operation}: ${describeCause(cause)}`
         // memjs prefixes errors that carry a server reply status with 'MemJS'; anything else is the connection.

@@ -22,7 +22,11 @@ interface Member {
    * Keys to delete on this node before it counts as alive again: deleted while it was dead, or (with a value)
    * a lock whose add may have been applied after its timeout, deleted only if it still holds that value.
    */
-  readonly pendingDeletes: Map<string, Buffer | undefined>
+  /**
+   * Keys to delete before the node counts as alive again: undefined deletes whatever is there, a list only one
+   * of those values. Entries are replaced, never changed in place, so a probe can tell one it did not run.
+   */
+  readonly pendingDeletes: Map<string, readonly Buffer[] | undefined>
 }
 
 /** Most deletes remembered per dead node; past it the oldest are forgotten (and a warning says so). */
@@ -282,7 +286,7 @@ export class NodeRing {
       deadSince: undefined,
       lastError: undefined,
       probeTimer: undefined,
-      pendingDeletes: new Map<string, Buffer | undefined>(),
+      pendingDeletes: new Map<string, readonly Buffer[] | undefined>(),
     }
   }
 
@@ -308,8 +312,10 @@ export class NodeRing {
     if (member.retired) return
     for (const key of keys) {
       // A delete of whatever is there (a destroy) is never narrowed to a delete of one value.
-      if (ifValue && member.pendingDeletes.has(key) && member.pendingDeletes.get(key) === undefined) continue
-      member.pendingDeletes.set(key, ifValue)
+      const pending = member.pendingDeletes.get(key)
+      if (ifValue && member.pendingDeletes.has(key) && pending === undefined) continue
+      // Several writes of one key may have failed (parallel requests): any of them may be the one that lands.
+      member.pendingDeletes.set(key, ifValue ? [...(pending ?? []), ifValue] : undefined)
     }
     if (member.pendingDeletes.size <= MAX_PENDING_DELETES) return
     for (const key of member.pendingDeletes.keys()) {
@@ -330,11 +336,14 @@ export class NodeRing {
       const deletes = [...member.pendingDeletes]
       node
         .ping()
-        .then(() => Promise.all(deletes.map(([key, ifValue]) => deleteOn(node, key, ifValue))))
+        .then(() => Promise.all(deletes.map(([key, values]) => deleteOn(node, key, values))))
         .then(
           () => {
             if (member.retired) return
-            for (const [key] of deletes) member.pendingDeletes.delete(key)
+            // Only the entries this probe ran: one replaced meanwhile (a destroy) is still to be done.
+            for (const [key, values] of deletes) {
+              if (member.pendingDeletes.get(key) === values) member.pendingDeletes.delete(key)
+            }
             const downForMs = Date.now() - (member.deadSince ?? Date.now())
             member.alive = true
             member.deadSince = undefined
@@ -350,9 +359,12 @@ export class NodeRing {
             member.pendingDeletes.clear()
             if (late.length > 0) {
               this.call(node.id, (n) =>
-                Promise.all(late.map(([key, ifValue]) => deleteOn(n, key, ifValue))),
+                Promise.all(late.map(([key, values]) => deleteOn(n, key, values))),
               ).catch(() => {
-                for (const [key, ifValue] of late) this.#rememberDeletes(member, [key], ifValue)
+                for (const [key, values] of late) {
+                  if (values === undefined) this.#rememberDeletes(member, [key])
+                  else for (const value of values) this.#rememberDeletes(member, [key], value)
+                }
               })
             }
           },
@@ -366,10 +378,15 @@ export class NodeRing {
   }
 }
 
-/** Deletes `key`, or only if it holds `ifValue` (compare-and-set, so a newer value is never removed). */
-async function deleteOn(node: SessionNode, key: string, ifValue: Buffer | undefined): Promise<unknown> {
-  if (!ifValue) return node.delete(key)
+/** Deletes `key`, or only if it holds one of `values` (compare-and-set, so a newer value is never removed). */
+async function deleteOn(
+  node: SessionNode,
+  key: string,
+  values: readonly Buffer[] | undefined,
+): Promise<unknown> {
+  if (!values) return node.delete(key)
   const current = await node.gets(key)
-  if (current?.value.equals(ifValue)) return node.deleteIfUnchanged(key, current.cas)
+  if (current && values.some((value) => current.value.equals(value)))
+    return node.deleteIfUnchanged(key, current.cas)
   return undefined
 }

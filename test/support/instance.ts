@@ -3,6 +3,7 @@ import { appendFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import type { SessionFailoverOptions } from '../../src/index.js'
 import type { ShopApp } from './app.js'
+import { announcedPort } from './process.js'
 
 const main = fileURLToPath(new URL('./instance-main.ts', import.meta.url))
 const running = new Set<ChildProcess>()
@@ -37,19 +38,7 @@ export async function startAppProcess(
   )
   const pidFile = process.env.SF_TEST_PID_FILE
   if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
-  const port = await new Promise<number>((resolve, reject) => {
-    let output = ''
-    const timer = setTimeout(() => reject(new Error('app instance did not start within 15 s')), 15_000)
-    child.stdout?.on('data', (chunk: Buffer) => {
-      output += chunk.toString()
-      const match = /LISTENING (\d+)/.exec(output)
-      if (match) {
-        clearTimeout(timer)
-        resolve(Number(match[1]))
-      }
-    })
-    void exited.then((code) => reject(new Error(`app instance exited (${code}) before listening`)))
-  })
+  const port = await announcedPort(child, 'app instance', 15_000)
   return {
     url: `http://127.0.0.1:${port}`,
     pid: child.pid ?? -1,

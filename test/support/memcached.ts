@@ -28,8 +28,22 @@ export function memcachedBinary(): string {
   return installed('memcached')
 }
 
-function spawnMemcached(port: number) {
-  const args = ['-l', '127.0.0.1', '-p', String(port), '-U', '0', '-m', '64', '-t', '1', '-c', '1024']
+function spawnMemcached(port: number, extraArgs: readonly string[] = []) {
+  const args = [
+    '-l',
+    '127.0.0.1',
+    '-p',
+    String(port),
+    '-U',
+    '0',
+    '-m',
+    '64',
+    '-t',
+    '1',
+    '-c',
+    '1024',
+    ...extraArgs,
+  ]
   if (process.getuid?.() === 0) args.push('-u', 'root')
   return spawn('memcached', args, { stdio: 'ignore' })
 }
@@ -59,8 +73,9 @@ function ask(port: number, command: Buffer | string, terminator: RegExp): Promis
   })
 }
 
-export async function startMemcached(): Promise<MemcachedServer> {
-  const server = await startServerProcess('memcached', spawnMemcached)
+/** `extraArgs`: more memcached options, e.g. ['-C'] (no compare-and-set). */
+export async function startMemcached(extraArgs: readonly string[] = []): Promise<MemcachedServer> {
+  const server = await startServerProcess('memcached', (port) => spawnMemcached(port, extraArgs))
   const { port } = server
   const stats = async () => {
     const reply = await ask(port, 'stats\r\n', /END\r\n$/)

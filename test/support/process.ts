@@ -92,6 +92,32 @@ async function waitForState(child: ChildProcess, state: string): Promise<void> {
   throw new Error(`pid ${child.pid} did not reach state ${state}`)
 }
 
+/**
+ * The port a child process announces with `LISTENING <port>` on its stdout (the shop, bench and demo apps);
+ * rejects if it exits first, or after `timeoutMs`.
+ */
+export function announcedPort(child: ChildProcess, name: string, timeoutMs: number): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    let output = ''
+    const timer = setTimeout(
+      () => reject(new Error(`${name} did not start within ${timeoutMs} ms`)),
+      timeoutMs,
+    )
+    child.stdout?.on('data', (chunk: Buffer) => {
+      output += chunk.toString()
+      const match = /LISTENING (\d+)/.exec(output)
+      if (match) {
+        clearTimeout(timer)
+        resolve(Number(match[1]))
+      }
+    })
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer)
+      reject(new Error(`${name} exited (${code ?? signal}) before listening`))
+    })
+  })
+}
+
 /** Starts a server on a free port with `spawnOn(port)`, and returns the handle tests kill and freeze it by. */
 export async function startServerProcess(
   kind: ServerKind,
