@@ -397,11 +397,10 @@ export class ReplicatedStore implements SessionBackend {
         const current = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         // No primary copy where the session is (it moved here, or the node restarted): the freshest copy of
         // either key on any alive node, the backup key on this very node included.
-        let freshest: FreshestCopy | undefined
         sent = undefined
-        const base =
-          (current && this.#decode(current.value, primary, keys, keys.primary)) ??
-          (freshest = await this.#freshestCopy(keys)).record
+        const fromPrimary = current && this.#decode(current.value, primary, keys, keys.primary)
+        const freshest = fromPrimary ? undefined : await this.#freshestCopy(keys)
+        const base = fromPrimary || freshest?.record
         if (!base) {
           // No copy on any node, and every node answered: the session was destroyed (or expired) meanwhile; a
           // part of it must not come back. A node that did not answer (one that just failed) may hold it.
