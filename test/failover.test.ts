@@ -32,14 +32,8 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
 
   beforeEach(async () => {
     servers = await startBackend(backend, 3)
-    const options = {
-      secret: SECRET,
-      nodes: nodesFor(servers),
-      operationTimeout: OPERATION_TIMEOUT,
-      nodeProbeInterval: PROBE_INTERVAL,
-    }
-    appA = await start(options)
-    appB = await start(options)
+    appA = await start(optionsFor())
+    appB = await start(optionsFor())
     browser = new Browser()
   })
 
@@ -48,6 +42,13 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     await stopAllServers()
   })
 
+  /** The instances' options; a test that needs another locking mode starts its own instance with them. */
+  const optionsFor = (): SessionFailoverOptions => ({
+    secret: SECRET,
+    nodes: nodesFor(servers),
+    operationTimeout: OPERATION_TIMEOUT,
+    nodeProbeInterval: PROBE_INTERVAL,
+  })
   const nodeIndex = (id: string | undefined): number => Number(parseSessionId(id)?.nodeId.slice(1)) - 1
   const serverOf = (id: string | undefined): CacheServer => servers[nodeIndex(id)] as CacheServer
   /** The node after the primary in configured order: where the backup copy lives. */
@@ -240,13 +241,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
   })
 
   it('keeps a change made under the lock when the primary dies while the request runs', async () => {
-    const locked = await start({
-      secret: SECRET,
-      nodes: nodesFor(servers),
-      operationTimeout: OPERATION_TIMEOUT,
-      nodeProbeInterval: PROBE_INTERVAL,
-      lockingMode: 'all',
-    })
+    const locked = await start({ ...optionsFor(), lockingMode: 'all' })
     try {
       const id = await fillCart()
       // Loaded (with its compare-and-set token) from the primary, which is gone by the time the change is written.
@@ -263,13 +258,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
 
   for (const lockingMode of ['all', 'none'] as const) {
     it(`never serves a write that landed late on a frozen primary to a client with the old cookie (lockingMode '${lockingMode}')`, async () => {
-      const app = await start({
-        secret: SECRET,
-        nodes: nodesFor(servers),
-        operationTimeout: OPERATION_TIMEOUT,
-        nodeProbeInterval: PROBE_INTERVAL,
-        lockingMode,
-      })
+      const app = await start({ ...optionsFor(), lockingMode })
       try {
         const id = await fillCart()
         const oldCookie = browser.cookie
@@ -299,13 +288,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
   }
 
   it('answers 503, and keeps the session, when its only copy is on a primary that freezes under a locked write', async () => {
-    const locked = await start({
-      secret: SECRET,
-      nodes: nodesFor(servers),
-      operationTimeout: OPERATION_TIMEOUT,
-      nodeProbeInterval: PROBE_INTERVAL,
-      lockingMode: 'all',
-    })
+    const locked = await start({ ...optionsFor(), lockingMode: 'all' })
     try {
       const id = await fillCart()
       await backupServerOf(id).restart() // the backup copy is gone: the primary holds the only one
