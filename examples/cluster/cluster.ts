@@ -129,6 +129,7 @@ export class DemoCluster {
       await balancer.close()
     }
     DemoCluster.#starting.add(stopStarted)
+    let cluster: DemoCluster | undefined
     try {
       for (let i = 0; i < (options.nodes ?? 3); i++) nodes.push(await startMemcached())
       const names = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'].slice(0, options.instances ?? 3)
@@ -138,7 +139,7 @@ export class DemoCluster {
         )
       }
       await Promise.all(instances.map((instance) => instance.start()))
-      const cluster = new DemoCluster(options.mode, nodes, instances, balancer)
+      cluster = new DemoCluster(options.mode, nodes, instances, balancer)
       DemoCluster.#running.add(cluster)
       cluster.#routes()
       await addBalancer(
@@ -156,6 +157,7 @@ export class DemoCluster {
       cluster.#url = `http://127.0.0.1:${(balancer.server.address() as AddressInfo).port}`
       return cluster
     } catch (error) {
+      if (cluster) DemoCluster.#running.delete(cluster)
       await stopStarted()
       throw error
     } finally {
