@@ -1,3 +1,4 @@
+import { hash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 import {
   AllNodesDownError,
@@ -100,6 +101,8 @@ export class ReplicatedStore implements SessionBackend {
   readonly #lastWrite = new LRUCache<string, number>({ max: ABSENT_ENTRIES })
   /** Relocations and restores counted recently, so that one move is counted once. */
   readonly #recentMoves = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
+  /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
+  readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
 
   constructor(ring: NodeRing, options: StoreOptions) {
@@ -640,6 +643,9 @@ export class ReplicatedStore implements SessionBackend {
         if (seen) seen.foreign = true
         return undefined
       }
+      const copy = `${nodeId}:${key}:${hash('sha256', blob, 'base64url')}`
+      if (this.#recentCorrupt.has(copy)) return undefined
+      this.#recentCorrupt.set(copy, true)
       this.#options.metrics.counters.corruptSessions++
       this.#options.metrics.emit('corruptSession', { session, node: nodeId, reason: error.message })
       this.#options.logger.warn(
