@@ -84,6 +84,9 @@ describe('the live page', () => {
       expect(moved).not.toBe(primary)
       expect(await text('session')).not.toBe(session)
       await expect.poll(() => text('primary-found')).toBe(moved)
+      // Two copies again: the backup on a third node, neither the new primary nor the dead one.
+      await expect.poll(() => text('backup')).toMatch(/^n[123]$/)
+      expect([moved, primary]).not.toContain(await text('backup'))
       // The instance that moved the session counted one relocation, and the page shows it.
       const relocations = async () =>
         (await page.locator('#instances tr td:nth-child(4)').allTextContents()).reduce(
