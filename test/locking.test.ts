@@ -66,6 +66,22 @@ describe('session locks', () => {
     }
   })
 
+  it('releases a lock with one delete, and reads nothing to do it', async () => {
+    const server = await startMemcached()
+    const { ring, locks } = lockManager(server, 30)
+    try {
+      const lock = await locks.acquire('session', 'n1', 'sf:lock:session')
+      const before = await server.stats()
+      await lock.release()
+      const after = await server.stats()
+      expect(Number(after.cmd_get) - Number(before.cmd_get)).toBe(0)
+      expect(Number(after.delete_hits) - Number(before.delete_hits)).toBe(1)
+      expect(await server.has('sf:lock:session')).toBe(false)
+    } finally {
+      await ring.close()
+    }
+  })
+
   it('lets only the head of the in-process queue poll memcached', async () => {
     const servers = await startCluster(1)
     const app = await startShop(express, { secret: 's', nodes: nodesOption(servers), lockingMode: 'all' })

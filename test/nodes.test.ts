@@ -53,6 +53,18 @@ describe.each([
     expect((await node.get('k'))?.toString()).toBe('two')
   })
 
+  it('deletes an owned value only while it is still the one it added', async () => {
+    const token = await node.addOwned('lock', Buffer.from('first'), 60)
+    expect(token).not.toBeNull()
+    expect(await node.addOwned('lock', Buffer.from('second'), 60)).toBeNull()
+    await node.deleteOwned('lock', token as never)
+    expect(await node.get('lock')).toBeNull()
+    // Gone (expired, say) and added again by another writer: the first token deletes nothing.
+    expect(await node.addOwned('lock', Buffer.from('next'), 60)).not.toBeNull()
+    await node.deleteOwned('lock', token as never)
+    expect((await node.get('lock'))?.toString()).toBe('next')
+  })
+
   it('deletes only the value it read, and reports a value that is gone', async () => {
     await node.set('d', Buffer.from('mine'), 60)
     const mine = await node.gets('d')
@@ -88,6 +100,28 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
       expect((await node.get('k'))?.toString()).toBe('one')
     } finally {
       await node.close()
+    }
+  })
+})
+
+describe('an owned value on a memcached that restarts', () => {
+  afterAll(stopAllMemcached)
+
+  it("never deletes another writer's value that came to carry the same CAS after the restart", async () => {
+    const server = await startMemcached()
+    const common = { operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }
+    const first = new MemcachedNode({ ...common, id: 'n1' })
+    const second = new MemcachedNode({ ...common, id: 'n1' })
+    try {
+      const token = await first.addOwned('lock', Buffer.from('mine'), 60)
+      await server.restart() // empty, and its CAS counter starts again from 1
+      expect(await first.get('lock')).toBeNull() // through a new connection, to the new, empty server
+      // The other writer's add is the new server's first item, as ours was on the old one: the same CAS.
+      expect(await second.addOwned('lock', Buffer.from('theirs'), 60)).not.toBeNull()
+      await first.deleteOwned('lock', token as never)
+      expect((await second.get('lock'))?.toString()).toBe('theirs')
+    } finally {
+      await Promise.all([first.close(), second.close()])
     }
   })
 })

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
+import type { OwnedToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 
 export interface LockOptions {
@@ -65,8 +66,8 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const { nodeId, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, sentAt, done, ahead !== undefined || busy > 0)
+      const { nodeId, owned, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
+      return this.#held(nodeId, lockKey, token, owned, sentAt, done, ahead !== undefined || busy > 0)
     } catch (error) {
       done()
       throw error
@@ -78,7 +79,7 @@ export class LockManager {
     lockKey: string,
     token: string,
     deadline: number,
-  ): Promise<{ nodeId: string; sentAt: number; busy: number }> {
+  ): Promise<{ nodeId: string; owned: OwnedToken; sentAt: number; busy: number }> {
     const value = Buffer.from(token)
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
     let busy = 0
@@ -91,10 +92,10 @@ export class LockManager {
         )
       const sentAt = Date.now()
       try {
-        const added = await this.#ring.call(nodeId, (node) =>
-          node.add(lockKey, value, this.#options.lockExpirationSeconds),
+        const owned = await this.#ring.call(nodeId, (node) =>
+          node.addOwned(lockKey, value, this.#options.lockExpirationSeconds),
         )
-        if (added) return { nodeId, sentAt, busy }
+        if (owned) return { nodeId, owned, sentAt, busy }
         busy++
       } catch (error) {
         if (error instanceof NodeRejectedError || error instanceof ClosedError) throw error
@@ -114,6 +115,7 @@ export class LockManager {
     nodeId: string,
     lockKey: string,
     token: string,
+    owned: OwnedToken,
     sentAt: number,
     leave: () => void,
     waited: boolean,
@@ -144,7 +146,7 @@ export class LockManager {
           // deleted when it is back.
           if (stillMine && !this.#ring.isAlive(nodeId))
             this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
-          else if (stillMine) await this.#deleteIfMine(nodeId, lockKey, token)
+          else if (stillMine) await this.#ring.call(nodeId, (node) => node.deleteOwned(lockKey, owned))
         } catch {
           // Unreachable: released when the node is back (or it expires by itself).
           this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
@@ -165,13 +167,6 @@ export class LockManager {
     }
     this.#heldLocks.add(lock)
     return lock
-  }
-
-  async #deleteIfMine(nodeId: string, lockKey: string, token: string): Promise<void> {
-    await this.#ring.call(nodeId, async (node) => {
-      const current = await node.gets(lockKey)
-      if (current && current.value.toString() === token) await node.deleteIfUnchanged(lockKey, current.cas)
-    })
   }
 
   #lockNode(primaryNodeId: string): string | undefined {

@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net'
 import memjs from 'memjs'
 import { NodeOperationError, NodeRejectedError } from '../errors.js'
-import { type CasOutcome, type CasToken, memcachedExpiry, type SessionNode } from './node.js'
+import { type CasOutcome, type CasToken, memcachedExpiry, type OwnedToken, type SessionNode } from './node.js'
 import { withTimeout } from './timeout.js'
 
 export interface MemcachedNodeConfig {
@@ -17,7 +17,7 @@ export interface MemcachedNodeConfig {
 const silentMemjsLogger = { log: (): void => {} }
 
 /** Binary protocol opcodes and response statuses used directly (memjs has no CAS variants). */
-const OPCODE = { get: 0x00, set: 0x01, delete: 0x04 } as const
+const OPCODE = { get: 0x00, set: 0x01, add: 0x02, delete: 0x04 } as const
 const STATUS = { ok: 0x0000, notFound: 0x0001, exists: 0x0002 } as const
 const EMPTY = Buffer.alloc(0)
 
@@ -65,6 +65,35 @@ export class MemcachedNode implements SessionNode {
     return this.#run('add', () => this.#client.add(key, value, { expires: memcachedExpiry(ttlSeconds) }))
   }
 
+  async addOwned(key: string, value: Buffer, ttlSeconds: number): Promise<OwnedToken | null> {
+    const response = await this.#run('add', () =>
+      this.#request(OPCODE.add, key, expiryExtras(ttlSeconds), value),
+    )
+    if (response.header.status === STATUS.exists) return null
+    if (response.header.status !== STATUS.ok) throw this.#rejected('add', response.header.status)
+    // The connection the reply came on (no I/O has run since it was read): the reply's CAS is unique for as long
+    // as that connection stays open, to the same server process.
+    const socket = (this.#server as MemjsServerInternals)._socket
+    const owned: MemcachedOwned = { value, cas: Buffer.from(response.header.cas), socket }
+    return owned as unknown as OwnedToken
+  }
+
+  async deleteOwned(key: string, token: OwnedToken): Promise<void> {
+    const { value, cas, socket } = token as unknown as MemcachedOwned
+    const current = (this.#server as MemjsServerInternals)._socket
+    // A CAS is unique per server process, and it counts from 1 again after a restart, when another writer's
+    // value could carry the same one. On the connection the add went through, it is still the same process
+    // (a restart closes every connection), so one CAS delete is safe; otherwise compare the value first.
+    if (socket && current === socket && !socket.destroyed && cas.some((byte) => byte !== 0)) {
+      await this.#run('delete', () =>
+        this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas as unknown as CasToken),
+      )
+      return
+    }
+    const read = await this.gets(key)
+    if (read?.value.equals(value)) await this.deleteIfUnchanged(key, read.cas)
+  }
+
   delete(key: string): Promise<boolean> {
     return this.#run('delete', () => this.#client.delete(key))
   }
@@ -83,9 +112,9 @@ export class MemcachedNode implements SessionNode {
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
     this.#assertCas(cas)
-    const extras = Buffer.alloc(8) // flags (0), then the expiry
-    extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
-    const response = await this.#run('cas', () => this.#request(OPCODE.set, key, extras, value, cas))
+    const response = await this.#run('cas', () =>
+      this.#request(OPCODE.set, key, expiryExtras(ttlSeconds), value, cas),
+    )
     return this.#casOutcome('cas', response.header.status)
   }
 
@@ -171,6 +200,20 @@ export class MemcachedNode implements SessionNode {
       },
     )
   }
+}
+
+/** What addOwned() answers on memcached. */
+interface MemcachedOwned {
+  readonly value: Buffer
+  readonly cas: Buffer
+  readonly socket: Socket | undefined
+}
+
+/** The extras of a binary set or add: flags (0), then the expiry. */
+function expiryExtras(ttlSeconds: number): Buffer {
+  const extras = Buffer.alloc(8)
+  extras.writeUInt32BE(memcachedExpiry(ttlSeconds), 4)
+  return extras
 }
 
 /**

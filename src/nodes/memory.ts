@@ -1,4 +1,4 @@
-import type { CasOutcome, CasToken, SessionNode } from './node.js'
+import type { CasOutcome, CasToken, OwnedToken, SessionNode } from './node.js'
 
 interface Entry {
   value: Buffer
@@ -57,6 +57,14 @@ export class MemoryNode implements SessionNode {
     if (this.#live(key)) return false
     await this.set(key, value, ttlSeconds)
     return true
+  }
+
+  async addOwned(key: string, value: Buffer, ttlSeconds: number): Promise<OwnedToken | null> {
+    return (await this.add(key, value, ttlSeconds)) ? (value as unknown as OwnedToken) : null
+  }
+
+  async deleteOwned(key: string, token: OwnedToken): Promise<void> {
+    if (this.#live(key)?.value.equals(token as unknown as Buffer)) this.#entries.delete(key)
   }
 
   async delete(key: string): Promise<boolean> {

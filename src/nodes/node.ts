@@ -12,6 +12,16 @@ export interface SessionNode {
   set(key: string, value: Buffer, ttlSeconds: number): Promise<void>
   /** Stores only if the key is absent; false when it was present. */
   add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean>
+  /**
+   * add() of a value only its writer deletes (a lock), answering with what deleteOwned() needs; null when the
+   * key was present.
+   */
+  addOwned(key: string, value: Buffer, ttlSeconds: number): Promise<OwnedToken | null>
+  /**
+   * Deletes what addOwned() stored, only if it is still there: after it expired, another writer's value under the
+   * same key is never deleted. In one operation where the backend can tell the value apart in one.
+   */
+  deleteOwned(key: string, token: OwnedToken): Promise<void>
   /** False when the key was absent. */
   delete(key: string): Promise<boolean>
   /** Moves the expiry without rewriting the value; false when the key was absent. */
@@ -29,6 +39,9 @@ export interface SessionNode {
   ping(): Promise<void>
   close(): Promise<void>
 }
+
+/** What addOwned() answers: opaque, valid only for the node that issued it. */
+export type OwnedToken = { readonly __owned: unique symbol }
 
 /** An opaque compare-and-set token, valid only for the node that issued it. */
 export type CasToken = { readonly __cas: unique symbol }

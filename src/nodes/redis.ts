@@ -1,6 +1,6 @@
 import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis'
 import { NodeOperationError, NodeRejectedError } from '../errors.js'
-import type { CasOutcome, CasToken, SessionNode } from './node.js'
+import type { CasOutcome, CasToken, OwnedToken, SessionNode } from './node.js'
 import { withTimeout } from './timeout.js'
 
 export interface RedisNodeConfig {
@@ -135,6 +135,15 @@ export class RedisNode implements SessionNode {
 
   async add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
     return (await this.#run('add', () => this.#client.set(key, value, 'PX', toMs(ttlSeconds), 'NX'))) === 'OK'
+  }
+
+  /** The token is the value itself: compare-and-delete compares values, in one script. */
+  async addOwned(key: string, value: Buffer, ttlSeconds: number): Promise<OwnedToken | null> {
+    return (await this.add(key, value, ttlSeconds)) ? (value as unknown as OwnedToken) : null
+  }
+
+  async deleteOwned(key: string, token: OwnedToken): Promise<void> {
+    await this.deleteIfUnchanged(key, token as unknown as CasToken)
   }
 
   async delete(key: string): Promise<boolean> {
