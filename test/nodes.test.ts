@@ -107,6 +107,25 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
 describe('an owned value on a memcached that restarts', () => {
   afterAll(stopAllMemcached)
 
+  it("never writes over another writer's value that came to carry the same CAS after the restart", async () => {
+    const server = await startMemcached()
+    const common = { operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }
+    const first = new MemcachedNode({ ...common, id: 'n1' })
+    const second = new MemcachedNode({ ...common, id: 'n1' })
+    try {
+      await first.set('session', Buffer.from('read'), 60)
+      const read = await first.gets('session')
+      await server.restart() // empty, and its CAS counter starts again from 1
+      await second.set('session', Buffer.from('theirs'), 60) // the new server's first item, as ours was
+      expect(await first.setIfUnchanged('session', Buffer.from('mine'), 60, read?.cas as never)).toBe(
+        'conflict',
+      )
+      expect((await second.get('session'))?.toString()).toBe('theirs')
+    } finally {
+      await Promise.all([first.close(), second.close()])
+    }
+  })
+
   it("never deletes another writer's value that came to carry the same CAS after the restart", async () => {
     const server = await startMemcached()
     const common = { operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }

@@ -80,14 +80,9 @@ export class MemcachedNode implements SessionNode {
 
   async deleteOwned(key: string, token: OwnedToken): Promise<void> {
     const { value, cas, socket } = token as unknown as MemcachedOwned
-    const current = (this.#server as MemjsServerInternals)._socket
-    // A CAS is unique per server process, and it counts from 1 again after a restart, when another writer's
-    // value could carry the same one. On the connection the add went through, it is still the same process
-    // (a restart closes every connection), so one CAS delete is safe; otherwise compare the value first.
-    if (socket && current === socket && !socket.destroyed && cas.some((byte) => byte !== 0)) {
-      await this.#run('delete', () =>
-        this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas as unknown as CasToken),
-      )
+    // One CAS delete while the add's connection is open (see #onConnection); otherwise compare the value first.
+    if (this.#onConnection(socket) && cas.some((byte) => byte !== 0)) {
+      await this.#run('delete', () => this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas))
       return
     }
     const read = await this.gets(key)
@@ -107,20 +102,31 @@ export class MemcachedNode implements SessionNode {
     if (response.header.status === STATUS.notFound) return null
     if (response.header.status !== STATUS.ok) throw this.#rejected('gets', response.header.status)
     // No copy of the value: memjs never writes into a buffer it has parsed, and the codec copies what it keeps.
-    return { value: response.val, cas: Buffer.from(response.header.cas) as unknown as CasToken }
+    // The connection the reply came on (no I/O has run since): see MemcachedCas.
+    const cas: MemcachedCas = {
+      unique: Buffer.from(response.header.cas),
+      socket: (this.#server as MemjsServerInternals)._socket,
+    }
+    return { value: response.val, cas: cas as unknown as CasToken }
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
-    this.#assertCas(cas)
+    const { unique, socket } = cas as unknown as MemcachedCas
+    this.#assertCas(unique)
+    if (!this.#onConnection(socket)) return 'conflict'
     const response = await this.#run('cas', () =>
-      this.#request(OPCODE.set, key, expiryExtras(ttlSeconds), value, cas),
+      this.#request(OPCODE.set, key, expiryExtras(ttlSeconds), value, unique),
     )
     return this.#casOutcome('cas', response.header.status)
   }
 
   async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
-    this.#assertCas(cas)
-    const response = await this.#run('cas delete', () => this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas))
+    const { unique, socket } = cas as unknown as MemcachedCas
+    this.#assertCas(unique)
+    if (!this.#onConnection(socket)) return 'conflict'
+    const response = await this.#run('cas delete', () =>
+      this.#request(OPCODE.delete, key, EMPTY, EMPTY, unique),
+    )
     return this.#casOutcome('cas delete', response.header.status)
   }
 
@@ -142,13 +148,13 @@ export class MemcachedNode implements SessionNode {
     key: string,
     extras: Buffer,
     value: Buffer,
-    cas?: CasToken,
+    cas?: Buffer,
   ): Promise<memjs.Response> {
     return new Promise((resolve, reject) => {
       this.#client.incrSeq()
       const seq = this.#client.seq
       const request = memjs.Utils.makeRequestBuffer(opcode, key, extras, value, seq)
-      if (cas) (cas as unknown as Buffer).copy(request, 16)
+      if (cas) cas.copy(request, 16)
       this.#client.perform(key, request, seq, (error: Error | null, response?: memjs.Response) => {
         if (error || !response) reject(error ?? new Error('no response'))
         else resolve(response)
@@ -157,8 +163,19 @@ export class MemcachedNode implements SessionNode {
   }
 
   /** memcached started with -C answers CAS 0, and a write with CAS 0 is unconditional: it must not be sent. */
-  #assertCas(cas: CasToken): void {
-    if ((cas as unknown as Buffer).every((byte) => byte === 0)) {
+  /**
+   * Whether a CAS read or added through `socket` still means what it meant: only while that connection is open,
+   * to the same server process (a restart closes every connection, and the new process counts CAS from 1 again,
+   * so an old one could match another writer's value).
+   */
+  #onConnection(socket: Socket | undefined): boolean {
+    return (
+      socket !== undefined && socket === (this.#server as MemjsServerInternals)._socket && !socket.destroyed
+    )
+  }
+
+  #assertCas(cas: Buffer): void {
+    if (cas.every((byte) => byte === 0)) {
       throw new NodeRejectedError(
         `${this.address} has compare-and-set disabled (memcached -C); locking and merges need it: start memcached without -C, or use lockingMode 'none'`,
       )
@@ -200,6 +217,12 @@ export class MemcachedNode implements SessionNode {
       },
     )
   }
+}
+
+/** A CAS token on memcached: the CAS unique, and the connection it was read through. */
+interface MemcachedCas {
+  readonly unique: Buffer
+  readonly socket: Socket | undefined
 }
 
 /** What addOwned() answers on memcached. */
