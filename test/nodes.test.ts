@@ -104,14 +104,18 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
   })
 })
 
-describe('an owned value on a memcached that restarts', () => {
+describe('a memcached that restarts between a read and a conditional write', () => {
   afterAll(stopAllMemcached)
 
-  it("never writes over another writer's value that came to carry the same CAS after the restart", async () => {
+  /** One server, and two clients of it: ours, and another writer's. */
+  async function twoClients() {
     const server = await startMemcached()
-    const common = { operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }
-    const first = new MemcachedNode({ ...common, id: 'n1' })
-    const second = new MemcachedNode({ ...common, id: 'n1' })
+    const common = { id: 'n1', operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }
+    return { server, first: new MemcachedNode(common), second: new MemcachedNode(common) }
+  }
+
+  it("never writes over another writer's value that came to carry the same CAS after the restart", async () => {
+    const { server, first, second } = await twoClients()
     try {
       await first.set('session', Buffer.from('read'), 60)
       const read = await first.gets('session')
@@ -127,10 +131,7 @@ describe('an owned value on a memcached that restarts', () => {
   })
 
   it("never deletes another writer's value that came to carry the same CAS after the restart", async () => {
-    const server = await startMemcached()
-    const common = { operationTimeoutMs: 1000, probeKey: 'p', host: '127.0.0.1', port: server.port }
-    const first = new MemcachedNode({ ...common, id: 'n1' })
-    const second = new MemcachedNode({ ...common, id: 'n1' })
+    const { server, first, second } = await twoClients()
     try {
       const token = await first.addOwned('lock', Buffer.from('mine'), 60)
       await server.restart() // empty, and its CAS counter starts again from 1
