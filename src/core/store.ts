@@ -264,10 +264,12 @@ export class ReplicatedStore implements SessionBackend {
       }
       if (primaryWrite.status === 'fulfilled') {
         counters.primaryWrites++
-        this.#supersede(
-          failedOn.map((nodeId) => ({ nodeId, key: keys.primary, value: blob })),
-          primary,
-        )
+        if (failedOn.length > 0) {
+          this.#supersede(
+            failedOn.map((nodeId) => ({ nodeId, key: keys.primary, value: blob })),
+            primary,
+          )
+        }
         this.#wrote(parsed.random)
         if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
         const now = Date.now()
@@ -390,8 +392,9 @@ export class ReplicatedStore implements SessionBackend {
     if (!parsed) throw new TypeError('merge() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const lateWrites: LateWrite[] = lateWrite ? [lateWrite] : []
-    let sent: Buffer | undefined
     for (let attempt = 0; attempt < MAX_MERGE_ATTEMPTS; attempt++) {
+      /** This attempt's write, once sent: if its node fails, it may still land there. */
+      let sent: Buffer | undefined
       const primary = this.#ring.isAlive(parsed.nodeId)
         ? parsed.nodeId
         : this.#ring.nextAliveAfter(parsed.nodeId)
@@ -400,7 +403,6 @@ export class ReplicatedStore implements SessionBackend {
         const current = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         // No primary copy where the session is (it moved here, or the node restarted): the freshest copy of
         // either key on any alive node, the backup key on this very node included.
-        sent = undefined
         const fromPrimary = current && this.#decode(current.value, primary, keys, keys.primary)
         const freshest = fromPrimary ? undefined : await this.#freshestCopy(keys)
         const base = fromPrimary || freshest?.record
@@ -541,7 +543,6 @@ export class ReplicatedStore implements SessionBackend {
     this.#options.metrics.emit('backupFailed', { session, primary })
   }
 
-  /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
   /**
    * The session is stored on `storedOn`: writes of it that failed on other nodes, and may land there later (a
    * frozen node runs them when it resumes), are deleted before those nodes count as back, so a client with an
@@ -553,6 +554,7 @@ export class ReplicatedStore implements SessionBackend {
     }
   }
 
+  /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
   #relocated(keys: StorageKeys, from: string, to: string): void {
     if (!this.#firstMove(keys.digest, `${from}>${to}`)) return
     this.#options.metrics.counters.relocations++

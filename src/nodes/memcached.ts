@@ -71,18 +71,16 @@ export class MemcachedNode implements SessionNode {
     )
     if (response.header.status === STATUS.exists) return null
     if (response.header.status !== STATUS.ok) throw this.#rejected('add', response.header.status)
-    // The connection the reply came on (no I/O has run since it was read): the reply's CAS is unique for as long
-    // as that connection stays open, to the same server process.
-    const socket = (this.#server as MemjsServerInternals)._socket
-    const owned: MemcachedOwned = { value, cas: Buffer.from(response.header.cas), socket }
+    // The reply's CAS deletes exactly this value for as long as its connection stays open (see #onConnection).
+    const owned: MemcachedOwned = { value, cas: this.#casOf(response) }
     return owned as unknown as OwnedToken
   }
 
   async deleteOwned(key: string, token: OwnedToken): Promise<void> {
-    const { value, cas, socket } = token as unknown as MemcachedOwned
+    const { value, cas } = token as unknown as MemcachedOwned
     // One CAS delete while the add's connection is open (see #onConnection); otherwise compare the value first.
-    if (this.#onConnection(socket) && cas.some((byte) => byte !== 0)) {
-      await this.#run('delete', () => this.#request(OPCODE.delete, key, EMPTY, EMPTY, cas))
+    if (this.#onConnection(cas.socket)) {
+      await this.deleteIfUnchanged(key, cas as unknown as CasToken)
       return
     }
     const read = await this.gets(key)
@@ -102,12 +100,7 @@ export class MemcachedNode implements SessionNode {
     if (response.header.status === STATUS.notFound) return null
     if (response.header.status !== STATUS.ok) throw this.#rejected('gets', response.header.status)
     // No copy of the value: memjs never writes into a buffer it has parsed, and the codec copies what it keeps.
-    // The connection the reply came on (no I/O has run since): see MemcachedCas.
-    const cas: MemcachedCas = {
-      unique: Buffer.from(response.header.cas),
-      socket: (this.#server as MemjsServerInternals)._socket,
-    }
-    return { value: response.val, cas: cas as unknown as CasToken }
+    return { value: response.val, cas: this.#casOf(response) as unknown as CasToken }
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
@@ -162,7 +155,14 @@ export class MemcachedNode implements SessionNode {
     })
   }
 
-  /** memcached started with -C answers CAS 0, and a write with CAS 0 is unconditional: it must not be sent. */
+  /** A reply's CAS, with the connection the reply came on (no I/O has run since it was read). */
+  #casOf(response: memjs.Response): MemcachedCas {
+    return {
+      unique: Buffer.from(response.header.cas),
+      socket: (this.#server as MemjsServerInternals)._socket,
+    }
+  }
+
   /**
    * Whether a CAS read or added through `socket` still means what it meant: only while that connection is open,
    * to the same server process (a restart closes every connection, and the new process counts CAS from 1 again,
@@ -174,6 +174,7 @@ export class MemcachedNode implements SessionNode {
     )
   }
 
+  /** memcached started with -C answers CAS 0, and a write with CAS 0 is unconditional: it must not be sent. */
   #assertCas(cas: Buffer): void {
     if (cas.every((byte) => byte === 0)) {
       throw new NodeRejectedError(
@@ -228,8 +229,7 @@ interface MemcachedCas {
 /** What addOwned() answers on memcached. */
 interface MemcachedOwned {
   readonly value: Buffer
-  readonly cas: Buffer
-  readonly socket: Socket | undefined
+  readonly cas: MemcachedCas
 }
 
 /** The extras of a binary set or add: flags (0), then the expiry. */

@@ -19,12 +19,9 @@ interface Member {
   lastError: string | undefined
   probeTimer: NodeJS.Timeout | undefined
   /**
-   * Keys to delete on this node before it counts as alive again: deleted while it was dead, or (with a value)
-   * a lock whose add may have been applied after its timeout, deleted only if it still holds that value.
-   */
-  /**
-   * Keys to delete before the node counts as alive again: undefined deletes whatever is there, a list only one
-   * of those values. Entries are replaced, never changed in place, so a probe can tell one it did not run.
+   * Keys to delete on this node before it counts as alive again: undefined deletes whatever is there (a session
+   * destroyed while the node was dead), a list only one of those values (a lock add or a write that timed out
+   * and may land late). Entries are replaced, never changed in place, so a probe can tell one it did not run.
    */
   readonly pendingDeletes: Map<string, readonly Buffer[] | undefined>
 }
