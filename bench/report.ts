@@ -226,7 +226,6 @@ export function writeReport(data: Results, analysis = readAnalysis()): void {
       'connect-memcached',
       'connect-redis',
       'ioredis',
-      'memjs',
       'fastify',
       '@fastify/session',
       'autocannon',

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { NodeRejectedError } from '../src/errors.js'
+import { NodeRejectedError, OperationTimeoutError } from '../src/errors.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
@@ -74,6 +74,67 @@ describe.each([
     expect(await node.deleteIfUnchanged('d', theirs?.cas as never)).toBe('stored')
     expect(await node.gets('d')).toBeNull()
     expect(await node.setIfUnchanged('d', Buffer.from('x'), 60, theirs?.cas as never)).toBe('missing')
+  })
+})
+
+describe.each([
+  ['memcached', 'memcached'],
+  ['Redis', 'redis'],
+] as const)('many operations in flight on one %s connection', (_name, kind) => {
+  let node: SessionNode
+
+  beforeAll(async () => {
+    const common = { id: 'n1', operationTimeoutMs: 2000, probeKey: 'p' }
+    node =
+      kind === 'memcached'
+        ? new MemcachedNode({ ...common, host: '127.0.0.1', port: (await startMemcached()).port })
+        : new RedisNode({ ...common, url: `redis://127.0.0.1:${(await startRedis()).port}` })
+  })
+  afterAll(async () => {
+    await node.close()
+    await stopAllMemcached()
+    await stopAllRedis()
+  })
+
+  it('gives each its own reply, also values that arrive in many reads', async () => {
+    // Values of 1 byte to 600 kB, written and read in parallel: replies share reads and span them.
+    const values = Array.from({ length: 60 }, (_, i) => Buffer.alloc(i % 3 === 0 ? 600_000 - i : i + 1, i))
+    await Promise.all(values.map((value, i) => node.set(`many-${i}`, value, 60)))
+    const read = await Promise.all(values.map((_, i) => node.gets(`many-${i}`)))
+    for (const [i, value] of values.entries()) expect(read[i]?.value.equals(value)).toBe(true)
+    const misses = await Promise.all(values.map((_, i) => node.get(`absent-${i}`)))
+    expect(misses.every((miss) => miss === null)).toBe(true)
+  })
+})
+
+describe('a frozen memcached (SIGSTOP)', () => {
+  it('fails every pending operation with a timeout, then works on a new connection once it resumes', async () => {
+    const server = await startMemcached()
+    const node = new MemcachedNode({
+      id: 'n1',
+      host: '127.0.0.1',
+      port: server.port,
+      operationTimeoutMs: 300,
+      probeKey: 'p',
+    })
+    try {
+      await node.set('k', Buffer.from('before'), 60)
+      await server.freeze()
+      const started = Date.now()
+      const pending = await Promise.allSettled([node.get('k'), node.set('k', Buffer.from('lost?'), 60)])
+      expect(pending.map((result) => result.status)).toEqual(['rejected', 'rejected'])
+      for (const result of pending) {
+        expect((result as PromiseRejectedResult).reason).toBeInstanceOf(OperationTimeoutError)
+      }
+      expect(Date.now() - started).toBeLessThan(2000)
+      await server.thaw()
+      // The timed-out connection was dropped; the next operations open a new one.
+      await node.set('k', Buffer.from('after'), 60)
+      expect((await node.get('k'))?.toString()).toBe('after')
+    } finally {
+      await node.close()
+      await stopAllMemcached()
+    }
   })
 })
 

@@ -2,7 +2,7 @@ import { OperationTimeoutError } from '../errors.js'
 
 /**
  * Settles with `operation`, or rejects with OperationTimeoutError after `timeoutMs`. `onTimeout` lets the caller
- * reset a client whose request may never be answered (memjs keeps such callbacks forever); `mapError` turns
+ * reset a client whose request may never be answered; `mapError` turns
  * the operation's own failure into the error to reject with. One promise per operation: this is the hot path.
  */
 export function withTimeout<T>(

@@ -1,0 +1,220 @@
+import { connect, type Socket } from 'node:net'
+import { NodeOperationError, OperationTimeoutError } from '../errors.js'
+import {
+  encodeRequest,
+  MalformedReplyError,
+  NO_BYTES,
+  OPCODE,
+  type Reply,
+  ReplyParser,
+  STATUS,
+  saslPlainValue,
+} from './memcached-protocol.js'
+
+export interface MemcachedConnectionOptions {
+  readonly host: string
+  readonly port: number
+  /** SASL PLAIN credentials, sent before anything else on every new connection. */
+  readonly credentials?: { readonly username: string; readonly password: string } | undefined
+  readonly timeoutMs: number
+  /** How the node is named in errors, e.g. `memcached 127.0.0.1:11211`. */
+  readonly address: string
+}
+
+export type MemcachedReply = Reply<Socket>
+
+interface Pending {
+  readonly opaque: number
+  readonly operation: string
+  readonly deadline: number
+  readonly resolve: (reply: MemcachedReply) => void
+  readonly reject: (error: Error) => void
+}
+
+/** Milliseconds of idleness before TCP keep-alive probes a connection. */
+const KEEP_ALIVE_MS = 10_000
+
+/**
+ * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
+ * request order, so pending requests wait in a queue and only the oldest has a deadline that matters: one timer
+ * per connection instead of one per operation. Requests made in one tick leave in one system call (the socket is
+ * corked until the next tick).
+ *
+ * Every request settles: with its reply, or with OperationTimeoutError when the oldest pending request outlives
+ * the timeout (the connection is then reset, not closed: a close lets the kernel go on sending queued writes,
+ * which could land after the node counts as back), or with NodeOperationError when the connection fails, closes,
+ * answers out of step, or refuses the credentials.
+ */
+export class MemcachedConnection {
+  readonly #options: MemcachedConnectionOptions
+  readonly #parser = new ReplyParser<Socket>()
+  #socket: Socket | undefined
+  #queue: Pending[] = []
+  #opaque = 0
+  #timer: NodeJS.Timeout | undefined
+  #corked = false
+  #closed = false
+
+  constructor(options: MemcachedConnectionOptions) {
+    this.#options = options
+  }
+
+  /** The open connection, if any: a CAS read through another one no longer means the same value. */
+  get socket(): Socket | undefined {
+    return this.#socket
+  }
+
+  request(
+    operation: string,
+    opcode: number,
+    key: string,
+    extras: Buffer,
+    value: Buffer,
+    cas?: Buffer,
+  ): Promise<MemcachedReply> {
+    if (this.#closed) return Promise.reject(new NodeOperationError(`${this.#options.address} is closed`))
+    const socket = this.#socket ?? this.#connect()
+    return new Promise((resolve, reject) => {
+      this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
+    })
+  }
+
+  /** Fails whatever is pending; later requests are refused. */
+  close(): void {
+    this.#closed = true
+    if (this.#socket) this.#drop(this.#socket, new NodeOperationError(`${this.#options.address} was closed`))
+  }
+
+  #send(
+    socket: Socket,
+    operation: string,
+    opcode: number,
+    key: string,
+    extras: Buffer,
+    value: Buffer,
+    cas: Buffer | undefined,
+    resolve: (reply: MemcachedReply) => void,
+    reject: (error: Error) => void,
+  ): void {
+    this.#opaque = (this.#opaque + 1) >>> 0
+    const opaque = this.#opaque
+    const deadline = Date.now() + this.#options.timeoutMs
+    this.#queue.push({ opaque, operation, deadline, resolve, reject })
+    if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
+    if (!this.#corked) {
+      this.#corked = true
+      socket.cork()
+      process.nextTick(() => {
+        this.#corked = false
+        socket.uncork()
+      })
+    }
+    socket.write(encodeRequest(opcode, key, extras, value, opaque, cas))
+  }
+
+  #connect(): Socket {
+    const { host, port, credentials } = this.#options
+    const socket = connect({
+      host,
+      port,
+      noDelay: true,
+      keepAlive: true,
+      keepAliveInitialDelay: KEEP_ALIVE_MS,
+    })
+    this.#socket = socket
+    this.#corked = false
+    this.#parser.reset()
+    socket.on('data', (chunk: Buffer) => this.#onData(socket, chunk))
+    socket.on('error', (error) => this.#drop(socket, this.#connectionError(error.message, error)))
+    socket.on('close', () => this.#drop(socket, this.#connectionError('connection closed')))
+    if (credentials) {
+      const refused = (reply: MemcachedReply): void => {
+        if (reply.status === STATUS.ok) return
+        this.#drop(
+          socket,
+          new NodeOperationError(
+            `${this.#options.address} refused authentication as '${credentials.username}' (status 0x${reply.status.toString(16)})`,
+          ),
+        )
+      }
+      this.#send(
+        socket,
+        'authenticate',
+        OPCODE.saslAuth,
+        'PLAIN',
+        NO_BYTES,
+        saslPlainValue(credentials.username, credentials.password),
+        undefined,
+        refused,
+        () => {},
+      )
+    }
+    return socket
+  }
+
+  #onData(socket: Socket, chunk: Buffer): void {
+    if (socket !== this.#socket) return
+    try {
+      this.#parser.push(chunk, socket, this.#onReply)
+    } catch (error) {
+      this.#drop(socket, this.#connectionError(error instanceof Error ? error.message : String(error)))
+    }
+  }
+
+  /** Bound once: the parser calls it for every reply. */
+  readonly #onReply = (reply: MemcachedReply): void => {
+    const head = this.#queue[0]
+    if (head?.opaque !== reply.opaque) throw new MalformedReplyError('reply out of step with the requests')
+    this.#queue.shift()
+    head.resolve(reply)
+  }
+
+  #arm(delayMs: number): void {
+    this.#timer = setTimeout(() => this.#checkDeadline(), delayMs)
+    this.#timer.unref()
+  }
+
+  #checkDeadline(): void {
+    this.#timer = undefined
+    const head = this.#queue[0]
+    if (!head) return
+    const now = Date.now()
+    if (head.deadline > now) {
+      this.#arm(head.deadline - now)
+      return
+    }
+    const socket = this.#socket
+    if (!socket) return
+    // A request that was not answered in time may never be: nothing queued behind it on this connection will be.
+    if (!socket.destroyed && !socket.connecting) socket.resetAndDestroy()
+    this.#drop(socket, undefined)
+  }
+
+  /** Fails every pending request (with a timeout when `error` is undefined) and forgets the connection. */
+  #drop(socket: Socket, error: Error | undefined): void {
+    if (socket !== this.#socket) return
+    this.#socket = undefined
+    this.#parser.reset()
+    if (this.#timer) clearTimeout(this.#timer)
+    this.#timer = undefined
+    if (!socket.destroyed) socket.destroy()
+    const pending = this.#queue
+    this.#queue = []
+    const { address, timeoutMs } = this.#options
+    for (const request of pending) {
+      request.reject(
+        error
+          ? new NodeOperationError(`${address} failed ${request.operation}: ${error.message}`, {
+              cause: error,
+            })
+          : new OperationTimeoutError(
+              `${address} (${request.operation}) did not answer within ${timeoutMs} ms`,
+            ),
+      )
+    }
+  }
+
+  #connectionError(message: string, cause?: unknown): NodeOperationError {
+    return new NodeOperationError(message, cause === undefined ? undefined : { cause })
+  }
+}
