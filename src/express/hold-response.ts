@@ -88,6 +88,23 @@ function frozenAppendHeader(this: ServerResponse, ...args: unknown[]): unknown {
   return (holds.get(this) as ResponseHold).header('appendHeader', args)
 }
 
+/** Per response prototype (one per Express app), the same prototype with header changes ignored. */
+const frozenPrototypes = new WeakMap<object, object>()
+
+function frozenPrototypeOf(prototype: object): object {
+  let frozen = frozenPrototypes.get(prototype)
+  if (!frozen) {
+    const method = (value: AnyFunction) => ({ value, writable: true, configurable: true })
+    frozen = Object.create(prototype, {
+      setHeader: method(frozenSetHeader),
+      removeHeader: method(frozenRemoveHeader),
+      appendHeader: method(frozenAppendHeader),
+    }) as object
+    frozenPrototypes.set(prototype, frozen)
+  }
+  return frozen
+}
+
 class ResponseHold {
   readonly #res: ServerResponse
   readonly #commit: (final: boolean) => Promise<ApplyHeaders | undefined>
@@ -189,7 +206,7 @@ class ResponseHold {
         this.#phase = 'done'
         const result = this.#wire.end.apply(res, args)
         this.#phase = 'sent'
-        this.#freezeHeaders()
+        this.#freezeSent()
         return result
       }
     }
@@ -228,6 +245,24 @@ class ResponseHold {
     res.setHeader = frozenSetHeader
     res.removeHeader = frozenRemoveHeader
     if (this.#headers.appendHeader) res.appendHeader = frozenAppendHeader
+  }
+
+  /**
+   * The freeze of a response that went out at once (a read): through the prototype, one cheap step where three
+   * stored properties would each copy the response's map. Should an Express sub-app later set the prototype
+   * again, only this protection goes, and Node's own (a header change after the headers throws) remains.
+   */
+  #freezeSent(): void {
+    const res = this.#res
+    if (
+      Object.hasOwn(res, 'setHeader') ||
+      Object.hasOwn(res, 'removeHeader') ||
+      Object.hasOwn(res, 'appendHeader')
+    ) {
+      this.#freezeHeaders()
+      return
+    }
+    Object.setPrototypeOf(res, frozenPrototypeOf(Object.getPrototypeOf(res) as object))
   }
 
   #restoreHeaders(): void {

@@ -37,8 +37,9 @@ const KEEP_ALIVE_MS = 10_000
 /**
  * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
  * request order, so pending requests wait in a queue and only the oldest has a deadline that matters: one timer
- * per connection instead of one per operation. Requests made in one tick leave in one system call (the socket is
- * corked until the next tick).
+ * per connection instead of one per operation. Requests made in one turn of the event loop leave in one system
+ * call: the socket is corked until the loop's check phase (setImmediate), after every callback of that turn's
+ * I/O has run. Under load one turn serves many HTTP requests; process.nextTick would uncork after each of them.
  *
  * Every request settles: with its reply, or with OperationTimeoutError when the oldest pending request outlives
  * the timeout (the connection is then reset, not closed: a close lets the kernel go on sending queued writes,
@@ -104,7 +105,7 @@ export class MemcachedConnection {
     if (!this.#corked) {
       this.#corked = true
       socket.cork()
-      process.nextTick(() => {
+      setImmediate(() => {
         this.#corked = false
         socket.uncork()
       })
