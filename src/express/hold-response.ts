@@ -13,9 +13,9 @@ const SUCCESS_HEADERS = /^(content-|etag$|last-modified$|location$|set-cookie$|t
 const HIGH_WATER_MARK = 16 * 1024
 
 /**
- * Each held response's hold, where the shared wrappers below find it. Not a property of the response: once
- * Express has set a response's prototype, V8 shares no map between responses, and each property added to one
- * copies its whole map.
+ * Each held response's hold, where the shared wrappers below find it. Not a property of the response: a response
+ * in fast mode (one this module is used on without the middleware's toDictionaryMode) copies its whole map for
+ * each property added to it once Express has set its prototype.
  */
 const holds = new WeakMap<ServerResponse, ResponseHold>()
 
@@ -42,7 +42,7 @@ type Phase = 'open' | 'committing' | 'streaming' | 'ending' | 'done' | 'sent'
  * client never sees a complete response for a change that was not stored.
  *
  * The wrappers put on the response are the same functions for every response, and stay in place once released
- * (they pass calls through): every property stored on a response costs a copy of its map, so as few are.
+ * (they pass calls through), so as few properties as possible are stored on a response (see toDictionaryMode).
  */
 export function holdResponse(
   res: ServerResponse,
@@ -86,23 +86,6 @@ function frozenRemoveHeader(this: ServerResponse, ...args: unknown[]): unknown {
 }
 function frozenAppendHeader(this: ServerResponse, ...args: unknown[]): unknown {
   return (holds.get(this) as ResponseHold).header('appendHeader', args)
-}
-
-/** Per response prototype (one per Express app), the same prototype with header changes ignored. */
-const frozenPrototypes = new WeakMap<object, object>()
-
-function frozenPrototypeOf(prototype: object): object {
-  let frozen = frozenPrototypes.get(prototype)
-  if (!frozen) {
-    const method = (value: AnyFunction) => ({ value, writable: true, configurable: true })
-    frozen = Object.create(prototype, {
-      setHeader: method(frozenSetHeader),
-      removeHeader: method(frozenRemoveHeader),
-      appendHeader: method(frozenAppendHeader),
-    }) as object
-    frozenPrototypes.set(prototype, frozen)
-  }
-  return frozen
 }
 
 class ResponseHold {
@@ -206,7 +189,7 @@ class ResponseHold {
         this.#phase = 'done'
         const result = this.#wire.end.apply(res, args)
         this.#phase = 'sent'
-        this.#freezeSent()
+        this.#freezeHeaders()
         return result
       }
     }
@@ -245,24 +228,6 @@ class ResponseHold {
     res.setHeader = frozenSetHeader
     res.removeHeader = frozenRemoveHeader
     if (this.#headers.appendHeader) res.appendHeader = frozenAppendHeader
-  }
-
-  /**
-   * The freeze of a response that went out at once (a read): through the prototype, one cheap step where three
-   * stored properties would each copy the response's map. Should an Express sub-app later set the prototype
-   * again, only this protection goes, and Node's own (a header change after the headers throws) remains.
-   */
-  #freezeSent(): void {
-    const res = this.#res
-    if (
-      Object.hasOwn(res, 'setHeader') ||
-      Object.hasOwn(res, 'removeHeader') ||
-      Object.hasOwn(res, 'appendHeader')
-    ) {
-      this.#freezeHeaders()
-      return
-    }
-    Object.setPrototypeOf(res, frozenPrototypeOf(Object.getPrototypeOf(res) as object))
   }
 
   #restoreHeaders(): void {

@@ -7,6 +7,7 @@ import { operationsOf, type SessionOperations } from '../operator.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
 import { newSessionCookie, type SessionCookie, sessionCookieHeader } from '../session-cookie.js'
 import { appendSessionCookie, isSecure, readSessionId, requestPath } from './cookies.js'
+import { toDictionaryMode } from './dictionary-mode.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
 
@@ -45,6 +46,8 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
     const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
 
     const begin = ({ state, content }: OpenedSession): void => {
+      toDictionaryMode(req)
+      toDictionaryMode(res)
       const store = new RequestStore(req, engine.session, state, newCookie)
       req.sessionStore = store
       try {
