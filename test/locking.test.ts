@@ -1,3 +1,4 @@
+import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { LockManager } from '../src/core/locking.js'
@@ -79,6 +80,53 @@ describe('session locks', () => {
       expect(await server.has('sf:lock:session')).toBe(false)
     } finally {
       await ring.close()
+    }
+  })
+
+  it("sends the session's read beside the lock's add, and reads nothing more once the add takes the lock", async () => {
+    const server = await startMemcached()
+    // Between the app and memcached: logs each request's opcode as it arrives, and each reply as it comes back.
+    const events: string[] = []
+    const sockets = new Set<Socket>()
+    const proxy = createServer((client) => {
+      const upstream = connect(server.port, '127.0.0.1')
+      sockets.add(client).add(upstream)
+      client.on('error', () => {})
+      upstream.on('error', () => {})
+      client.on('data', (chunk: Buffer) => {
+        for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
+          events.push(chunk[at + 1] === 0x02 ? 'add' : chunk[at + 1] === 0x00 ? 'get' : 'other')
+        }
+        upstream.write(chunk)
+      })
+      upstream.on('data', (chunk: Buffer) => {
+        events.push('reply')
+        client.write(chunk)
+      })
+    })
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+    try {
+      const { port } = proxy.address() as AddressInfo
+      const app = await startShop(express, {
+        secret: 's',
+        nodes: `n1:127.0.0.1:${port}`,
+        lockingMode: 'all',
+      })
+      shops.push(app)
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/start')
+      const gets = async () => Number((await server.stats()).cmd_get)
+      const before = await gets()
+      events.length = 0
+      expect((await browser.send(app, 'POST', '/count')).body.views).toBe(1)
+      // One read per locked request, and it reached memcached before the add was answered.
+      expect((await gets()) - before).toBe(1)
+      const add = events.indexOf('add')
+      expect(add).toBeGreaterThanOrEqual(0)
+      expect(events.slice(add, events.indexOf('reply', add))).toEqual(['add', 'get'])
+    } finally {
+      for (const socket of sockets) socket.destroy()
+      proxy.close()
     }
   })
 

@@ -87,13 +87,19 @@ export class SessionEngine {
     // A malformed id, or one recently found nowhere, is a new session at no cost: no lock, no read.
     const parsed = presented && this.store.recognize(presented.id)
     const cookieId = parsed && !this.store.knownAbsent(parsed) ? presented.id : undefined
-    const lock = cookieId === undefined || !parsed || !request ? undefined : await this.#lock(parsed, request)
+    // The read that left beside the lock's add; used only if that add took the lock.
+    let early: Promise<LoadedSession | null> | undefined
+    const lock =
+      cookieId === undefined || !parsed || !request
+        ? undefined
+        : await this.#lock(parsed, request, () => {
+            early = this.#load(cookieId)
+            early.catch(() => {})
+          })
     let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
       const loaded =
-        cookieId === undefined
-          ? null
-          : await this.#options.metrics.time('load', () => this.store.load(cookieId))
+        cookieId === undefined ? null : early && lock?.byFirstAdd ? await early : await this.#load(cookieId)
       found = loaded ? this.#readable(loaded) : undefined
     } catch (error) {
       await lock?.release()
@@ -112,6 +118,10 @@ export class SessionEngine {
     opened.state.resign = presented?.resign === true && found !== undefined
     this.#inFlight.add(opened.state)
     return opened
+  }
+
+  #load(id: string): Promise<LoadedSession | null> {
+    return this.#options.metrics.time('load', () => this.store.load(id))
   }
 
   /** Resolves once no request is in flight, or after `timeoutMs`; whether they all finished. */
@@ -229,13 +239,13 @@ export class SessionEngine {
     }
   }
 
-  async #lock(parsed: ParsedSessionId, request: RequestFacts) {
+  async #lock(parsed: ParsedSessionId, request: RequestFacts, besideFirstAdd: () => void) {
     const concurrency = this.#concurrency
     if (!concurrency || !concurrency.policy.shouldLock(request)) return undefined
     const keys = storageKeys(concurrency.prefix, parsed.random)
     try {
       const lock = await this.#options.metrics.time('lockWait', () =>
-        concurrency.locks.acquire(parsed.random, parsed.nodeId, keys.lock),
+        concurrency.locks.acquire(parsed.random, parsed.nodeId, keys.lock, besideFirstAdd),
       )
       this.counters.locksAcquired++
       if (lock.waited) this.counters.lockWaits++

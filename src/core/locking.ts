@@ -19,6 +19,11 @@ export interface SessionLock {
   readonly held: boolean
   /** Whether acquiring it had to wait for another request of the session. */
   readonly waited: boolean
+  /**
+   * Taken by the first add sent, the one `acquire`'s `besideFirstAdd` was called right after: what that call
+   * read, it read under this lock.
+   */
+  readonly byFirstAdd: boolean
   /** Releases it, in memcached only if this request still owns it. Idempotent; never rejects. */
   release(): Promise<void>
 }
@@ -47,8 +52,18 @@ export class LockManager {
     this.#options = options
   }
 
-  /** Waits for the session's lock (in this process, then in memcached); throws LockTimeoutError on timeout. */
-  async acquire(random: string, primaryNodeId: string, lockKey: string): Promise<SessionLock> {
+  /**
+   * Waits for the session's lock (in this process, then in memcached); throws LockTimeoutError on timeout.
+   * `besideFirstAdd` is called right after the first add is issued, when it goes to the session's primary and
+   * that node applies operations in order: a read it issues then runs after the add, so if that add takes the
+   * lock (`byFirstAdd`), the read was made under it, and the two shared one round trip.
+   */
+  async acquire(
+    random: string,
+    primaryNodeId: string,
+    lockKey: string,
+    besideFirstAdd?: () => void,
+  ): Promise<SessionLock> {
     const deadline = Date.now() + this.#options.lockTimeoutMs
     const ahead = this.#queues.get(random)
     const previous = ahead ?? Promise.resolve()
@@ -66,8 +81,9 @@ export class LockManager {
     try {
       if (!(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = randomBytes(12).toString('base64url')
-      const { nodeId, owned, sentAt, busy } = await this.#addLock(primaryNodeId, lockKey, token, deadline)
-      return this.#held(nodeId, lockKey, token, owned, sentAt, done, ahead !== undefined || busy > 0)
+      const taken = await this.#addLock(primaryNodeId, lockKey, token, deadline, besideFirstAdd)
+      const waited = ahead !== undefined || taken.busy > 0
+      return this.#held(taken.nodeId, lockKey, token, taken.owned, taken.sentAt, done, waited, taken.first)
     } catch (error) {
       done()
       throw error
@@ -79,11 +95,12 @@ export class LockManager {
     lockKey: string,
     token: string,
     deadline: number,
-  ): Promise<{ nodeId: string; owned: OwnedToken; sentAt: number; busy: number }> {
+    besideFirstAdd: (() => void) | undefined,
+  ): Promise<{ nodeId: string; owned: OwnedToken; sentAt: number; busy: number; first: boolean }> {
     const value = Buffer.from(token)
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
     let busy = 0
-    for (let pause = FIRST_PAUSE_MS; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5)) {
+    for (let pause = FIRST_PAUSE_MS, attempt = 0; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5), attempt++) {
       const nodeId = this.#lockNode(primaryNodeId)
       if (!nodeId)
         throw new AllNodesDownError(
@@ -91,11 +108,18 @@ export class LockManager {
           this.#options.retryAfterSeconds,
         )
       const sentAt = Date.now()
+      const adding = this.#ring.call(nodeId, (node) =>
+        node.addOwned(lockKey, value, this.#options.lockExpirationSeconds),
+      )
+      const beside =
+        attempt === 0 &&
+        besideFirstAdd !== undefined &&
+        nodeId === primaryNodeId &&
+        this.#ring.isOrdered(nodeId)
+      if (beside) besideFirstAdd()
       try {
-        const owned = await this.#ring.call(nodeId, (node) =>
-          node.addOwned(lockKey, value, this.#options.lockExpirationSeconds),
-        )
-        if (owned) return { nodeId, owned, sentAt, busy }
+        const owned = await adding
+        if (owned) return { nodeId, owned, sentAt, busy, first: beside }
         busy++
       } catch (error) {
         if (error instanceof NodeRejectedError || error instanceof ClosedError) throw error
@@ -119,6 +143,7 @@ export class LockManager {
     sentAt: number,
     leave: () => void,
     waited: boolean,
+    byFirstAdd: boolean,
   ): SessionLock {
     let held = true
     let releasing: Promise<void> | undefined
@@ -163,6 +188,7 @@ export class LockManager {
         return held && ring.isAlive(nodeId)
       },
       waited,
+      byFirstAdd,
       release,
     }
     this.#heldLocks.add(lock)

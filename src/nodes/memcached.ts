@@ -31,6 +31,8 @@ const STATUS_NAMES: Record<number, string> = {
 export class MemcachedNode implements SessionNode {
   readonly id: string
   readonly address: string
+  /** One connection: memcached answers it in order. */
+  readonly ordered = true
   readonly #connection: MemcachedConnection
   readonly #probeKey: string
 

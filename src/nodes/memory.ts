@@ -14,6 +14,8 @@ interface Entry {
 export class MemoryNode implements SessionNode {
   readonly id: string
   readonly address = 'in-process memory'
+  /** Every operation takes effect when it is called. */
+  readonly ordered = true
   readonly #entries = new Map<string, Entry>()
   #nextCas = 1
   readonly #sweep: NodeJS.Timeout

@@ -8,6 +8,12 @@ export interface SessionNode {
   readonly id: string
   /** Human-readable address for logs and health output, e.g. `memcached 10.0.0.1:11211`. */
   readonly address: string
+  /**
+   * Whether operations on different keys take effect in the order they were issued (one connection to one
+   * server): a read issued right after an add sees what the add did. False for a Redis Cluster, whose keys live
+   * on several shards. It lets a lock's add and the session's read leave together.
+   */
+  readonly ordered: boolean
   get(key: string): Promise<Buffer | null>
   set(key: string, value: Buffer, ttlSeconds: number): Promise<void>
   /** Stores only if the key is absent; false when it was present. */

@@ -62,6 +62,8 @@ type ScriptedClient = (Redis | Cluster) & {
 export class RedisNode implements SessionNode {
   readonly id: string
   readonly address: string
+  /** One connection to one server, except a cluster's: its keys live on several shards, each on its own. */
+  readonly ordered: boolean
   readonly #client: ScriptedClient
   readonly #timeoutMs: number
   readonly #probeKey: string
@@ -73,6 +75,7 @@ export class RedisNode implements SessionNode {
     this.id = config.id
     this.#timeoutMs = config.operationTimeoutMs
     this.#probeKey = config.probeKey
+    this.ordered = !config.cluster
     const options: RedisOptions = {
       enableOfflineQueue: false,
       maxRetriesPerRequest: 0,

@@ -116,6 +116,11 @@ export class NodeRing {
     return member !== undefined && !member.retired
   }
 
+  /** Whether the node applies operations on different keys in the order they are issued (SessionNode.ordered). */
+  isOrdered(nodeId: string): boolean {
+    return this.#byId.get(nodeId)?.node.ordered === true
+  }
+
   isAlive(nodeId: string): boolean {
     return this.#byId.get(nodeId)?.alive === true
   }
