@@ -195,7 +195,8 @@ export class SessionEngine {
 
   /**
    * The request is over: after any commit in flight the lock is released. Given the request (it was answered,
-   * not abandoned), 'auto' mode also learns whether its route wrote the session.
+   * not abandoned), 'auto' mode also learns whether its route wrote the session. Never rejects; once the commit
+   * has settled, the release is sent in this tick, so adapters need not wait for its answer.
    */
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
     await state.committing?.catch(() => {})

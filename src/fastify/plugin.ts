@@ -111,7 +111,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
     FastifySession.prototype.touch.call(session)
     const { setCookie } = await engine.session.commit(state, engine.session.snapshot(session, session.cookie))
-    await engine.session.finish(state, facts)
+    // The lock's release is sent now, before the reply, but not waited for (see the Express middleware).
+    void engine.session.finish(state, facts)
     if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(
         'set-cookie',
