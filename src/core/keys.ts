@@ -9,19 +9,30 @@ export interface StorageKeys {
   readonly lock: string
 }
 
+/** Keys computed lately: a request asks for its session's keys several times (read, lock, write, release). */
+const recentKeys = new Map<string, StorageKeys>()
+const RECENT_KEYS = 1024
+
 /**
  * Cache keys come from a hash of the random part of the id, never the id itself: a dump of the cache yields no
  * usable cookie. The node id is not part of the key, so a relocated session keeps its keys.
  */
 export function storageKeys(prefix: string, random: string): StorageKeys {
-  // The one-shot hash: no Hash object per call (this runs on every request).
-  const digest = hash('sha256', random, 'base64url')
-  return {
-    digest,
-    primary: `${prefix}${digest}`,
-    backup: `${prefix}bak:${digest}`,
-    lock: `${prefix}lock:${digest}`,
+  const cacheKey = `${prefix}\0${random}`
+  let keys = recentKeys.get(cacheKey)
+  if (keys === undefined) {
+    // The one-shot hash: no Hash object per call.
+    const digest = hash('sha256', random, 'base64url')
+    keys = {
+      digest,
+      primary: `${prefix}${digest}`,
+      backup: `${prefix}bak:${digest}`,
+      lock: `${prefix}lock:${digest}`,
+    }
+    if (recentKeys.size >= RECENT_KEYS) recentKeys.clear()
+    recentKeys.set(cacheKey, keys)
   }
+  return keys
 }
 
 /** How a session is named in logs: a short hash, never the id (which is the bearer credential). */

@@ -57,9 +57,17 @@ export class LockingPolicy {
   }
 }
 
-function routeKey({ method, path }: RequestFacts): string {
-  return `${method} ${path
-    .split('/')
-    .map((segment) => (ID_SEGMENT.test(segment) ? ':id' : segment))
-    .join('/')}`
+/** Each request's route, computed once: both shouldLock() and learn() ask for it. */
+const routeKeys = new WeakMap<RequestFacts, string>()
+
+function routeKey(request: RequestFacts): string {
+  let key = routeKeys.get(request)
+  if (key === undefined) {
+    key = `${request.method} ${request.path
+      .split('/')
+      .map((segment) => (ID_SEGMENT.test(segment) ? ':id' : segment))
+      .join('/')}`
+    routeKeys.set(request, key)
+  }
+  return key
 }
