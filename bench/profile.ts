@@ -1,6 +1,6 @@
 // Where the time goes: one layer under load with `node --cpu-prof`, then the functions with the most self time
 // and the library's functions with the most inclusive time.
-//   npx tsx bench/profile.ts session-failover/none read
+//   npx tsx bench/profile.ts session-failover/none read    (read, write or mix)
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -57,17 +57,22 @@ const result = await autocannon({
   url,
   connections: 50,
   duration: 8,
-  requests: [
-    {
-      method: workload === 'read' ? 'GET' : 'POST',
-      path: workload === 'read' ? '/read' : '/write',
-      setupRequest: (request, context) => {
-        const ctx = context as { cookie?: string }
-        ctx.cookie ??= cookies[next++ % cookies.length]
-        return { ...request, headers: { ...request.headers, cookie: ctx.cookie as string } }
-      },
+  // 'mix': four reads, then a write, on every connection (as bench/run.ts).
+  requests: (workload === 'mix'
+    ? ['read', 'read', 'read', 'read', 'write']
+    : [workload === 'read' ? 'read' : 'write']
+  ).map((kind) => ({
+    method: kind === 'read' ? 'GET' : 'POST',
+    path: `/${kind}`,
+    setupRequest: (request: object, context: object) => {
+      const ctx = context as { cookie?: string }
+      ctx.cookie ??= cookies[next++ % cookies.length]
+      return {
+        ...request,
+        headers: { ...(request as { headers?: object }).headers, cookie: ctx.cookie as string },
+      }
     },
-  ],
+  })),
 })
 console.log(`${layer} ${workload}: ${result.requests.average.toFixed(0)} req/s, p99 ${result.latency.p99} ms`)
 child.kill('SIGINT')

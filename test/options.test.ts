@@ -233,6 +233,31 @@ describe('options', () => {
     expect([1, 2, 3].map(() => policy.shouldLock(request))).toEqual([true, true, true])
   })
 
+  it("learns routes in 'auto' mode with id segments (numbers, uuids, long tokens) as one route", async () => {
+    const { LockingPolicy } = await import('../src/core/locking-policy.js')
+    const policy = new LockingPolicy('auto')
+    const facts = (path: string, method = 'GET') => ({ method, path, raw: {} })
+    for (const path of [
+      '/users/42/orders/7',
+      '/files/123e4567-e89b-12d3-a456-426614174000',
+      '/share/AbCdEfGhIjKlMnOpQrStUv_-',
+    ]) {
+      policy.learn(facts(path), false)
+    }
+    // Other ids on the same routes: learned as read-only, so not locked.
+    expect(policy.shouldLock(facts('/users/9/orders/1000'))).toBe(false)
+    expect(policy.shouldLock(facts('/files/00000000-0000-0000-0000-000000000000'))).toBe(false)
+    expect(policy.shouldLock(facts('/share/ZZZZZZZZZZZZZZZZZZZZZZZZZZZ'))).toBe(false)
+    // Not ids (a word, a short mixed segment, part of a segment), another method: other routes, still locked.
+    expect(policy.shouldLock(facts('/users/me/orders/7'))).toBe(true)
+    expect(policy.shouldLock(facts('/users/42x/orders/7'))).toBe(true)
+    expect(policy.shouldLock(facts('/files/123e4567-e89b-12d3-a456-426614174000.txt'))).toBe(true)
+    expect(policy.shouldLock(facts('/users/42/orders/7', 'POST'))).toBe(true)
+    // A route that wrote is locked again.
+    policy.learn(facts('/users/5/orders/6'), true)
+    expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)
+  })
+
   it('refuses to start without nodes in production, naming what to configure', () => {
     expect(message({ secret: 's' }, 'production')).toContain('Set `nodes`')
     expect(parseOptions({ secret: 's' }, 'development').nodes).toBeUndefined()

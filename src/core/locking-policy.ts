@@ -12,8 +12,9 @@ export interface RequestFacts {
 
 /** Routes remembered by 'auto' mode. */
 const LEARNED_ROUTES = 2000
-/** Path segments that are ids (numbers, uuids, long tokens) are one route, not thousands. */
-const ID_SEGMENT = /^(\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[A-Za-z0-9_-]{20,})$/i
+/** Whole path segments that are ids (numbers, uuids, long tokens): one route, not thousands. */
+const ID_SEGMENTS =
+  /(?<=^|\/)(?:\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[A-Za-z0-9_-]{20,})(?=\/|$)/gi
 
 /**
  * Which requests lock their session, and how a request that does not hold a lock writes:
@@ -60,13 +61,11 @@ export class LockingPolicy {
 /** Each request's route, computed once: both shouldLock() and learn() ask for it. */
 const routeKeys = new WeakMap<RequestFacts, string>()
 
+/** "METHOD /path" with id segments as `:id`. */
 function routeKey(request: RequestFacts): string {
   let key = routeKeys.get(request)
   if (key === undefined) {
-    key = `${request.method} ${request.path
-      .split('/')
-      .map((segment) => (ID_SEGMENT.test(segment) ? ':id' : segment))
-      .join('/')}`
+    key = `${request.method} ${request.path.replace(ID_SEGMENTS, ':id')}`
     routeKeys.set(request, key)
   }
   return key
