@@ -2,6 +2,7 @@
 // and Redis; then a failover timeline. Writes bench/results.json, BENCHMARKS.md and bench/chart.svg.
 //   npm run bench -- --quick                     one short round per case (a smoke run)
 //   npm run bench -- --layers=connect-redis,session-failover/auto --workloads=read --sizes=small
+//   npm run bench -- --only-timeline               the failover timeline alone
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { cpus, tmpdir, totalmem } from 'node:os'
@@ -51,6 +52,7 @@ export interface TimelineResult {
 const option = (name: string): string | undefined =>
   process.argv.find((arg) => arg.startsWith(`--${name}=`))?.slice(name.length + 3)
 const quick = process.argv.includes('--quick')
+const onlyTimeline = process.argv.includes('--only-timeline')
 const layers = (option('layers')?.split(',') ?? LAYERS) as Layer[]
 const workloads = (option('workloads')?.split(',') ?? WORKLOADS) as Workload[]
 const sizes = (option('sizes')?.split(',') ?? Object.keys(SIZES)) as Size[]
@@ -109,15 +111,26 @@ async function sessionCookies(url: string): Promise<string[]> {
 
 type Request = NonNullable<autocannon.Options['requests']>[number]
 
-function requestsFor(workload: Workload, cookies: readonly string[]): Request[] {
+/**
+ * Each request takes the next session in turn (autocannon resets a connection's context when it starts its list of
+ * requests again), and keeps the cookie it is given, as a browser does: after a failover that is the session's
+ * new id. A load generator that kept sending the old id would measure a relocation path no browser takes.
+ */
+function requestsFor(workload: Workload, cookies: string[]): Request[] {
   let next = 0
   const withCookie = (method: 'GET' | 'POST', path: string): Request => ({
     method,
     path,
     setupRequest: (request, context) => {
-      const ctx = context as { cookie?: string }
-      ctx.cookie ??= cookies[next++ % cookies.length]
-      return { ...request, headers: { ...request.headers, cookie: ctx.cookie as string } }
+      const ctx = context as { session?: number }
+      ctx.session ??= next++ % cookies.length
+      return { ...request, headers: { ...request.headers, cookie: cookies[ctx.session] as string } }
+    },
+    onResponse: (_status, _body, context, headers) => {
+      const session = (context as { session?: number }).session
+      const given = headers?.['set-cookie'] ?? headers?.['Set-Cookie']
+      const cookie = (Array.isArray(given) ? given[0] : given)?.split(';')[0]
+      if (session !== undefined && cookie) cookies[session] = cookie
     },
   })
   const read = withCookie('GET', '/read')
@@ -291,7 +304,7 @@ async function main(): Promise<void> {
   }
   const results: CaseResult[] = []
   try {
-    for (const size of sizes) {
+    for (const size of onlyTimeline ? [] : sizes) {
       for (const workload of workloads) {
         results.push(...(await measureCase(workload, size, env)))
       }
@@ -318,7 +331,7 @@ async function main(): Promise<void> {
       seconds,
     }
     // A partial run (some layers, workloads or sizes) must not replace the committed results.
-    const full = !option('layers') && !option('workloads') && !option('sizes')
+    const full = !option('layers') && !option('workloads') && !option('sizes') && !onlyTimeline
     const output = full
       ? new URL('./results.json', import.meta.url)
       : join(tmpdir(), 'session-failover-bench.json')

@@ -48,6 +48,7 @@ export function createEngine(config: Config): Engine {
         host: spec.host,
         port: spec.port,
         credentials: spec.credentials,
+        maxValueBytes: config.maxSessionBytes,
       })
     }
     if (spec.kind === 'redis') return new RedisNode({ ...common, id: spec.id, url: spec.url })

@@ -67,6 +67,27 @@ describe('session locks', () => {
     }
   })
 
+  it('gives every lock a value of its own, also across the lock managers of several apps in one process', async () => {
+    const server = await startMemcached()
+    const first = lockManager(server, 30)
+    const second = lockManager(server, 30)
+    try {
+      const held = []
+      for (let i = 0; i < 3; i++) {
+        held.push(await first.locks.acquire(`a${i}`, 'n1', `t:lock:a${i}`))
+        held.push(await second.locks.acquire(`b${i}`, 'n1', `t:lock:b${i}`))
+      }
+      const keys = [0, 1, 2].flatMap((i) => [`t:lock:a${i}`, `t:lock:b${i}`])
+      const values = await Promise.all(keys.map(async (key) => (await server.get(key))?.toString()))
+      expect(values.every((value) => value !== undefined && value.length > 0)).toBe(true)
+      expect(new Set(values).size).toBe(keys.length)
+      await Promise.all(held.map((lock) => lock.release()))
+    } finally {
+      await first.ring.close()
+      await second.ring.close()
+    }
+  })
+
   it('releases a lock with one delete, and reads nothing to do it', async () => {
     const server = await startMemcached()
     const { ring, locks } = lockManager(server, 30)

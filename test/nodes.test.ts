@@ -107,6 +107,26 @@ describe.each([
   })
 })
 
+describe('a memcached with a larger item size (-I)', () => {
+  it('reads values past 8 MiB when the node is told the largest session, and refuses them otherwise', async () => {
+    const server = await startMemcached(['-I', '16m', '-m', '256'])
+    const common = { id: 'n1', host: '127.0.0.1', port: server.port, operationTimeoutMs: 5000, probeKey: 'p' }
+    const large = new MemcachedNode({ ...common, maxValueBytes: 12 * 1024 * 1024 })
+    const small = new MemcachedNode(common)
+    try {
+      const value = Buffer.alloc(10 * 1024 * 1024, 3)
+      await large.set('big', value, 60)
+      expect((await large.get('big'))?.equals(value)).toBe(true)
+      // Without the limit raised, a reply that large counts as a misparse: the read fails, nothing hangs.
+      await expect(small.get('big')).rejects.toThrow(/malformed/)
+    } finally {
+      await large.close()
+      await small.close()
+      await stopAllMemcached()
+    }
+  })
+})
+
 describe('a frozen memcached (SIGSTOP)', () => {
   it('fails every pending operation with a timeout, then works on a new connection once it resumes', async () => {
     const server = await startMemcached()
@@ -128,9 +148,10 @@ describe('a frozen memcached (SIGSTOP)', () => {
       }
       expect(Date.now() - started).toBeLessThan(2000)
       await server.thaw()
-      // The timed-out connection was dropped; the next operations open a new one.
-      await node.set('k', Buffer.from('after'), 60)
-      expect((await node.get('k'))?.toString()).toBe('after')
+      // The timed-out connection was dropped; the next operations open a new one. (Another key: the set queued
+      // during the freeze had reached the server and may still run when it resumes.)
+      await node.set('fresh', Buffer.from('after'), 60)
+      expect((await node.get('fresh'))?.toString()).toBe('after')
     } finally {
       await node.close()
       await stopAllMemcached()

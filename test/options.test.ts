@@ -253,6 +253,11 @@ describe('options', () => {
     expect(policy.shouldLock(facts('/users/42x/orders/7'))).toBe(true)
     expect(policy.shouldLock(facts('/files/123e4567-e89b-12d3-a456-426614174000.txt'))).toBe(true)
     expect(policy.shouldLock(facts('/users/42/orders/7', 'POST'))).toBe(true)
+    // Only whole segments are ids: a number or uuid inside a segment keeps the segment as it is.
+    policy.learn(facts('/a/x42'), false)
+    expect(policy.shouldLock(facts('/a/x43'))).toBe(true)
+    policy.learn(facts('/f/123e4567-e89b-12d3-a456-426614174000.txt'), false)
+    expect(policy.shouldLock(facts('/f/00000000-0000-0000-0000-000000000000.txt'))).toBe(true)
     // A route that wrote is locked again.
     policy.learn(facts('/users/5/orders/6'), true)
     expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)

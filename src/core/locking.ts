@@ -33,6 +33,8 @@ export interface SessionLock {
  * comparing values), not be unpredictable: a random part per process, then a counter.
  */
 const PROCESS_TOKEN = randomBytes(12).toString('base64url')
+/** Lock values issued in this process, by every LockManager (several apps may share a process). */
+let issued = 0
 
 /** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
 const FIRST_PAUSE_MS = 4
@@ -52,8 +54,6 @@ export class LockManager {
   readonly #queues = new Map<string, Promise<void>>()
   /** Locks held by requests in this process, released by close() so a shutdown blocks no session. */
   readonly #heldLocks = new Set<SessionLock>()
-  /** Lock values taken so far: with PROCESS_TOKEN, each lock's value is unique among every holder's. */
-  #issued = 0
 
   constructor(ring: NodeRing, options: LockOptions) {
     this.#ring = ring
@@ -88,7 +88,7 @@ export class LockManager {
 
     try {
       if (ahead && !(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
-      const token = `${PROCESS_TOKEN}.${(this.#issued++).toString(36)}`
+      const token = `${PROCESS_TOKEN}.${(issued++).toString(36)}`
       const taken = await this.#addLock(primaryNodeId, lockKey, token, deadline, besideFirstAdd)
       const waited = ahead !== undefined || taken.busy > 0
       return this.#held(taken.nodeId, lockKey, token, taken.owned, taken.sentAt, done, waited, taken.first)

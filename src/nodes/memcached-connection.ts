@@ -17,6 +17,8 @@ export interface MemcachedConnectionOptions {
   /** SASL PLAIN credentials, sent before anything else on every new connection. */
   readonly credentials?: { readonly username: string; readonly password: string } | undefined
   readonly timeoutMs: number
+  /** The largest value a reply may carry (the largest session); a reply claiming more drops the connection. */
+  readonly maxValueBytes: number
   /** How the node is named in errors, e.g. `memcached 127.0.0.1:11211`. */
   readonly address: string
 }
@@ -42,13 +44,14 @@ const KEEP_ALIVE_MS = 10_000
  * I/O has run. Under load one turn serves many HTTP requests; process.nextTick would uncork after each of them.
  *
  * Every request settles: with its reply, or with OperationTimeoutError when the oldest pending request outlives
- * the timeout (the connection is then reset, not closed: a close lets the kernel go on sending queued writes,
- * which could land after the node counts as back), or with NodeOperationError when the connection fails, closes,
- * answers out of step, or refuses the credentials.
+ * the timeout, or with NodeOperationError when the connection fails, closes, answers out of step, or refuses the
+ * credentials. A timed-out connection is reset, not closed: a close lets the kernel go on sending what is still
+ * queued. Requests the server already received may still run when it resumes (a frozen server); the ring
+ * deletes what such a late write leaves before the node counts as back.
  */
 export class MemcachedConnection {
   readonly #options: MemcachedConnectionOptions
-  readonly #parser = new ReplyParser<Socket>()
+  readonly #parser: ReplyParser<Socket>
   #socket: Socket | undefined
   #queue: Pending[] = []
   #opaque = 0
@@ -58,6 +61,7 @@ export class MemcachedConnection {
 
   constructor(options: MemcachedConnectionOptions) {
     this.#options = options
+    this.#parser = new ReplyParser<Socket>(options.maxValueBytes)
   }
 
   /** The open connection, if any: a CAS read through another one no longer means the same value. */
@@ -72,11 +76,14 @@ export class MemcachedConnection {
     extras: Buffer,
     value: Buffer,
     cas?: Buffer,
+    /** Sent at once instead of with the rest of this turn's requests (a lock's release, before the response). */
+    flush = false,
   ): Promise<MemcachedReply> {
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.#options.address} is closed`))
     const socket = this.#socket ?? this.#connect()
     return new Promise((resolve, reject) => {
       this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
+      if (flush) this.#uncork(socket)
     })
   }
 
@@ -105,12 +112,16 @@ export class MemcachedConnection {
     if (!this.#corked) {
       this.#corked = true
       socket.cork()
-      setImmediate(() => {
-        this.#corked = false
-        socket.uncork()
-      })
+      setImmediate(() => this.#uncork(socket))
     }
     socket.write(encodeRequest(opcode, key, extras, value, opaque, cas))
+  }
+
+  /** Sends what this turn queued on `socket` (once, however often it is called before the next cork). */
+  #uncork(socket: Socket): void {
+    if (!this.#corked || socket !== this.#socket) return
+    this.#corked = false
+    socket.uncork()
   }
 
   #connect(): Socket {

@@ -18,8 +18,10 @@ const REQUEST_MAGIC = 0x80
 /** A reply starts with this byte; anything else means the stream is out of step. */
 const RESPONSE_MAGIC = 0x81
 const HEADER_BYTES = 24
-/** memcached items are at most 1 MiB by default; a reply claiming far more is a misparse, not data. */
-const MAX_REPLY_BODY = 8 * 1024 * 1024
+/** The reply limit is never below this (memcached's items are at most 1 MiB by default). */
+const MIN_VALUE_LIMIT = 8 * 1024 * 1024
+/** Room in a reply's body beyond its value: extras and key. */
+const BODY_ROOM = 64 * 1024
 export const NO_BYTES = Buffer.alloc(0)
 
 /**
@@ -84,21 +86,37 @@ export class MalformedReplyError extends Error {}
 
 /**
  * Cuts replies out of the bytes a connection receives. Chunks arrive in any sizes; a reply split across chunks
- * is kept until it is whole.
+ * is kept until it is whole, its chunks joined once (not at every chunk: a large value arrives in many).
  */
 export class ReplyParser<Source> {
-  #pending: Buffer = NO_BYTES
+  readonly #maxBodyBytes: number
+  #chunks: Buffer[] = []
+  #buffered = 0
+  /** Bytes needed before parsing can go on: a header, or the whole reply once its header is known. */
+  #needed = HEADER_BYTES
 
-  /** Calls `onReply` for every whole reply in `chunk` (after what was kept from earlier chunks). */
+  /** `maxValueBytes`: the largest value a reply may carry; a reply claiming more is a misparse, not data. */
+  constructor(maxValueBytes: number) {
+    this.#maxBodyBytes = Math.max(maxValueBytes, MIN_VALUE_LIMIT) + BODY_ROOM
+  }
+
+  /** Calls `onReply` for every whole reply received so far. */
   push(chunk: Buffer, source: Source, onReply: (reply: Reply<Source>) => void): void {
-    const buffer = this.#pending.length === 0 ? chunk : Buffer.concat([this.#pending, chunk])
+    this.#chunks.push(chunk)
+    this.#buffered += chunk.length
+    if (this.#buffered < this.#needed) return
+    const buffer = this.#chunks.length === 1 ? chunk : Buffer.concat(this.#chunks, this.#buffered)
     let at = 0
+    let needed = HEADER_BYTES
     while (buffer.length - at >= HEADER_BYTES) {
       if (buffer[at] !== RESPONSE_MAGIC) throw new MalformedReplyError('malformed reply from memcached')
       const bodyBytes = buffer.readUInt32BE(at + 8)
-      if (bodyBytes > MAX_REPLY_BODY) throw new MalformedReplyError('malformed reply from memcached')
+      if (bodyBytes > this.#maxBodyBytes) throw new MalformedReplyError('malformed reply from memcached')
       const end = at + HEADER_BYTES + bodyBytes
-      if (buffer.length < end) break
+      if (buffer.length < end) {
+        needed = HEADER_BYTES + bodyBytes
+        break
+      }
       const extrasBytes = buffer[at + 4] as number
       const keyBytes = buffer.readUInt16BE(at + 2)
       if (extrasBytes + keyBytes > bodyBytes) throw new MalformedReplyError('malformed reply from memcached')
@@ -112,10 +130,15 @@ export class ReplyParser<Source> {
       at = end
     }
     // Node never writes into a buffer it has handed to a 'data' listener, so views of it stay valid.
-    this.#pending = at === buffer.length ? NO_BYTES : buffer.subarray(at)
+    const rest = buffer.subarray(at)
+    this.#chunks = rest.length === 0 ? [] : [rest]
+    this.#buffered = rest.length
+    this.#needed = needed
   }
 
   reset(): void {
-    this.#pending = NO_BYTES
+    this.#chunks = []
+    this.#buffered = 0
+    this.#needed = HEADER_BYTES
   }
 }

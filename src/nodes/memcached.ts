@@ -12,6 +12,8 @@ export interface MemcachedNodeConfig {
   readonly credentials?: { readonly username: string; readonly password: string } | undefined
   readonly operationTimeoutMs: number
   readonly probeKey: string
+  /** The largest value stored (maxSessionBytes): replies up to it are read. At least 8 MiB either way. */
+  readonly maxValueBytes?: number | undefined
 }
 
 /** What a few refusals mean, for the error message. */
@@ -45,6 +47,7 @@ export class MemcachedNode implements SessionNode {
       port: config.port,
       credentials: config.credentials,
       timeoutMs: config.operationTimeoutMs,
+      maxValueBytes: config.maxValueBytes ?? 0,
       address: this.address,
     })
   }
@@ -77,12 +80,17 @@ export class MemcachedNode implements SessionNode {
   async deleteOwned(key: string, token: OwnedToken): Promise<void> {
     const { value, cas } = token as unknown as MemcachedOwned
     // One CAS delete while the add's connection is open (see #onConnection); otherwise compare the value first.
+    // Sent at once, not with the rest of this turn: a lock's release should reach the node before the response
+    // reaches the client, whose next request may go to another instance.
     if (this.#onConnection(cas.socket)) {
-      await this.deleteIfUnchanged(key, cas as unknown as CasToken)
+      await this.#deleteIfUnchanged(key, cas, true)
       return
     }
-    const read = await this.gets(key)
-    if (read?.value.equals(value)) await this.deleteIfUnchanged(key, read.cas)
+    const read = await this.#connection.request('gets', OPCODE.get, key, NO_BYTES, NO_BYTES, undefined, true)
+    if (read.status === STATUS.ok && read.value.equals(value))
+      await this.#deleteIfUnchanged(key, casOf(read), false)
+    else if (read.status !== STATUS.ok && read.status !== STATUS.notFound)
+      throw this.#rejected('gets', read.status)
   }
 
   async delete(key: string): Promise<boolean> {
@@ -116,11 +124,26 @@ export class MemcachedNode implements SessionNode {
     return this.#casOutcome('cas', reply.status)
   }
 
-  async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
-    const { unique, socket } = cas as unknown as MemcachedCas
+  deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    return this.#deleteIfUnchanged(key, cas as unknown as MemcachedCas, false)
+  }
+
+  async #deleteIfUnchanged(
+    key: string,
+    { unique, socket }: MemcachedCas,
+    flush: boolean,
+  ): Promise<CasOutcome> {
     this.#assertCas(unique)
     if (!this.#onConnection(socket)) return 'conflict'
-    const reply = await this.#connection.request('cas delete', OPCODE.delete, key, NO_BYTES, NO_BYTES, unique)
+    const reply = await this.#connection.request(
+      'cas delete',
+      OPCODE.delete,
+      key,
+      NO_BYTES,
+      NO_BYTES,
+      unique,
+      flush,
+    )
     return this.#casOutcome('cas delete', reply.status)
   }
 
