@@ -236,7 +236,7 @@ export function writeReport(data: Results, analysis = readAnalysis()): void {
 Measured by \`npm run bench\` on ${data.machine.date}: ${data.machine.cpus}, ${data.machine.memoryGiB} GiB,
 ${versions}. Every layer serves the same small app (bench/app.ts) in its own process, in turn, against real
 memcached and Redis processes on this machine; autocannon drives it from the parent process with
-${data.machine.connections} connections, each with its own session. Each case has a warm-up, then
+${data.machine.connections} connections over as many sessions (each request takes the next session in turn, and keeps any cookie it is given, as a browser does). Each case has a warm-up, then
 ${data.machine.rounds} rounds of ${data.machine.seconds} s; the figures are the medians of the rounds. The machine
 is shared and has 2 cores for the load generator, the app and the servers together, so absolute numbers are low
 and noisy; the ratios within one run are what to read. "App CPU µs/req" is the app process's CPU time per
