@@ -7,6 +7,25 @@ import { RedisNode } from '../src/nodes/redis.js'
 import { startMemcached, stopAllMemcached } from './support/memcached.js'
 import { startRedis, stopAllRedis } from './support/redis.js'
 
+/** A node of `kind` on a server started for it; `stopServers` stops them all. */
+async function startNode(
+  kind: 'memcached' | 'redis' | 'memory',
+  operationTimeoutMs: number,
+): Promise<SessionNode> {
+  const common = { id: 'n1', operationTimeoutMs, probeKey: 'p' }
+  if (kind === 'memcached') {
+    return new MemcachedNode({ ...common, host: '127.0.0.1', port: (await startMemcached()).port })
+  }
+  if (kind === 'redis')
+    return new RedisNode({ ...common, url: `redis://127.0.0.1:${(await startRedis()).port}` })
+  return new MemoryNode('local')
+}
+
+async function stopServers(): Promise<void> {
+  await stopAllMemcached()
+  await stopAllRedis()
+}
+
 /** Every backend keeps the same small contract: the core cannot tell them apart. */
 describe.each([
   ['memcached', 'memcached'],
@@ -16,19 +35,11 @@ describe.each([
   let node: SessionNode
 
   beforeAll(async () => {
-    const common = { id: 'n1', operationTimeoutMs: 1000, probeKey: 'p' }
-    if (kind === 'memcached') {
-      node = new MemcachedNode({ ...common, host: '127.0.0.1', port: (await startMemcached()).port })
-    } else if (kind === 'redis') {
-      node = new RedisNode({ ...common, url: `redis://127.0.0.1:${(await startRedis()).port}` })
-    } else {
-      node = new MemoryNode('local')
-    }
+    node = await startNode(kind, 1000)
   })
   afterAll(async () => {
     await node.close()
-    await stopAllMemcached()
-    await stopAllRedis()
+    await stopServers()
   })
 
   it('stores, adds only when absent, touches and deletes', async () => {
@@ -84,16 +95,11 @@ describe.each([
   let node: SessionNode
 
   beforeAll(async () => {
-    const common = { id: 'n1', operationTimeoutMs: 2000, probeKey: 'p' }
-    node =
-      kind === 'memcached'
-        ? new MemcachedNode({ ...common, host: '127.0.0.1', port: (await startMemcached()).port })
-        : new RedisNode({ ...common, url: `redis://127.0.0.1:${(await startRedis()).port}` })
+    node = await startNode(kind, 2000)
   })
   afterAll(async () => {
     await node.close()
-    await stopAllMemcached()
-    await stopAllRedis()
+    await stopServers()
   })
 
   it('gives each its own reply, also values that arrive in many reads', async () => {

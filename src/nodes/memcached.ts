@@ -53,11 +53,8 @@ export class MemcachedNode implements SessionNode {
   }
 
   async get(key: string): Promise<Buffer | null> {
-    const reply = await this.#connection.request('get', OPCODE.get, key, NO_BYTES, NO_BYTES)
-    if (reply.status === STATUS.notFound) return null
-    if (reply.status !== STATUS.ok) throw this.#rejected('get', reply.status)
     // No copy: the reply is a view of a buffer nothing writes into again, and the codec copies what it keeps.
-    return reply.value
+    return (await this.#read('get', key, false))?.value ?? null
   }
 
   async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
@@ -86,33 +83,24 @@ export class MemcachedNode implements SessionNode {
       await this.#deleteIfUnchanged(key, cas, true)
       return
     }
-    const read = await this.#connection.request('gets', OPCODE.get, key, NO_BYTES, NO_BYTES, undefined, true)
-    if (read.status === STATUS.ok && read.value.equals(value))
-      await this.#deleteIfUnchanged(key, casOf(read), false)
-    else if (read.status !== STATUS.ok && read.status !== STATUS.notFound)
-      throw this.#rejected('gets', read.status)
+    const read = await this.#read('gets', key, true)
+    if (read?.value.equals(value)) await this.#deleteIfUnchanged(key, casOf(read), false)
   }
 
   async delete(key: string): Promise<boolean> {
     const reply = await this.#connection.request('delete', OPCODE.delete, key, NO_BYTES, NO_BYTES)
-    if (reply.status === STATUS.notFound) return false
-    if (reply.status !== STATUS.ok) throw this.#rejected('delete', reply.status)
-    return true
+    return this.#found('delete', reply)
   }
 
   async touch(key: string, ttlSeconds: number): Promise<boolean> {
     const extras = expiryExtras(memcachedExpiry(ttlSeconds), false)
     const reply = await this.#connection.request('touch', OPCODE.touch, key, extras, NO_BYTES)
-    if (reply.status === STATUS.notFound) return false
-    if (reply.status !== STATUS.ok) throw this.#rejected('touch', reply.status)
-    return true
+    return this.#found('touch', reply)
   }
 
   async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
-    const reply = await this.#connection.request('gets', OPCODE.get, key, NO_BYTES, NO_BYTES)
-    if (reply.status === STATUS.notFound) return null
-    if (reply.status !== STATUS.ok) throw this.#rejected('gets', reply.status)
-    return { value: reply.value, cas: casOf(reply) as unknown as CasToken }
+    const reply = await this.#read('gets', key, false)
+    return reply && { value: reply.value, cas: casOf(reply) as unknown as CasToken }
   }
 
   async setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
@@ -153,6 +141,27 @@ export class MemcachedNode implements SessionNode {
 
   async close(): Promise<void> {
     this.#connection.close()
+  }
+
+  /** A read's reply, null when the key is absent. `flush`: sent at once, not with the rest of this turn. */
+  async #read(operation: string, key: string, flush: boolean): Promise<MemcachedReply | null> {
+    const reply = await this.#connection.request(
+      operation,
+      OPCODE.get,
+      key,
+      NO_BYTES,
+      NO_BYTES,
+      undefined,
+      flush,
+    )
+    return this.#found(operation, reply) ? reply : null
+  }
+
+  /** True for a reply that found its key, false for one that did not; any other status is a refusal. */
+  #found(operation: string, reply: MemcachedReply): boolean {
+    if (reply.status === STATUS.notFound) return false
+    if (reply.status !== STATUS.ok) throw this.#rejected(operation, reply.status)
+    return true
   }
 
   /** add(): the reply when stored, null when the key was present. */
