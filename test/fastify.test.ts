@@ -2,9 +2,11 @@ import express from 'express'
 import Fastify from 'fastify'
 import { afterEach, describe, expect, it } from 'vitest'
 import { fastifySessionFailover } from '../src/fastify.js'
-import { Browser, type ShopApp, startShop } from './support/app.js'
+import { MemcachedNode } from '../src/nodes/memcached.js'
+import { Browser, firstBytes, type ShopApp, startShop } from './support/app.js'
 import { startFastifyShop } from './support/fastify-app.js'
-import { nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { startWatchingProxy } from './support/proxy.js'
 
 describe('the Fastify plugin', () => {
   const shops: ShopApp[] = []
@@ -37,6 +39,47 @@ describe('the Fastify plugin', () => {
       expect(second.json()).toEqual({ visits: 2 })
     } finally {
       await app.close()
+    }
+  })
+
+  it('sends a reply that stores nothing at the end of its turn, after the node requests that turn made', async () => {
+    const [server] = await startCluster(1)
+    const events: string[] = []
+    const proxy = await startWatchingProxy((server as MemcachedServer).port, {
+      request: () => events.push('node request'),
+    })
+    const node = new MemcachedNode({
+      id: 'n9',
+      host: '127.0.0.1',
+      port: proxy.port,
+      operationTimeoutMs: 2000,
+      probeKey: 'probe',
+    })
+    const app = Fastify()
+    await app.register(fastifySessionFailover, {
+      secret: 's',
+      nodes: nodesOption([server as MemcachedServer]),
+    })
+    let stored: Promise<void> | undefined
+    app.get('/read-then-store', async () => {
+      // Made before the reply is sent, in the same turn: it leaves first.
+      stored = node.set('later', Buffer.from('2'), 60)
+      return { ok: true }
+    })
+    try {
+      await node.set('warm', Buffer.from('1'), 60) // the connection is open
+      const url = await app.listen({ port: 0, host: '127.0.0.1' })
+      events.length = 0
+      expect(await firstBytes({ url }, '/read-then-store', () => events.push('response'))).toMatch(
+        /^HTTP\/1\.1 200/,
+      )
+      expect(events).toEqual(['node request', 'response'])
+      await stored
+      expect(await server?.get('later')).toEqual(Buffer.from('2'))
+    } finally {
+      await app.close()
+      await node.close()
+      await proxy.close()
     }
   })
 

@@ -8,8 +8,10 @@ import type { Express, NextFunction, Request, Response } from 'express'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverMiddleware, sessionFailover } from '../src/index.js'
-import { Browser, expressVersions, type ShopApp } from './support/app.js'
+import { MemcachedNode } from '../src/nodes/memcached.js'
+import { Browser, expressVersions, firstBytes, type ShopApp } from './support/app.js'
 import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
+import { startWatchingProxy } from './support/proxy.js'
 import { recordsOf } from './support/records.js'
 
 declare module 'express-session' {
@@ -146,6 +148,54 @@ describe.each(expressVersions)('holding the response until the session is stored
       const reply = await browser.send(shop, 'POST', '/read-twice')
       expect(reply.status).toBe(200)
       expect(reply.body.text).toHaveLength(big.length)
+    }
+  })
+
+  it('sends a read-only response at the end of its turn, after the node requests that turn made', async () => {
+    // Between a node and memcached: notes when a request arrives.
+    const events: string[] = []
+    const proxy = await startWatchingProxy(memcached.port, { request: () => events.push('node request') })
+    const node = new MemcachedNode({
+      id: 'n9',
+      host: '127.0.0.1',
+      port: proxy.port,
+      operationTimeoutMs: 2000,
+      probeKey: 'probe',
+    })
+    try {
+      await node.set('warm', Buffer.from('1'), 60) // the connection is open
+      const seen: { headersSent?: boolean; lateHeaderThrew?: boolean } = {}
+      let stored: Promise<void> | undefined
+      const shop = await app({}, (application) => {
+        application.get('/read-then-store', (_req, res) => {
+          res.json({ ok: true })
+          seen.headersSent = res.headersSent
+          // Made after the response, in the same turn: it still leaves first.
+          stored = node.set('later', Buffer.from('2'), 60)
+          setTimeout(() => {
+            try {
+              res.setHeader('x-late', '1')
+              seen.lateHeaderThrew = false
+            } catch {
+              seen.lateHeaderThrew = true
+            }
+          }, 20)
+        })
+      })
+      events.length = 0
+      expect(await firstBytes(shop, '/read-then-store', () => events.push('response'))).toMatch(
+        /^HTTP\/1\.1 200/,
+      )
+      expect(events).toEqual(['node request', 'response'])
+      expect(seen.headersSent).toBe(false)
+      // Once sent, the response is frozen as before: a late header change is ignored, not thrown.
+      await new Promise((resolve) => setTimeout(resolve, 60))
+      expect(seen.lateHeaderThrew).toBe(false)
+      await stored
+      expect(await memcached.get('later')).toEqual(Buffer.from('2'))
+    } finally {
+      await node.close()
+      await proxy.close()
     }
   })
 

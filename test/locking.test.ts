@@ -1,4 +1,3 @@
-import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
 import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { LockManager } from '../src/core/locking.js'
@@ -14,6 +13,7 @@ import {
   startMemcached,
   stopAllMemcached,
 } from './support/memcached.js'
+import { startWatchingProxy } from './support/proxy.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -108,29 +108,18 @@ describe('session locks', () => {
     const server = await startMemcached()
     // Between the app and memcached: logs each request's opcode as it arrives, and each reply as it comes back.
     const events: string[] = []
-    const sockets = new Set<Socket>()
-    const proxy = createServer((client) => {
-      const upstream = connect(server.port, '127.0.0.1')
-      sockets.add(client).add(upstream)
-      client.on('error', () => {})
-      upstream.on('error', () => {})
-      client.on('data', (chunk: Buffer) => {
+    const proxy = await startWatchingProxy(server.port, {
+      request(chunk) {
         for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
           events.push(chunk[at + 1] === 0x02 ? 'add' : chunk[at + 1] === 0x00 ? 'get' : 'other')
         }
-        upstream.write(chunk)
-      })
-      upstream.on('data', (chunk: Buffer) => {
-        events.push('reply')
-        client.write(chunk)
-      })
+      },
+      reply: () => events.push('reply'),
     })
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
     try {
-      const { port } = proxy.address() as AddressInfo
       const app = await startShop(express, {
         secret: 's',
-        nodes: `n1:127.0.0.1:${port}`,
+        nodes: `n1:127.0.0.1:${proxy.port}`,
         lockingMode: 'all',
       })
       shops.push(app)
@@ -146,8 +135,7 @@ describe('session locks', () => {
       expect(add).toBeGreaterThanOrEqual(0)
       expect(events.slice(add, events.indexOf('reply', add))).toEqual(['add', 'get'])
     } finally {
-      for (const socket of sockets) socket.destroy()
-      proxy.close()
+      await proxy.close()
     }
   })
 

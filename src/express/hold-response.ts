@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http'
+import { answerAtEndOfTurn } from '../end-of-turn.js'
 
 type AnyFunction = (...args: unknown[]) => unknown
 type WireMethod = 'writeHead' | 'write' | 'end' | 'flushHeaders'
@@ -99,7 +100,7 @@ class ResponseHold {
   /** Read when end() freezes the headers; set back when the response is released. */
   #headers: HeaderFunctions | undefined
   readonly #queue: Array<{ method: WireMethod; args: unknown[] }> = []
-  // 'sent': end() went straight out (nothing to store); like a frozen response, later calls are ignored.
+  // 'sent': ended with nothing to store; like a frozen response, later calls are ignored.
   #phase: Phase = 'open'
   #endQueued = false
   /** The status when end() was queued: a late next(err) may set 500 meanwhile; the response is the handler's. */
@@ -175,29 +176,24 @@ class ResponseHold {
     if (phase === 'done') return this.#wire.end.apply(res, args)
     if (this.#endQueued) return res
     if (typeof args[0] !== 'function') chunkLength(args[0], false)
-    if (phase === 'open' && this.#queue.length === 0) {
-      const done = this.#commitNow?.(true)
-      if (done) {
-        try {
-          done.applyHeaders?.()
-        } catch (error) {
-          this.#fail(error)
-          return res
-        }
-        // The wrappers pass through while Node ends the response (it calls writeHead itself), then it is frozen,
-        // as a held response is: a second send or a late error handler changes nothing.
-        this.#phase = 'done'
-        const result = this.#wire.end.apply(res, args)
-        this.#phase = 'sent'
-        this.#freezeHeaders()
-        return result
-      }
-    }
     this.#endQueued = true
     this.#endStatus = { code: res.statusCode, message: res.statusMessage }
     this.#freezeHeaders()
     this.#queue.push({ method: 'end', args })
-    this.#start(true)
+    const done = phase === 'open' && this.#queue.length === 1 ? this.#commitNow?.(true) : undefined
+    if (!done) {
+      this.#start(true)
+      return res
+    }
+    // Nothing to store: the response leaves at the end of this turn, after the node requests the turn made
+    // (end-of-turn.ts says why). Until then it is held, as a response waiting for its commit is.
+    this.#phase = 'committing'
+    answerAtEndOfTurn(() => {
+      if (!this.#release(done.applyHeaders)) return
+      // Then frozen, as before its release: a second send or a late error handler changes nothing.
+      this.#phase = 'sent'
+      this.#freezeHeaders()
+    })
     return res
   }
 
@@ -253,14 +249,15 @@ class ResponseHold {
     )
   }
 
-  #release(applyHeaders: ApplyHeaders | undefined): void {
+  /** Sends what was held; false when it could not (the commit's headers failed, and the error was answered). */
+  #release(applyHeaders: ApplyHeaders | undefined): boolean {
     const res = this.#res
     this.#restoreHeaders()
     try {
       applyHeaders?.()
     } catch (error) {
       this.#fail(error)
-      return
+      return false
     }
     const queue = this.#queue
     const endAt = queue.findIndex((call) => call.method === 'end')
@@ -283,10 +280,11 @@ class ResponseHold {
       }
     } catch {
       this.#destroy()
-      return
+      return false
     }
     if (this.#producerWaiting && writable) res.emit('drain')
     if (lateEnd) this.#finishAfterCommit(lateEnd.args)
+    return true
   }
 
   #fail(error: unknown): void {

@@ -6,6 +6,7 @@ import type { RequestFacts } from '../core/locking-policy.js'
 import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
 import { createEngine } from '../create-engine.js'
+import { endOfTurn } from '../end-of-turn.js'
 import { SessionFailoverError } from '../errors.js'
 import { operationsOf, type SessionOperations } from '../operator.js'
 import { parseOptions, type SessionFailoverOptions } from '../options.js'
@@ -110,9 +111,16 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const session = request.session
     // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
     FastifySession.prototype.touch.call(session)
-    const { setCookie } = await engine.session.commit(state, engine.session.snapshot(session, session.cookie))
-    // The lock's release is sent now, before the reply, but not waited for (see the Express middleware).
-    void engine.session.finish(state, facts)
+    const snapshot = engine.session.snapshot(session, session.cookie)
+    const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
+    const { setCookie } = atOnce ?? (await engine.session.commit(state, snapshot))
+    if (atOnce) {
+      // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
+      await endOfTurn()
+    } else {
+      // The lock's release is sent now, before the reply, but not waited for (see the Express middleware).
+      void engine.session.finish(state, facts)
+    }
     if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(
         'set-cookie',

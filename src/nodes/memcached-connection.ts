@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net'
+import { sendAtEndOfTurn } from '../end-of-turn.js'
 import { NodeOperationError, OperationTimeoutError } from '../errors.js'
 import {
   encodeRequest,
@@ -40,8 +41,9 @@ const KEEP_ALIVE_MS = 10_000
  * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
  * request order, so pending requests wait in a queue and only the oldest has a deadline that matters: one timer
  * per connection instead of one per operation. Requests made in one turn of the event loop leave in one system
- * call: the socket is corked until the loop's check phase (setImmediate), after every callback of that turn's
- * I/O has run. Under load one turn serves many HTTP requests; process.nextTick would uncork after each of them.
+ * call: the socket is corked until the end of the turn (end-of-turn.ts), after every callback of that turn's I/O
+ * has run and before the turn's responses. Under load one turn serves many HTTP requests; process.nextTick would
+ * uncork after each of them.
  *
  * Every request settles: with its reply, or with OperationTimeoutError when the oldest pending request outlives
  * the timeout, or with NodeOperationError when the connection fails, closes, answers out of step, or refuses the
@@ -112,7 +114,7 @@ export class MemcachedConnection {
     if (!this.#corked) {
       this.#corked = true
       socket.cork()
-      setImmediate(() => this.#uncork(socket))
+      sendAtEndOfTurn(() => this.#uncork(socket))
     }
     socket.write(encodeRequest(opcode, key, extras, value, opaque, cas))
   }

@@ -1,5 +1,5 @@
 import type { Server } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { type AddressInfo, connect } from 'node:net'
 import express5 from 'express'
 import express4 from 'express4'
 import {
@@ -207,4 +207,21 @@ export function hangingRequest(app: Pick<ShopApp, 'url'>, cookie: string | undef
     () => 'aborted',
   )
   return { abort: () => controller.abort(), done }
+}
+
+/**
+ * GET `path` from a raw connection: `onArrival` runs as the response's first bytes arrive, before any HTTP
+ * client's parsing, so a test can order them against other I/O. Settles with those bytes.
+ */
+export function firstBytes(app: Pick<ShopApp, 'url'>, path: string, onArrival: () => void): Promise<string> {
+  const socket = connect(Number(new URL(app.url).port), '127.0.0.1')
+  return new Promise((resolve, reject) => {
+    socket.once('error', reject)
+    socket.once('data', (chunk: Buffer) => {
+      onArrival()
+      socket.destroy()
+      resolve(chunk.toString())
+    })
+    socket.write(`GET ${path} HTTP/1.1\r\nHost: shop\r\n\r\n`)
+  })
 }

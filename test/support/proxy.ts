@@ -45,3 +45,38 @@ export async function startProxy(targetPort: number): Promise<CuttableProxy> {
     },
   }
 }
+
+/** A loopback TCP proxy in front of one server that reports each chunk a client sends and each chunk of reply. */
+export interface WatchingProxy {
+  readonly port: number
+  close(): Promise<void>
+}
+
+export async function startWatchingProxy(
+  targetPort: number,
+  watch: { readonly request?: (chunk: Buffer) => void; readonly reply?: (chunk: Buffer) => void },
+): Promise<WatchingProxy> {
+  const sockets = new Set<Socket>()
+  const server = createServer((client) => {
+    const upstream = connect(targetPort, '127.0.0.1')
+    sockets.add(client).add(upstream)
+    client.on('error', () => {})
+    upstream.on('error', () => {})
+    client.on('data', (chunk: Buffer) => {
+      watch.request?.(chunk)
+      upstream.write(chunk)
+    })
+    upstream.on('data', (chunk: Buffer) => {
+      watch.reply?.(chunk)
+      client.write(chunk)
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return {
+    port: (server.address() as AddressInfo).port,
+    close() {
+      for (const socket of sockets) socket.destroy()
+      return new Promise((resolve) => server.close(() => resolve()))
+    },
+  }
+}
