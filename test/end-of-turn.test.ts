@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process'
-import { describe, expect, it } from 'vitest'
+import { describe, expect, it, vi } from 'vitest'
 import { answerAtEndOfTurn, endOfTurn, sendAtEndOfTurn } from '../src/end-of-turn.js'
 
 describe('work put off to the end of the turn', () => {
@@ -17,6 +17,18 @@ describe('work put off to the end of the turn', () => {
     await endOfTurn()
     // The send an answer queued leaves in the same end of turn, not a turn later.
     expect(order).toEqual(['send 1', 'send 2', 'answer 1', 'answer 2', 'send queued by an answer'])
+  })
+
+  it('is not held back by a faked setImmediate (a test suite using fake timers)', async () => {
+    vi.useFakeTimers()
+    try {
+      const ran = vi.fn()
+      answerAtEndOfTurn(ran)
+      await endOfTurn()
+      expect(ran).toHaveBeenCalledOnce()
+    } finally {
+      vi.useRealTimers()
+    }
   })
 
   it('runs the other tasks when one throws, and the error still surfaces as an uncaught exception', () => {

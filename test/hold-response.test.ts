@@ -110,6 +110,26 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect(reply.body).toEqual({ step: ['second'] })
   })
 
+  it('answers a request whose middleware ran twice when the second session only reads', async () => {
+    const shop = await app({}, (application, sessions) => {
+      application.post(
+        '/again-read',
+        (req, _res, next) => {
+          step(req, 'first')
+          ;(req as { session: unknown }).session = null
+          next()
+        },
+        sessions as unknown as Handler,
+        (req, res) => {
+          res.json({ step: req.session.step ?? [] })
+        },
+      )
+    })
+    const reply = await new Browser().send(shop, 'POST', '/again-read')
+    expect(reply.status).toBe(200)
+    expect(reply.body).toEqual({ step: [] })
+  })
+
   it('gives the first response when a handler answers and then calls next() or next(err)', async () => {
     const shop = await app({
       '/fallthrough': (req, res, next) => {

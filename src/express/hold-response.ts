@@ -189,7 +189,9 @@ class ResponseHold {
     // (end-of-turn.ts says why). Until then it is held, as a response waiting for its commit is.
     this.#phase = 'committing'
     answerAtEndOfTurn(() => {
-      if (!this.#release(done.applyHeaders)) return
+      // Not ended yet when released into an outer hold (the middleware ran twice), which freezes it once it ends;
+      // until then this hold passes the outer's calls through.
+      if (!this.#release(done.applyHeaders) || !this.#res.writableEnded) return
       // Then frozen, as before its release: a second send or a late error handler changes nothing.
       this.#phase = 'sent'
       this.#freezeHeaders()
