@@ -51,8 +51,8 @@ export function holdResponse(
   commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
   onCommitError: (error: unknown) => void,
   /**
-   * The commit done at once when it needs no I/O (a read): then end() goes straight out, with nothing queued.
-   * Undefined when it cannot be; `commit` follows at once.
+   * The commit done at once when it needs no I/O (a read): then end() waits only for the end of the turn, not
+   * for a promise. Undefined when it cannot be; `commit` follows at once.
    */
   commitNow?: (final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined,
 ): void {
