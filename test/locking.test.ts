@@ -168,6 +168,25 @@ describe('session locks', () => {
     expect(app.sessions.stats()).toMatchObject({ locksAcquired: 1, merges: 1 })
   })
 
+  it("stores an unlocked change with one compare-and-set when nothing was stored since its read ('merge')", async () => {
+    const servers = await startCluster(2)
+    const app = await startShop(express, { secret: 's', nodes: nodesOption(servers), lockingMode: 'merge' })
+    shops.push(app)
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/start')
+    const gets = async () => {
+      let total = 0
+      for (const server of servers) total += Number((await server.stats()).cmd_get)
+      return total
+    }
+    const before = await gets()
+    expect((await browser.send(app, 'POST', '/cart/more')).status).toBe(200)
+    // The request's own read, and the backup's version check: the primary is not read a second time.
+    expect((await gets()) - before).toBe(2)
+    expect(app.sessions.stats()).toMatchObject({ merges: 1, mergeConflicts: 0 })
+    expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['start', 'more'])
+  })
+
   it("runs a request whose lock timed out with lockTimeoutAction 'proceed', merging its write", async () => {
     const servers = await startCluster(2)
     const options = { secret: 's', nodes: nodesOption(servers), lockingMode: 'all' as const }

@@ -310,13 +310,19 @@ export class SessionEngine {
       state.markSaved(await this.store.save(state.id, record, ttlSeconds), record)
       return
     }
-    // Holding the lock: write only over the copy this request read (a lock can lapse, or its node die); if the
-    // copy changed meanwhile, merge instead of overwriting.
+    // Write only over the copy this request read (a lock can lapse, or its node die); if the copy changed
+    // meanwhile, merge instead of overwriting. Without the lock too: when nothing was stored since the read, the
+    // merge's result is this snapshot, and this spares its second read and its decoding of the stored session.
     let lateWrite: StaleWriteError['lateWrite']
-    if (state.lock?.held && state.cas) {
+    const locked = state.lock?.held === true
+    if (state.cas) {
       try {
-        const id = await concurrency.store.save(state.id, record, ttlSeconds, { ifUnchanged: state.cas })
+        const id = await concurrency.store.save(state.id, record, ttlSeconds, {
+          ifUnchanged: state.cas,
+          backupIfOlder: !locked,
+        })
         state.markSaved(id, record)
+        if (!locked) this.counters.merges++
         return
       } catch (error) {
         if (!(error instanceof StaleWriteError)) throw error

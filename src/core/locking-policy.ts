@@ -22,7 +22,8 @@ const ID_SEGMENTS =
  * - 'all': every request of an existing session holds its lock.
  * - 'auto': every request locks, except on routes learned to only read the session (a request that did not
  *   modify it marks its route read-only; one that modifies it marks the route as writing again).
- * - 'merge': no lock; a write re-reads the stored session and applies only this request's changed keys.
+ * - 'merge': no lock; a write that finds the stored session changed since its read re-reads it and applies only
+ *   this request's changed keys.
  * - a RegExp tested against "METHOD /path", or a function of the request: true locks.
  * In every mode but 'none', a write made without the lock (an unlocked route, a lock that expired, a request
  * whose client went away) is a merge, never a blind overwrite.

@@ -225,7 +225,13 @@ export class ReplicatedStore implements SessionBackend {
     {
       onlyIfNewer = false,
       ifUnchanged,
-    }: { onlyIfNewer?: boolean; ifUnchanged?: { readonly nodeId: string; readonly token: CasToken } } = {},
+      backupIfOlder = false,
+    }: {
+      onlyIfNewer?: boolean
+      ifUnchanged?: { readonly nodeId: string; readonly token: CasToken }
+      /** With `ifUnchanged` and no lock: the backup is not overwritten by an older version (see merge()). */
+      backupIfOlder?: boolean
+    } = {},
   ): Promise<string> {
     const parsed = parseSessionId(id)
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
@@ -241,7 +247,9 @@ export class ReplicatedStore implements SessionBackend {
       }
     }
 
-    if (ifUnchanged) return this.#saveIfUnchanged(parsed, keys, blob, ttlSeconds, ifUnchanged)
+    if (ifUnchanged) {
+      return this.#saveIfUnchanged(parsed, keys, record, blob, ttlSeconds, ifUnchanged, backupIfOlder)
+    }
 
     let primary = parsed.nodeId
     // Nodes whose write failed: the write may land later. Once the session is stored elsewhere, such a copy
@@ -336,14 +344,17 @@ export class ReplicatedStore implements SessionBackend {
   /**
    * A write that must not replace a copy stored since this request read it: compare-and-set on the primary,
    * then the backup (after, so a copy the primary refused never reaches the backup). StaleWriteError when the
-   * primary changed, was removed or moved: the caller merges instead.
+   * primary changed, was removed or moved: the caller merges instead. `backupIfOlder`: no lock keeps the next
+   * writer of the session waiting for this backup, so it is written only over an older copy, as merge() does.
    */
   async #saveIfUnchanged(
     parsed: ParsedSessionId,
     keys: StorageKeys,
+    record: SessionRecord,
     blob: Buffer,
     ttlSeconds: number,
     read: { readonly nodeId: string; readonly token: CasToken },
+    backupIfOlder: boolean,
   ): Promise<string> {
     if (read.nodeId !== parsed.nodeId || !this.#ring.isAlive(read.nodeId)) {
       throw new StaleWriteError('the session moved since it was read')
@@ -367,7 +378,8 @@ export class ReplicatedStore implements SessionBackend {
     if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
     counters.primaryWrites++
     this.#wrote(parsed.random)
-    await this.#writeBackup(read.nodeId, keys, blob, ttlSeconds)
+    if (backupIfOlder) await this.#writeBackupIfOlder(read.nodeId, keys, record, blob, ttlSeconds)
+    else await this.#writeBackup(read.nodeId, keys, blob, ttlSeconds)
     const now = Date.now()
     this.#lastRefresh.set(parsed.random, now)
     this.#lastBackupCheck.set(parsed.random, now)
