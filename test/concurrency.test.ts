@@ -106,6 +106,21 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', 'late'])
   })
 
+  it("stores an unlocked change that fits only merged onto what another request stored meanwhile ('merge')", async () => {
+    const [a, b] = await instances({ lockingMode: 'merge', maxSessionBytes: 8192 })
+    const browser = await session(a)
+    await browser.send(a, 'POST', '/big/6') // 6 KiB of the 8
+    let release = (): void => {}
+    a.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+    const item = 'y'.repeat(3000)
+    const slow = browser.send(a, 'POST', `/slow/${item}`) // read with the 6 KiB; its own copy would not fit
+    await sleep(50)
+    expect((await browser.send(b, 'POST', '/big/0')).status).toBe(200)
+    release()
+    expect((await slow).status).toBe(200)
+    expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', item])
+  })
+
   it('answers 503 with Retry-After when the lock stays taken past lockTimeout, and never runs unlocked', async () => {
     const [a, b] = await instances({ lockingMode: 'all', lockTimeout: 300 })
     const browser = await session(a)

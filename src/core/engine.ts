@@ -2,6 +2,7 @@ import {
   CorruptSessionError,
   ForeignRecordError,
   LockTimeoutError,
+  SessionTooLargeError,
   StaleWriteError,
   UnserializableSessionError,
 } from '../errors.js'
@@ -325,8 +326,10 @@ export class SessionEngine {
         if (!locked) this.counters.merges++
         return
       } catch (error) {
-        if (!(error instanceof StaleWriteError)) throw error
-        lateWrite = error.lateWrite
+        if (error instanceof StaleWriteError) lateWrite = error.lateWrite
+        // Unlocked, a snapshot over the size limit may still fit merged onto what was stored since (a key that
+        // another request deleted); if nothing was, the merge meets the same limit.
+        else if (locked || !(error instanceof SessionTooLargeError)) throw error
       }
     }
     // Nothing keeps other requests of this session out: apply this request's changes onto what is stored.

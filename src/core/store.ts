@@ -237,6 +237,9 @@ export class ReplicatedStore implements SessionBackend {
     if (!parsed) throw new TypeError('save() needs an id issued by this store')
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const blob = this.#encodeWithinLimit(record, keys)
+    if (ifUnchanged) {
+      return this.#saveIfUnchanged(parsed, keys, record, blob, ttlSeconds, ifUnchanged, backupIfOlder)
+    }
     this.#wrote(parsed.random)
     if (onlyIfNewer) {
       // A write that waited (async, or through an outage) must not replace what another instance stored since.
@@ -245,10 +248,6 @@ export class ReplicatedStore implements SessionBackend {
       if (stored && !isNewer(record, stored)) {
         throw new StaleWriteError('a newer copy of this session was stored meanwhile')
       }
-    }
-
-    if (ifUnchanged) {
-      return this.#saveIfUnchanged(parsed, keys, record, blob, ttlSeconds, ifUnchanged, backupIfOlder)
     }
 
     let primary = parsed.nodeId

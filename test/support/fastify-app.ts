@@ -6,7 +6,7 @@ import type { ShopApp } from './app.js'
 
 /** The shop of test/support/app.ts on Fastify 5, through the plugin: the routes the behavioural suites use. */
 export async function startFastifyShop(options: SessionFailoverOptions): Promise<ShopApp> {
-  const app = Fastify()
+  const app = Fastify({ maxParamLength: 8192 }) // long items: a cart item may be a few KiB
   await app.register(fastifySessionFailover, options)
   const shop = {} as ShopApp
   shop.beforeModify = async () => {}
@@ -52,6 +52,10 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
   })
   app.post<{ Params: { name: string } }>('/key/:name', async (request) => {
     request.session.set(`k_${request.params.name}`, true)
+    return { ok: true }
+  })
+  app.post<{ Params: { kb: string } }>('/big/:kb', async (request) => {
+    request.session.set('blob', 'x'.repeat(Number(request.params.kb) * 1024))
     return { ok: true }
   })
   app.get('/keys', async (request) => ({
