@@ -2,11 +2,10 @@ import express from 'express'
 import Fastify from 'fastify'
 import { afterEach, describe, expect, it } from 'vitest'
 import { fastifySessionFailover } from '../src/fastify.js'
-import { MemcachedNode } from '../src/nodes/memcached.js'
 import { Browser, firstBytes, type ShopApp, startShop } from './support/app.js'
 import { startFastifyShop } from './support/fastify-app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
-import { startWatchingProxy } from './support/proxy.js'
+import { watchedNode } from './support/proxy.js'
 
 describe('the Fastify plugin', () => {
   const shops: ShopApp[] = []
@@ -45,16 +44,7 @@ describe('the Fastify plugin', () => {
   it('sends a reply that stores nothing at the end of its turn, after the node requests that turn made', async () => {
     const [server] = await startCluster(1)
     const events: string[] = []
-    const proxy = await startWatchingProxy((server as MemcachedServer).port, {
-      request: () => events.push('node request'),
-    })
-    const node = new MemcachedNode({
-      id: 'n9',
-      host: '127.0.0.1',
-      port: proxy.port,
-      operationTimeoutMs: 2000,
-      probeKey: 'probe',
-    })
+    const { node, close } = await watchedNode((server as MemcachedServer).port, events)
     const app = Fastify()
     await app.register(fastifySessionFailover, {
       secret: 's',
@@ -67,7 +57,6 @@ describe('the Fastify plugin', () => {
       return { ok: true }
     })
     try {
-      await node.set('warm', Buffer.from('1'), 60) // the connection is open
       const url = await app.listen({ port: 0, host: '127.0.0.1' })
       events.length = 0
       expect(await firstBytes({ url }, '/read-then-store', () => events.push('response'))).toMatch(
@@ -78,8 +67,7 @@ describe('the Fastify plugin', () => {
       expect(await server?.get('later')).toEqual(Buffer.from('2'))
     } finally {
       await app.close()
-      await node.close()
-      await proxy.close()
+      await close()
     }
   })
 

@@ -8,10 +8,9 @@ import type { Express, NextFunction, Request, Response } from 'express'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverMiddleware, sessionFailover } from '../src/index.js'
-import { MemcachedNode } from '../src/nodes/memcached.js'
 import { Browser, expressVersions, firstBytes, type ShopApp } from './support/app.js'
 import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
-import { startWatchingProxy } from './support/proxy.js'
+import { watchedNode } from './support/proxy.js'
 import { recordsOf } from './support/records.js'
 
 declare module 'express-session' {
@@ -89,7 +88,26 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['one'])
   })
 
-  it('answers a request whose middleware ran twice (the session set to null in between)', async () => {
+  it.each([
+    {
+      second: 'writes',
+      handler: ((req, res) => {
+        step(req, 'second')
+        res.json({ step: req.session.step })
+      }) as Handler,
+      steps: ['second'],
+    },
+    {
+      second: 'only reads',
+      handler: ((req, res) => {
+        res.json({ step: req.session.step ?? [] })
+      }) as Handler,
+      steps: [],
+    },
+  ])('answers a request whose middleware ran twice (the session set to null in between) when the second session $second', async ({
+    handler,
+    steps,
+  }) => {
     const shop = await app({}, (application, sessions) => {
       application.post(
         '/again',
@@ -99,35 +117,12 @@ describe.each(expressVersions)('holding the response until the session is stored
           next()
         },
         sessions as unknown as Handler,
-        (req, res) => {
-          step(req, 'second')
-          res.json({ step: req.session.step })
-        },
+        handler,
       )
     })
     const reply = await new Browser().send(shop, 'POST', '/again')
     expect(reply.status).toBe(200)
-    expect(reply.body).toEqual({ step: ['second'] })
-  })
-
-  it('answers a request whose middleware ran twice when the second session only reads', async () => {
-    const shop = await app({}, (application, sessions) => {
-      application.post(
-        '/again-read',
-        (req, _res, next) => {
-          step(req, 'first')
-          ;(req as { session: unknown }).session = null
-          next()
-        },
-        sessions as unknown as Handler,
-        (req, res) => {
-          res.json({ step: req.session.step ?? [] })
-        },
-      )
-    })
-    const reply = await new Browser().send(shop, 'POST', '/again-read')
-    expect(reply.status).toBe(200)
-    expect(reply.body).toEqual({ step: [] })
+    expect(reply.body).toEqual({ step: steps })
   })
 
   it('gives the first response when a handler answers and then calls next() or next(err)', async () => {
@@ -172,18 +167,9 @@ describe.each(expressVersions)('holding the response until the session is stored
   })
 
   it('sends a read-only response at the end of its turn, after the node requests that turn made', async () => {
-    // Between a node and memcached: notes when a request arrives.
     const events: string[] = []
-    const proxy = await startWatchingProxy(memcached.port, { request: () => events.push('node request') })
-    const node = new MemcachedNode({
-      id: 'n9',
-      host: '127.0.0.1',
-      port: proxy.port,
-      operationTimeoutMs: 2000,
-      probeKey: 'probe',
-    })
+    const { node, close } = await watchedNode(memcached.port, events)
     try {
-      await node.set('warm', Buffer.from('1'), 60) // the connection is open
       const seen: { headersSent?: boolean; lateHeaderThrew?: boolean } = {}
       let stored: Promise<void> | undefined
       const shop = await app({}, (application) => {
@@ -214,8 +200,7 @@ describe.each(expressVersions)('holding the response until the session is stored
       await stored
       expect(await memcached.get('later')).toEqual(Buffer.from('2'))
     } finally {
-      await node.close()
-      await proxy.close()
+      await close()
     }
   })
 

@@ -1,4 +1,5 @@
 import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
+import { MemcachedNode } from '../../src/nodes/memcached.js'
 
 /**
  * A loopback TCP proxy in front of one server, which a test can cut (every connection dropped, new ones
@@ -79,4 +80,34 @@ export async function startWatchingProxy(
       return new Promise((resolve) => server.close(() => resolve()))
     },
   }
+}
+
+/**
+ * A memcached node of the test's own, reached through a watching proxy that pushes 'node request' onto `events`
+ * as each of its requests arrives, with its connection already open: for tests that order what a node is sent
+ * against what a client receives.
+ */
+export async function watchedNode(
+  memcachedPort: number,
+  events: string[],
+): Promise<{ readonly node: MemcachedNode; close(): Promise<void> }> {
+  const proxy = await startWatchingProxy(memcachedPort, { request: () => events.push('node request') })
+  const node = new MemcachedNode({
+    id: 'watched',
+    host: '127.0.0.1',
+    port: proxy.port,
+    operationTimeoutMs: 2000,
+    probeKey: 'probe',
+  })
+  const close = async (): Promise<void> => {
+    await node.close()
+    await proxy.close()
+  }
+  try {
+    await node.set('warm', Buffer.from('1'), 60)
+  } catch (error) {
+    await close()
+    throw error
+  }
+  return { node, close }
 }
