@@ -12,8 +12,7 @@ export interface SessionBackend {
   recognize(id: string): ParsedSessionId | null
   /** Recently found on no node (or destroyed) by this instance: a new session, without reading any node. */
   knownAbsent(parsed: ParsedSessionId): boolean
-  /** `readBackup`: the request is expected to write; a hint a backend may ignore (ReplicatedStore.load()). */
-  load(id: string, options?: { readonly readBackup?: boolean }): Promise<LoadedSession | null>
+  load(id: string): Promise<LoadedSession | null>
   /** Stores a record and returns the id the session has now (it changes when the session was relocated). */
   save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string>
   /** Keeps an unchanged session alive; never rejects. */

@@ -166,16 +166,6 @@ export class RecordCodec {
   }
 }
 
-/**
- * The version a stored blob's header claims, without verifying it; undefined when the blob is not in this
- * layout. Only for deciding whether a write may go beside another (#saveIfUnchanged): a forged header can only
- * make that write conditional on a copy it then replaces, or send it the sequential way.
- */
-export function claimedVersion(blob: Buffer): number | undefined {
-  if (blob.length < HEADER_BYTES + TAG_BYTES || blob[0] !== MAGIC || blob[1] !== LAYOUT) return undefined
-  return blob.readUInt32BE(8)
-}
-
 /** The AES key of one record: the cipher key and the record's salt through HMAC-SHA256 (a PRF). */
 function recordKey(cipherKey: KeyObject, nonce: Buffer): Buffer {
   return createHmac('sha256', cipherKey).update(nonce.subarray(0, SALT_BYTES)).digest()

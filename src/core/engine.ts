@@ -94,17 +94,13 @@ export class SessionEngine {
       cookieId === undefined || !parsed || !request
         ? undefined
         : await this.#lock(parsed, request, () => {
-            early = this.#load(cookieId, this.#expectsWrite(request))
+            early = this.#load(cookieId)
             early.catch(() => {})
           })
     let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
       const loaded =
-        cookieId === undefined
-          ? null
-          : early && lock?.byFirstAdd
-            ? await early
-            : await this.#load(cookieId, lock !== undefined && this.#expectsWrite(request))
+        cookieId === undefined ? null : early && lock?.byFirstAdd ? await early : await this.#load(cookieId)
       found = loaded ? this.#readable(loaded) : undefined
     } catch (error) {
       await lock?.release()
@@ -125,14 +121,8 @@ export class SessionEngine {
     return opened
   }
 
-  /** `readBackup`: see ReplicatedStore.load(). */
-  #load(id: string, readBackup = false): Promise<LoadedSession | null> {
-    return this.#options.metrics.time('load', () => this.store.load(id, { readBackup }))
-  }
-
-  /** A locked request on a route that writes its session: its write can go to both copies at once. */
-  #expectsWrite(request: RequestFacts | undefined): boolean {
-    return request !== undefined && this.#concurrency?.policy.expectsWrite(request) === true
+  #load(id: string): Promise<LoadedSession | null> {
+    return this.#options.metrics.time('load', () => this.store.load(id))
   }
 
   /** Resolves once no request is in flight, or after `timeoutMs`; whether they all finished. */

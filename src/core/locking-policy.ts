@@ -50,17 +50,9 @@ export class LockingPolicy {
     return mode(request.raw) === true
   }
 
-  /**
-   * Whether a locked request is expected to modify its session: its route was not seen to only read. Only a
-   * hint (the backup is read beside the primary for it), so it is learned in every mode that locks.
-   */
-  expectsWrite(request: RequestFacts): boolean {
-    return !this.#readOnlyRoutes.has(routeKey(request))
-  }
-
-  /** Every mode that locks learns from each finished request whether its route writes the session. */
+  /** 'auto' mode learns from every finished request whether its route writes the session. */
   learn(request: RequestFacts, modified: boolean): void {
-    if (this.#mode === 'none' || this.#mode === 'merge') return
+    if (this.#mode !== 'auto') return
     const key = routeKey(request)
     if (modified) this.#readOnlyRoutes.delete(key)
     else this.#readOnlyRoutes.set(key, true)

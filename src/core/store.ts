@@ -18,7 +18,7 @@ import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
-import { claimedVersion, type RecordCodec, type SessionRecord } from './codec.js'
+import type { RecordCodec, SessionRecord } from './codec.js'
 import { type StorageKeys, storageKeys } from './keys.js'
 import { applyChanges, type SessionChanges } from './merge.js'
 import type { Metrics } from './metrics.js'
@@ -51,14 +51,7 @@ export interface LoadedSession {
   /** The dead node the session moved away from, when it was relocated. */
   readonly relocatedFrom: string | undefined
   /** The primary copy's compare-and-set token, when it was read from the primary: lets a write be conditional. */
-  readonly cas?: { readonly nodeId: string; readonly token: CasToken; readonly backup?: BackupRead }
-}
-
-/** The backup copy as read beside the primary's by a request expected to write (load()'s `readBackup`). */
-export interface BackupRead {
-  readonly nodeId: string
-  /** Its compare-and-set token and claimed version; undefined when absent or unreadable. Never rejects. */
-  readonly copy: Promise<{ readonly token: CasToken; readonly version: number } | undefined>
+  readonly cas?: { readonly nodeId: string; readonly token: CasToken }
 }
 
 /** Rounds of read-apply-write a merge tries before giving up under contention. */
@@ -150,13 +143,8 @@ export class ReplicatedStore implements SessionBackend {
   /**
    * Reads a session from its primary, or else from the freshest backup. Null means the session does not exist
    * (expired, destroyed, or never issued). Throws AllNodesDownError when no node could answer at all.
-   * `readBackup`: the request is expected to write (it holds the lock), so the backup's token is read too, in
-   * the same round trip, and not waited for: its write can then go to both nodes at once (#saveIfUnchanged).
    */
-  async load(
-    id: string,
-    { readBackup = false }: { readBackup?: boolean } = {},
-  ): Promise<LoadedSession | null> {
+  async load(id: string): Promise<LoadedSession | null> {
     const parsed = this.recognize(id)
     if (!parsed || this.knownAbsent(parsed)) return null
     const keys = storageKeys(this.#options.prefix, parsed.random)
@@ -166,7 +154,6 @@ export class ReplicatedStore implements SessionBackend {
 
     let primaryAnswered = false
     if (this.#ring.isAlive(primary)) {
-      const backup = readBackup ? this.#readBackup(primary, keys) : undefined
       try {
         const read = await this.#ring.call(primary, (node) => node.gets(keys.primary))
         primaryAnswered = true
@@ -178,7 +165,7 @@ export class ReplicatedStore implements SessionBackend {
             // Written under a retired key (or the other encryption setting): rewritten now, under the current.
             mustWrite: record.rewrap === true,
             relocatedFrom: undefined,
-            cas: { nodeId: primary, token: read.cas, backup },
+            cas: { nodeId: primary, token: read.cas },
           }
         }
       } catch (error) {
@@ -354,15 +341,10 @@ export class ReplicatedStore implements SessionBackend {
   async close(): Promise<void> {}
 
   /**
-   * A write that must not replace a copy stored since this request read it: compare-and-set on the primary.
-   * StaleWriteError when the primary changed, was removed or moved: the caller merges instead.
-   *
-   * The backup is written beside it, in the same round trip, when the request read the backup's token (load()'s
-   * `readBackup`) and that copy was older than this write: a compare-and-set there too, so it lands only if
-   * nothing reached the backup since. If the primary then refuses this write, the copy it left on the backup
-   * is the one that lost: the winner's backup write replaces it (#writeBackupIfOlder), and so does this
-   * request's merge. Otherwise the backup is written after the primary (a copy the primary refused never
-   * reaches it): `backupIfOlder` when no lock keeps the next writer waiting for it, only over an older copy.
+   * A write that must not replace a copy stored since this request read it: compare-and-set on the primary,
+   * then the backup (after, so a copy the primary refused never reaches the backup). StaleWriteError when the
+   * primary changed, was removed or moved: the caller merges instead. `backupIfOlder`: no lock keeps the next
+   * writer of the session waiting for this backup, so it is written only over an older copy, as merge() does.
    */
   async #saveIfUnchanged(
     parsed: ParsedSessionId,
@@ -370,33 +352,13 @@ export class ReplicatedStore implements SessionBackend {
     record: SessionRecord,
     blob: Buffer,
     ttlSeconds: number,
-    read: NonNullable<LoadedSession['cas']>,
+    read: { readonly nodeId: string; readonly token: CasToken },
     backupIfOlder: boolean,
   ): Promise<string> {
-    const backupCopy = read.backup && (await read.backup.copy)
     if (read.nodeId !== parsed.nodeId || !this.#ring.isAlive(read.nodeId)) {
       throw new StaleWriteError('the session moved since it was read')
     }
     const counters = this.#options.metrics.counters
-    // Beside the primary only over an older copy: one as new as this write was stored by another request after
-    // this one read the primary, and this write is about to lose there.
-    const beside =
-      read.backup !== undefined &&
-      backupCopy !== undefined &&
-      backupCopy.version < record.version &&
-      read.backup.nodeId === this.#ring.nextAliveAfter(read.nodeId)
-        ? this.#ring
-            .call(read.backup.nodeId, (node) =>
-              node.setIfUnchanged(keys.backup, blob, ttlSeconds, backupCopy.token),
-            )
-            .then(
-              (outcome) => outcome === 'stored',
-              () => {
-                counters.backupWriteFailures++
-                return false
-              },
-            )
-        : undefined
     const outcome = await this.#ring
       .call(read.nodeId, (node) => node.setIfUnchanged(keys.primary, blob, ttlSeconds, read.token))
       .catch((error: unknown) => {
@@ -415,10 +377,7 @@ export class ReplicatedStore implements SessionBackend {
     if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
     counters.primaryWrites++
     this.#wrote(parsed.random)
-    if (beside && (await beside)) counters.backupWrites++
-    // A backup written beside that did not land: something reached the backup since the read.
-    else if (backupIfOlder || beside)
-      await this.#writeBackupIfOlder(read.nodeId, keys, record, blob, ttlSeconds)
+    if (backupIfOlder) await this.#writeBackupIfOlder(read.nodeId, keys, record, blob, ttlSeconds)
     else await this.#writeBackup(read.nodeId, keys, blob, ttlSeconds)
     const now = Date.now()
     this.#lastRefresh.set(parsed.random, now)
@@ -529,11 +488,7 @@ export class ReplicatedStore implements SessionBackend {
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
   }
 
-  /**
-   * Writes the backup copy unless the backup node already holds a newer version, or this very copy. Called once
-   * this write won the primary: another copy of the same version is one whose write lost there (written beside
-   * its primary write, #saveIfUnchanged), and is replaced.
-   */
+  /** Writes the backup copy unless the backup node already holds this version or a newer one. */
   async #writeBackupIfOlder(
     primary: string,
     keys: StorageKeys,
@@ -551,7 +506,7 @@ export class ReplicatedStore implements SessionBackend {
           const current = await node.gets(key)
           if (!current) return node.add(key, blob, ttlSeconds)
           const existing = this.#decode(current.value, backup, keys, key)
-          if (existing && (existing.version > record.version || current.value.equals(blob))) return true
+          if (existing && !isNewer(record, existing)) return true
           return (await node.setIfUnchanged(key, blob, ttlSeconds, current.cas)) === 'stored'
         })
         if (done) {
@@ -622,21 +577,6 @@ export class ReplicatedStore implements SessionBackend {
     if (this.#recentMoves.has(key)) return false
     this.#recentMoves.set(key, true)
     return true
-  }
-
-  #readBackup(primary: string, keys: StorageKeys): BackupRead | undefined {
-    const nodeId = this.#ring.nextAliveAfter(primary)
-    if (!nodeId) return undefined
-    const copy = this.#ring
-      .call(nodeId, (node) => node.gets(keys.backup))
-      .then(
-        (read) => {
-          const version = read ? claimedVersion(read.value) : undefined
-          return read && version !== undefined ? { token: read.cas, version } : undefined
-        },
-        () => undefined,
-      )
-    return { nodeId, copy }
   }
 
   /** The freshest copy of either key on every alive node. */

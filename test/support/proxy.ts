@@ -47,14 +47,9 @@ export async function startProxy(targetPort: number): Promise<CuttableProxy> {
   }
 }
 
-/**
- * A loopback TCP proxy in front of one server that reports each chunk a client sends and each chunk of reply,
- * and can hold what clients send (in order, unanswered) until released: a request stalled on its way.
- */
+/** A loopback TCP proxy in front of one server that reports each chunk a client sends and each chunk of reply. */
 export interface WatchingProxy {
   readonly port: number
-  hold(): void
-  release(): void
   close(): Promise<void>
 }
 
@@ -63,7 +58,6 @@ export async function startWatchingProxy(
   watch: { readonly request?: (chunk: Buffer) => void; readonly reply?: (chunk: Buffer) => void },
 ): Promise<WatchingProxy> {
   const sockets = new Set<Socket>()
-  let held: (() => void)[] | undefined
   const server = createServer((client) => {
     const upstream = connect(targetPort, '127.0.0.1')
     sockets.add(client).add(upstream)
@@ -71,8 +65,7 @@ export async function startWatchingProxy(
     upstream.on('error', () => {})
     client.on('data', (chunk: Buffer) => {
       watch.request?.(chunk)
-      if (held) held.push(() => upstream.write(chunk))
-      else upstream.write(chunk)
+      upstream.write(chunk)
     })
     upstream.on('data', (chunk: Buffer) => {
       watch.reply?.(chunk)
@@ -82,14 +75,6 @@ export async function startWatchingProxy(
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   return {
     port: (server.address() as AddressInfo).port,
-    hold() {
-      held ??= []
-    },
-    release() {
-      const queued = held ?? []
-      held = undefined
-      for (const send of queued) send()
-    },
     close() {
       for (const socket of sockets) socket.destroy()
       return new Promise((resolve) => server.close(() => resolve()))
