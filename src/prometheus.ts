@@ -102,6 +102,11 @@ const COUNTERS: readonly {
     help: 'Requests for an expired or destroyed id answered without reading any node',
     series: [{ field: 'knownAbsentHits' }],
   },
+  {
+    name: 'moves_followed_total',
+    help: 'Requests presenting the id of a session this instance moved, served from its new node',
+    series: [{ field: 'movesFollowed' }],
+  },
 ]
 
 const HISTOGRAMS: Readonly<Record<LatencyName, { readonly name: string; readonly help: string }>> = {

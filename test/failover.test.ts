@@ -2,7 +2,7 @@ import { sign } from 'cookie-signature'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
-import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
+import { Browser, expressVersions, hangingRequest, type ShopApp, startShop } from './support/app.js'
 import { type CacheServer, nodesFor, startBackend, stopAllServers } from './support/backends.js'
 import { startFastifyShop } from './support/fastify-app.js'
 
@@ -104,6 +104,94 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     lost.cookie = staleCookie
     const reply = await lost.send(appA, 'GET', '/cart')
     expect(reply.body.cart).toEqual(['apple', 'pear', 'plum'])
+  })
+
+  it('serves a client that keeps its old cookie from where the session moved, without moving it again', async () => {
+    const id = await fillCart()
+    const oldCookie = browser.cookie
+    await serverOf(id).kill()
+    expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+    const moved = browser.sessionId
+    const stale = new Browser()
+    const writesBefore = appB.sessions.stats().primaryWrites
+    for (const item of ['plum', 'fig']) {
+      stale.cookie = oldCookie
+      const read = await stale.send(appB, 'GET', '/cart')
+      expect(read.body.id).toBe(moved)
+      // Told the new id each time, as long as it presents the old one.
+      expect(stale.sessionId).toBe(moved)
+      stale.cookie = oldCookie
+      await stale.send(appB, 'POST', `/cart/${item}`)
+    }
+    // Reads with the old id wrote nothing: only the two changes were stored, on the node the session moved to.
+    expect(appB.sessions.stats()).toMatchObject({ primaryWrites: writesBefore + 2, movesFollowed: 4 })
+    expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum', 'fig'])
+  })
+
+  it('keeps following the move for an old cookie once its old primary is back with the copy from before', async () => {
+    const id = await fillCart()
+    const oldCookie = browser.cookie
+    const primary = serverOf(id)
+    await primary.freeze()
+    try {
+      // The read times out: the session moves on, and changes there.
+      expect((await browser.send(appB, 'POST', '/cart/plum')).body.cart).toEqual(['apple', 'pear', 'plum'])
+    } finally {
+      primary.thaw()
+    }
+    await sleep(PROBE_INTERVAL * 5) // the node is back, still holding the session as it was before the move
+    expect(await primary.has(keysOf(id).primary)).toBe(true)
+    const stale = new Browser()
+    stale.cookie = oldCookie
+    expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum'])
+  })
+
+  it('serves a request with the old id that comes while another request is still moving the session', async () => {
+    const unlocked = await start({ ...optionsFor(), lockingMode: 'none' })
+    try {
+      const id = await fillCart()
+      const oldCookie = browser.cookie
+      await serverOf(id).kill()
+      const second = new Browser()
+      // The first request has read the session and chosen where it moves, and has not written it there yet.
+      unlocked.beforeModify = async () => {
+        second.cookie = oldCookie
+        expect((await second.send(unlocked, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+      }
+      const first = new Browser()
+      first.cookie = oldCookie
+      const moving = await first.send(unlocked, 'POST', '/slow/plum')
+      expect(moving.status).toBe(200)
+      expect(moving.body.cart).toEqual(['apple', 'pear', 'plum'])
+    } finally {
+      await unlocked.close()
+    }
+  })
+
+  it('locks a moved session where it moved, for the old cookie too, once the old primary is back', async () => {
+    const options = { ...optionsFor(), lockingMode: 'all' as const, lockTimeout: 300 }
+    const mover = await start(options)
+    const other = await start(options)
+    try {
+      const id = await fillCart()
+      const oldCookie = browser.cookie
+      const primary = serverOf(id)
+      await primary.freeze()
+      try {
+        expect((await browser.send(mover, 'POST', '/cart/plum')).status).toBe(200)
+      } finally {
+        primary.thaw()
+      }
+      await sleep(PROBE_INTERVAL * 5)
+      // A request with the old id holds the lock; one with the new id, on another instance, waits for it.
+      const hanging = hangingRequest(mover, oldCookie)
+      await sleep(100)
+      expect((await browser.send(other, 'POST', '/cart/kiwi')).status).toBe(503)
+      hanging.abort()
+      await hanging.done
+    } finally {
+      await Promise.all([mover.close(), other.close()])
+    }
   })
 
   it('gives the copy back to a primary that restarted empty, keeping the id', async () => {

@@ -28,6 +28,8 @@ export interface SessionCounters {
   foreignRecords: number
   /** Reads answered from the negative cache: an expired or destroyed id presented again. */
   knownAbsentHits: number
+  /** Requests presenting the id of a session this instance moved, served from where it moved to. */
+  movesFollowed: number
 }
 
 export function newCounters(): SessionCounters {
@@ -50,5 +52,6 @@ export function newCounters(): SessionCounters {
     corruptSessions: 0,
     foreignRecords: 0,
     knownAbsentHits: 0,
+    movesFollowed: 0,
   }
 }

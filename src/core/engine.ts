@@ -247,7 +247,12 @@ export class SessionEngine {
     const keys = storageKeys(concurrency.prefix, parsed.random)
     try {
       const lock = await this.#options.metrics.time('lockWait', () =>
-        concurrency.locks.acquire(parsed.random, parsed.nodeId, keys.lock, besideFirstAdd),
+        concurrency.locks.acquire(
+          parsed.random,
+          concurrency.store.presumedNode(parsed),
+          keys.lock,
+          besideFirstAdd,
+        ),
       )
       this.counters.locksAcquired++
       if (lock.waited) this.counters.lockWaits++

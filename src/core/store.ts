@@ -85,6 +85,15 @@ const ABSENT_ENTRIES = 10_000
 const ABSENT_TTL_MS = 10_000
 
 /**
+ * Where sessions this instance moved off a dead node now live, so a request that still presents the old id (sent
+ * before its client had the new cookie, or from a client that ignores Set-Cookie) reads the session where it is
+ * instead of relocating it again. Bounded in count; long-lived, because a node that comes back may still hold
+ * the copy from before the move.
+ */
+const MOVES_REMEMBERED = 20_000
+const MOVES_TTL_MS = 60 * 60 * 1000
+
+/**
  * Sessions replicated on two nodes: the primary named in the session id and a backup on the next alive node.
  * Framework-free: it deals in session ids and records, never in requests.
  */
@@ -101,6 +110,8 @@ export class ReplicatedStore implements SessionBackend {
   readonly #lastWrite = new LRUCache<string, number>({ max: ABSENT_ENTRIES })
   /** Relocations and restores counted recently, so that one move is counted once. */
   readonly #recentMoves = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
+  /** Per session (random part of its id), the node this instance last moved it to. */
+  readonly #movedTo = new LRUCache<string, string>({ max: MOVES_REMEMBERED, ttl: MOVES_TTL_MS })
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
@@ -128,6 +139,14 @@ export class ReplicatedStore implements SessionBackend {
     return parseSessionId(id)
   }
 
+  /**
+   * The node a session is looked for first: where this instance moved it, else the one its id names. Locks are
+   * taken there, so requests presenting the old id and the new one wait for each other.
+   */
+  presumedNode(parsed: ParsedSessionId): string {
+    return this.#movedTo.get(parsed.random) ?? parsed.nodeId
+  }
+
   /** Whether the id is remembered as found nowhere, without counting a hit. */
   remembersAbsent(random: string): boolean {
     return this.#absent.has(random)
@@ -147,8 +166,19 @@ export class ReplicatedStore implements SessionBackend {
   async load(id: string): Promise<LoadedSession | null> {
     const parsed = this.recognize(id)
     if (!parsed || this.knownAbsent(parsed)) return null
-    const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
+    const movedTo = this.#movedTo.get(parsed.random)
+    if (movedTo !== undefined && movedTo !== primary) {
+      // Loaded as if the client had presented its new id, which it is sent again, even where the old node is
+      // alive again with the copy from before the move. Not found there, the move is not written yet (a parallel
+      // request is making it): the old id is looked up as any other.
+      const followed = await this.load(formatSessionId(parsed.random, movedTo, parsed.route))
+      if (followed) {
+        this.#options.metrics.counters.movesFollowed++
+        return followed
+      }
+    }
+    const keys = storageKeys(this.#options.prefix, parsed.random)
     const started = ++this.#clock
     const seen = { foreign: false }
 
@@ -204,7 +234,7 @@ export class ReplicatedStore implements SessionBackend {
     }
     const target = this.#ring.nextAliveAfter(primary)
     if (!target) throw this.#allNodesDown()
-    this.#relocated(keys, primary, target)
+    this.#relocated(parsed.random, keys, primary, target)
     return {
       id: formatSessionId(parsed.random, target, parsed.route),
       record: backup.record,
@@ -278,7 +308,7 @@ export class ReplicatedStore implements SessionBackend {
           )
         }
         this.#wrote(parsed.random)
-        if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
+        if (primary !== parsed.nodeId) this.#relocated(parsed.random, keys, parsed.nodeId, primary)
         const now = Date.now()
         this.#lastRefresh.set(parsed.random, now)
         this.#lastBackupCheck.set(parsed.random, now)
@@ -446,7 +476,7 @@ export class ReplicatedStore implements SessionBackend {
         this.#options.metrics.counters.primaryWrites++
         this.#supersede(lateWrites, primary)
         this.#wrote(parsed.random)
-        if (primary !== parsed.nodeId) this.#relocated(keys, parsed.nodeId, primary)
+        if (primary !== parsed.nodeId) this.#relocated(parsed.random, keys, parsed.nodeId, primary)
         await this.#writeBackupIfOlder(primary, keys, record, blob, ttlSeconds)
         this.#lastRefresh.set(parsed.random, record.writtenAt)
         this.#lastBackupCheck.set(parsed.random, record.writtenAt)
@@ -484,6 +514,7 @@ export class ReplicatedStore implements SessionBackend {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
+    this.#movedTo.delete(parsed.random)
     this.#absent.set(parsed.random, true)
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
   }
@@ -566,7 +597,8 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
-  #relocated(keys: StorageKeys, from: string, to: string): void {
+  #relocated(random: string, keys: StorageKeys, from: string, to: string): void {
+    this.#movedTo.set(random, to)
     if (!this.#firstMove(keys.digest, `${from}>${to}`)) return
     this.#options.metrics.counters.relocations++
     this.#options.metrics.emit('relocated', { session: keys.digest.slice(0, 12), from, to })
