@@ -104,7 +104,7 @@ const COUNTERS: readonly {
   },
   {
     name: 'moves_followed_total',
-    help: 'Requests presenting the id of a session this instance moved, served from its new node',
+    help: 'Requests presenting the old id of a session this instance moved, loaded under its new id',
     series: [{ field: 'movesFollowed' }],
   },
 ]

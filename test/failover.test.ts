@@ -168,6 +168,22 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     }
   })
 
+  it('remembers no move that was never written: the client went away after the session was read', async () => {
+    const id = await fillCart()
+    const oldCookie = browser.cookie
+    await serverOf(id).kill()
+    // This request reads the session and chooses where it moves; its client leaves before anything is written.
+    const abandoned = hangingRequest(appB, oldCookie)
+    await sleep(100)
+    abandoned.abort()
+    await abandoned.done
+    const stale = new Browser()
+    for (let i = 0; i < 2; i++) {
+      stale.cookie = oldCookie
+      expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+    }
+  })
+
   it('locks a moved session where it moved, for the old cookie too, once the old primary is back', async () => {
     const options = { ...optionsFor(), lockingMode: 'all' as const, lockTimeout: 300 }
     const mover = await start(options)

@@ -53,13 +53,13 @@ describe('session locks', () => {
     const server = await startMemcached()
     const { ring, locks } = lockManager(server, 10)
     try {
-      const slow = await locks.acquire('r', 'n1', 't:lock:r')
+      const slow = await locks.acquire('r', () => 'n1', 't:lock:r')
       // The lock expired in memcached while the request ran, and another request took it.
       await server.put('t:lock:r', Buffer.from('the-next-holder'))
       await slow.release()
       expect((await server.get('t:lock:r'))?.toString()).toBe('the-next-holder')
       // Its own lock, it does release.
-      const again = await locks.acquire('s', 'n1', 't:lock:s')
+      const again = await locks.acquire('s', () => 'n1', 't:lock:s')
       await again.release()
       expect(await server.has('t:lock:s')).toBe(false)
     } finally {
@@ -74,8 +74,8 @@ describe('session locks', () => {
     try {
       const held = []
       for (let i = 0; i < 3; i++) {
-        held.push(await first.locks.acquire(`a${i}`, 'n1', `t:lock:a${i}`))
-        held.push(await second.locks.acquire(`b${i}`, 'n1', `t:lock:b${i}`))
+        held.push(await first.locks.acquire(`a${i}`, () => 'n1', `t:lock:a${i}`))
+        held.push(await second.locks.acquire(`b${i}`, () => 'n1', `t:lock:b${i}`))
       }
       const keys = [0, 1, 2].flatMap((i) => [`t:lock:a${i}`, `t:lock:b${i}`])
       const values = await Promise.all(keys.map(async (key) => (await server.get(key))?.toString()))
@@ -92,7 +92,7 @@ describe('session locks', () => {
     const server = await startMemcached()
     const { ring, locks } = lockManager(server, 30)
     try {
-      const lock = await locks.acquire('session', 'n1', 'sf:lock:session')
+      const lock = await locks.acquire('session', () => 'n1', 'sf:lock:session')
       const before = await server.stats()
       await lock.release()
       const after = await server.stats()

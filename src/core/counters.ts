@@ -28,7 +28,7 @@ export interface SessionCounters {
   foreignRecords: number
   /** Reads answered from the negative cache: an expired or destroyed id presented again. */
   knownAbsentHits: number
-  /** Requests presenting the id of a session this instance moved, served from where it moved to. */
+  /** Requests presenting the old id of a session this instance moved, loaded under its new id. */
   movesFollowed: number
 }
 

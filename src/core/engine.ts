@@ -101,6 +101,7 @@ export class SessionEngine {
     try {
       const loaded =
         cookieId === undefined ? null : early && lock?.byFirstAdd ? await early : await this.#load(cookieId)
+      if (loaded?.followedMove) this.counters.movesFollowed++
       found = loaded ? this.#readable(loaded) : undefined
     } catch (error) {
       await lock?.release()
@@ -247,9 +248,10 @@ export class SessionEngine {
     const keys = storageKeys(concurrency.prefix, parsed.random)
     try {
       const lock = await this.#options.metrics.time('lockWait', () =>
+        // Asked after any wait in this process: the request ahead may have moved the session.
         concurrency.locks.acquire(
           parsed.random,
-          concurrency.store.presumedNode(parsed),
+          () => concurrency.store.presumedNode(parsed),
           keys.lock,
           besideFirstAdd,
         ),

@@ -62,13 +62,14 @@ export class LockManager {
 
   /**
    * Waits for the session's lock (in this process, then in memcached); throws LockTimeoutError on timeout.
-   * `besideFirstAdd` is called right after the first add is issued, when it goes to the session's primary and
-   * that node applies operations in order: a read it issues then runs after the add, so if that add takes the
-   * lock (`byFirstAdd`), the read was made under it, and the two shared one round trip.
+   * `primaryOf` names the node the session is read from, asked before each add (a request ahead may move it).
+   * `besideFirstAdd` is called right after the first add is issued, when it goes to that node and the node
+   * applies operations in order: a read it issues then runs after the add, so if that add takes the lock
+   * (`byFirstAdd`), the read was made under it, and the two shared one round trip.
    */
   async acquire(
     random: string,
-    primaryNodeId: string,
+    primaryOf: () => string,
     lockKey: string,
     besideFirstAdd?: () => void,
   ): Promise<SessionLock> {
@@ -89,7 +90,7 @@ export class LockManager {
     try {
       if (ahead && !(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
       const token = `${PROCESS_TOKEN}.${(issued++).toString(36)}`
-      const taken = await this.#addLock(primaryNodeId, lockKey, token, deadline, besideFirstAdd)
+      const taken = await this.#addLock(primaryOf, lockKey, token, deadline, besideFirstAdd)
       const waited = ahead !== undefined || taken.busy > 0
       return this.#held(taken.nodeId, lockKey, token, taken.owned, taken.sentAt, done, waited, taken.first)
     } catch (error) {
@@ -99,7 +100,7 @@ export class LockManager {
   }
 
   async #addLock(
-    primaryNodeId: string,
+    primaryOf: () => string,
     lockKey: string,
     token: string,
     deadline: number,
@@ -109,6 +110,7 @@ export class LockManager {
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
     let busy = 0
     for (let pause = FIRST_PAUSE_MS, attempt = 0; ; pause = Math.min(MAX_PAUSE_MS, pause * 1.5), attempt++) {
+      const primaryNodeId = primaryOf()
       const nodeId = this.#lockNode(primaryNodeId)
       if (!nodeId)
         throw new AllNodesDownError(

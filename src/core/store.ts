@@ -50,6 +50,8 @@ export interface LoadedSession {
   readonly mustWrite: boolean
   /** The dead node the session moved away from, when it was relocated. */
   readonly relocatedFrom: string | undefined
+  /** The id presented named a node this instance had moved the session off: loaded under the new id. */
+  readonly followedMove?: true
   /** The primary copy's compare-and-set token, when it was read from the primary: lets a write be conditional. */
   readonly cas?: { readonly nodeId: string; readonly token: CasToken }
 }
@@ -110,8 +112,13 @@ export class ReplicatedStore implements SessionBackend {
   readonly #lastWrite = new LRUCache<string, number>({ max: ABSENT_ENTRIES })
   /** Relocations and restores counted recently, so that one move is counted once. */
   readonly #recentMoves = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
-  /** Per session (random part of its id), the node this instance last moved it to. */
-  readonly #movedTo = new LRUCache<string, string>({ max: MOVES_REMEMBERED, ttl: MOVES_TTL_MS })
+  /** Per session (random part of its id), the node this instance last moved it to, once written there. */
+  readonly #movedTo = new LRUCache<string, { readonly nodeId: string; readonly at: number }>({
+    max: MOVES_REMEMBERED,
+    ttl: MOVES_TTL_MS,
+  })
+  /** Moves a load chose and its request has not written yet (it may never: aborted, failed). */
+  readonly #moving = new LRUCache<string, string>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
@@ -140,11 +147,24 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /**
-   * The node a session is looked for first: where this instance moved it, else the one its id names. Locks are
-   * taken there, so requests presenting the old id and the new one wait for each other.
+   * The node a session is looked for first: where this instance moved it (#moveOf), else the one its id names.
+   * Locks are taken there, so requests presenting the old id and the new one wait for each other.
    */
   presumedNode(parsed: ParsedSessionId): string {
-    return this.#movedTo.get(parsed.random) ?? parsed.nodeId
+    return this.#moveOf(parsed) ?? parsed.nodeId
+  }
+
+  /**
+   * Where this instance moved the session, unless that node failed and came back since: another instance may
+   * have moved the session on meanwhile, and the id is then looked up as it was presented.
+   */
+  #moveOf(parsed: ParsedSessionId): string | undefined {
+    const moved = this.#movedTo.get(parsed.random)
+    if (moved === undefined || moved.nodeId === parsed.nodeId) return undefined
+    if (!this.#ring.isAlive(moved.nodeId) || this.#ring.aliveSince(moved.nodeId, moved.at))
+      return moved.nodeId
+    this.#movedTo.delete(parsed.random)
+    return undefined
   }
 
   /** Whether the id is remembered as found nowhere, without counting a hit. */
@@ -167,16 +187,13 @@ export class ReplicatedStore implements SessionBackend {
     const parsed = this.recognize(id)
     if (!parsed || this.knownAbsent(parsed)) return null
     const primary = parsed.nodeId
-    const movedTo = this.#movedTo.get(parsed.random)
-    if (movedTo !== undefined && movedTo !== primary) {
-      // Loaded as if the client had presented its new id, which it is sent again, even where the old node is
-      // alive again with the copy from before the move. Not found there, the move is not written yet (a parallel
-      // request is making it): the old id is looked up as any other.
+    const movedTo = this.#moveOf(parsed)
+    if (movedTo !== undefined) {
+      // As if the client had presented its new id (it is sent again), even where the old node is alive again
+      // with the copy from before the move. Not found that way, the session is not found at all: the move was
+      // written, so the copy from before it must not come back.
       const followed = await this.load(formatSessionId(parsed.random, movedTo, parsed.route))
-      if (followed) {
-        this.#options.metrics.counters.movesFollowed++
-        return followed
-      }
+      return followed && { ...followed, followedMove: true }
     }
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const started = ++this.#clock
@@ -234,7 +251,8 @@ export class ReplicatedStore implements SessionBackend {
     }
     const target = this.#ring.nextAliveAfter(primary)
     if (!target) throw this.#allNodesDown()
-    this.#relocated(parsed.random, keys, primary, target)
+    this.#relocated(keys, primary, target)
+    this.#moving.set(parsed.random, target)
     return {
       id: formatSessionId(parsed.random, target, parsed.route),
       record: backup.record,
@@ -308,7 +326,7 @@ export class ReplicatedStore implements SessionBackend {
           )
         }
         this.#wrote(parsed.random)
-        if (primary !== parsed.nodeId) this.#relocated(parsed.random, keys, parsed.nodeId, primary)
+        this.#landed(parsed, keys, primary)
         const now = Date.now()
         this.#lastRefresh.set(parsed.random, now)
         this.#lastBackupCheck.set(parsed.random, now)
@@ -407,6 +425,7 @@ export class ReplicatedStore implements SessionBackend {
     if (outcome !== 'stored') throw new StaleWriteError('the session changed since it was read')
     counters.primaryWrites++
     this.#wrote(parsed.random)
+    this.#landed(parsed, keys, read.nodeId)
     if (backupIfOlder) await this.#writeBackupIfOlder(read.nodeId, keys, record, blob, ttlSeconds)
     else await this.#writeBackup(read.nodeId, keys, blob, ttlSeconds)
     const now = Date.now()
@@ -476,7 +495,7 @@ export class ReplicatedStore implements SessionBackend {
         this.#options.metrics.counters.primaryWrites++
         this.#supersede(lateWrites, primary)
         this.#wrote(parsed.random)
-        if (primary !== parsed.nodeId) this.#relocated(parsed.random, keys, parsed.nodeId, primary)
+        this.#landed(parsed, keys, primary)
         await this.#writeBackupIfOlder(primary, keys, record, blob, ttlSeconds)
         this.#lastRefresh.set(parsed.random, record.writtenAt)
         this.#lastBackupCheck.set(parsed.random, record.writtenAt)
@@ -515,6 +534,7 @@ export class ReplicatedStore implements SessionBackend {
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
     this.#movedTo.delete(parsed.random)
+    this.#moving.delete(parsed.random)
     this.#absent.set(parsed.random, true)
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
   }
@@ -596,9 +616,20 @@ export class ReplicatedStore implements SessionBackend {
     }
   }
 
+  /**
+   * A write of the session (under `parsed`) landed on `nodeId`. A move that a load chose, or this write made,
+   * is remembered only now: followed before it was written, a move would find nothing (#moveOf).
+   */
+  #landed(parsed: ParsedSessionId, keys: StorageKeys, nodeId: string): void {
+    const moved = nodeId !== parsed.nodeId
+    if (moved) this.#relocated(keys, parsed.nodeId, nodeId)
+    else if (this.#moving.get(parsed.random) !== nodeId) return
+    this.#moving.delete(parsed.random)
+    this.#movedTo.set(parsed.random, { nodeId, at: Date.now() })
+  }
+
   /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
-  #relocated(random: string, keys: StorageKeys, from: string, to: string): void {
-    this.#movedTo.set(random, to)
+  #relocated(keys: StorageKeys, from: string, to: string): void {
     if (!this.#firstMove(keys.digest, `${from}>${to}`)) return
     this.#options.metrics.counters.relocations++
     this.#options.metrics.emit('relocated', { session: keys.digest.slice(0, 12), from, to })

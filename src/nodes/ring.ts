@@ -16,6 +16,8 @@ interface Member {
   ops: number
   errors: number
   deadSince: number | undefined
+  /** Epoch ms the node was last marked dead, kept once it is back; 0 if never. */
+  lastDownAt: number
   lastError: string | undefined
   probeTimer: NodeJS.Timeout | undefined
   /**
@@ -123,6 +125,15 @@ export class NodeRing {
 
   isAlive(nodeId: string): boolean {
     return this.#byId.get(nodeId)?.alive === true
+  }
+
+  /**
+   * Whether the node is alive and has not been marked dead since `at` (epoch ms): what was written to it then may
+   * have been moved on since, by an instance that saw it fail.
+   */
+  aliveSince(nodeId: string, at: number): boolean {
+    const member = this.#byId.get(nodeId)
+    return member?.alive === true && member.lastDownAt < at
   }
 
   /** Configured nodes, retired ones not counted. */
@@ -286,6 +297,7 @@ export class NodeRing {
       ops: 0,
       errors: 0,
       deadSince: undefined,
+      lastDownAt: 0,
       lastError: undefined,
       probeTimer: undefined,
       pendingDeletes: new Map<string, readonly Buffer[] | undefined>(),
@@ -297,6 +309,7 @@ export class NodeRing {
     if (!member.alive) return
     member.alive = false
     member.deadSince = Date.now()
+    member.lastDownAt = member.deadSince
     this.#options.logger.warn(
       { node: member.node.id, address: member.node.address, err: member.lastError },
       'session-failover: node marked dead',
