@@ -184,6 +184,33 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     }
   })
 
+  it('forgets a move once its node failed and came back: another instance may have moved the session on', async () => {
+    const id = await fillCart()
+    const oldCookie = browser.cookie
+    await serverOf(id).kill()
+    expect((await browser.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
+    const moved = serverOf(browser.sessionId) // appB remembers this move
+    // A session of appB's own on that node, to let appB see the node fail.
+    const neighbour = new Browser()
+    for (let i = 0; i < 6 && serverOf(neighbour.sessionId) !== moved; i++) {
+      neighbour.cookie = undefined
+      await neighbour.send(appB, 'POST', '/cart/seed')
+    }
+    expect(serverOf(neighbour.sessionId)).toBe(moved)
+    await moved.freeze()
+    try {
+      // appA moves the session on and changes it there; appB sees the node fail too.
+      expect((await browser.send(appA, 'POST', '/cart/kiwi')).body.cart).toEqual(['apple', 'pear', 'kiwi'])
+      await neighbour.send(appB, 'GET', '/cart')
+    } finally {
+      moved.thaw()
+    }
+    await sleep(PROBE_INTERVAL * 5)
+    const stale = new Browser()
+    stale.cookie = oldCookie
+    expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'kiwi'])
+  })
+
   it('locks a moved session where it moved, for the old cookie too, once the old primary is back', async () => {
     const options = { ...optionsFor(), lockingMode: 'all' as const, lockTimeout: 300 }
     const mover = await start(options)
