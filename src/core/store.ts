@@ -155,8 +155,9 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /**
-   * Where this instance moved the session, unless that node failed and came back since: another instance may
-   * have moved the session on meanwhile, and the id is then looked up as it was presented.
+   * Where this instance moved the session. Where that node is dead now, the session fails over from it as for
+   * the new id. A move is forgotten once its node failed and came back: another instance may have moved the
+   * session on meanwhile, and the id is then looked up as it was presented.
    */
   #moveOf(parsed: ParsedSessionId): string | undefined {
     const moved = this.#movedTo.get(parsed.random)
