@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import { setImmediate } from 'node:timers'
 import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
 import type { OwnedToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
@@ -36,6 +37,29 @@ const PROCESS_TOKEN = randomBytes(12).toString('base64url')
 /** Lock values issued in this process, by every LockManager (several apps may share a process). */
 let issued = 0
 
+/**
+ * A lock is passed from a request to the next one of this process waiting for it only while younger than this:
+ * requests of the session on other instances, which poll for it, wait no longer than that for their turn.
+ */
+const HANDOFF_MAX_AGE_MS = 1000
+
+/** A lock as stored: where, under which key, with which value, and when its add was sent. */
+interface StoredLock {
+  readonly nodeId: string
+  readonly lockKey: string
+  readonly token: string
+  readonly owned: OwnedToken
+  readonly sentAt: number
+}
+
+/** The request's place in this process's queue of the session. */
+interface QueuePlace {
+  /** Lets the next request of the session go. */
+  readonly leave: () => void
+  /** Whether a request of the session queued behind this one. */
+  readonly followed: () => boolean
+}
+
 /** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
 const FIRST_PAUSE_MS = 4
 const MAX_PAUSE_MS = 50
@@ -54,6 +78,8 @@ export class LockManager {
   readonly #queues = new Map<string, Promise<void>>()
   /** Locks held by requests in this process, released by close() so a shutdown blocks no session. */
   readonly #heldLocks = new Set<SessionLock>()
+  /** Per session, a lock its last holder left to the request queued behind it (taken in the same tick). */
+  readonly #handoffs = new Map<string, StoredLock>()
 
   constructor(ring: NodeRing, options: LockOptions) {
     this.#ring = ring
@@ -87,12 +113,28 @@ export class LockManager {
       if (this.#queues.get(random) === tail) this.#queues.delete(random)
     }
 
+    const place: QueuePlace = {
+      leave: done,
+      followed: () => {
+        const last = this.#queues.get(random)
+        return last !== undefined && last !== tail
+      },
+    }
     try {
       if (ahead && !(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
+      const inherited = this.#handoffs.get(random)
+      if (inherited) {
+        this.#handoffs.delete(random)
+        if (inherited.lockKey === lockKey && inherited.nodeId === this.#lockNode(primaryOf())) {
+          return this.#held(random, inherited, place, true, false)
+        }
+        // The session moved since it was locked: that lock goes, and one is taken where the session is now.
+        await this.#delete(inherited)
+      }
       const token = `${PROCESS_TOKEN}.${(issued++).toString(36)}`
       const taken = await this.#addLock(primaryOf, lockKey, token, deadline, besideFirstAdd)
       const waited = ahead !== undefined || taken.busy > 0
-      return this.#held(taken.nodeId, lockKey, token, taken.owned, taken.sentAt, done, waited, taken.first)
+      return this.#held(random, { ...taken, lockKey, token }, place, waited, taken.first)
     } catch (error) {
       done()
       throw error
@@ -146,15 +188,13 @@ export class LockManager {
   }
 
   #held(
-    nodeId: string,
-    lockKey: string,
-    token: string,
-    owned: OwnedToken,
-    sentAt: number,
-    leave: () => void,
+    random: string,
+    stored: StoredLock,
+    { leave, followed }: QueuePlace,
     waited: boolean,
     byFirstAdd: boolean,
   ): SessionLock {
+    const { nodeId, sentAt } = stored
     let held = true
     let releasing: Promise<void> | undefined
     // memcached counts expiry in whole seconds, so the lock may go up to a second early, counted from when the
@@ -162,6 +202,7 @@ export class LockManager {
     // the local queue stops waiting on this request.
     const lifetimeMs =
       (this.#options.lockExpirationSeconds - 1) * 1000 - this.#options.operationTimeoutMs - 100
+    const handoffAgeMs = Math.min(HANDOFF_MAX_AGE_MS, lifetimeMs / 2)
     const expiry = setTimeout(
       () => {
         held = false
@@ -176,15 +217,22 @@ export class LockManager {
         clearTimeout(expiry)
         const stillMine = held
         held = false
+        // Left to the request of this process queued behind: it holds the lock without a delete and an add, and
+        // a round trip sooner. Only a young lock, so other instances' requests of the session get their turn.
+        const age = Date.now() - sentAt
+        if (stillMine && followed() && this.#ring.isAlive(nodeId) && age < handoffAgeMs) {
+          this.#handoffs.set(random, stored)
+          leave()
+          // The request behind takes it in this tick's microtasks; one that gave up meanwhile takes nothing.
+          setImmediate(() => {
+            if (this.#handoffs.get(random) !== stored) return
+            this.#handoffs.delete(random)
+            void this.#delete(stored)
+          })
+          return
+        }
         try {
-          // A node known dead is not waited on (a frozen one would hold up the next request here): the lock is
-          // deleted when it is back.
-          if (stillMine && !this.#ring.isAlive(nodeId))
-            this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
-          else if (stillMine) await this.#ring.call(nodeId, (node) => node.deleteOwned(lockKey, owned))
-        } catch {
-          // Unreachable: released when the node is back (or it expires by itself).
-          this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
+          if (stillMine) await this.#delete(stored)
         } finally {
           leave()
         }
@@ -209,9 +257,26 @@ export class LockManager {
     return this.#ring.isAlive(primaryNodeId) ? primaryNodeId : this.#ring.nextAliveAfter(primaryNodeId)
   }
 
-  /** Releases every lock requests of this process still hold (shutdown). */
+  /** Releases every lock requests of this process still hold, or left to one another (shutdown). */
   async releaseAll(): Promise<void> {
     await Promise.all([...this.#heldLocks].map((lock) => lock.release()))
+    const left = [...this.#handoffs.values()]
+    this.#handoffs.clear()
+    await Promise.all(left.map((stored) => this.#delete(stored)))
+  }
+
+  /**
+   * Deletes a lock this process holds, only if it is still this one. Never rejects: a node known dead is not
+   * waited on (a frozen one would hold up the next request), and an unreachable one has the lock deleted when
+   * it is back (or it expires by itself).
+   */
+  async #delete({ nodeId, lockKey, token, owned }: StoredLock): Promise<void> {
+    try {
+      if (!this.#ring.isAlive(nodeId)) this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
+      else await this.#ring.call(nodeId, (node) => node.deleteOwned(lockKey, owned))
+    } catch {
+      this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
+    }
   }
 
   #timeout(): LockTimeoutError {
