@@ -205,6 +205,34 @@ describe('session locks', () => {
     }
   })
 
+  it("lets the session's next request add its lock right behind the release, not after the release's answer", async () => {
+    const server = await startMemcached()
+    // Between the lock manager and memcached: logs each request's opcode as it arrives, and each reply.
+    const events: string[] = []
+    const proxy = await startWatchingProxy(server.port, {
+      request(chunk) {
+        for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
+          events.push(chunk[at + 1] === 0x02 ? 'add' : chunk[at + 1] === 0x04 ? 'delete' : 'other')
+        }
+      },
+      reply: () => events.push('reply'),
+    })
+    const { ring, locks } = lockManager({ port: proxy.port } as MemcachedServer, 10)
+    try {
+      const first = await locks.acquire('r', () => 'n1', 't:lock:r')
+      events.length = 0
+      const released = first.release()
+      const next = await locks.acquire('r', () => 'n1', 't:lock:r')
+      await released
+      expect(next.held).toBe(true)
+      expect(events.slice(0, 3)).toEqual(['delete', 'add', 'reply'])
+      await next.release()
+    } finally {
+      await ring.close()
+      await proxy.close()
+    }
+  })
+
   it('lets only the head of the in-process queue poll memcached', async () => {
     const servers = await startCluster(1)
     const app = await startShop(express, { secret: 's', nodes: nodesOption(servers), lockingMode: 'all' })

@@ -232,7 +232,12 @@ export class LockManager {
           return
         }
         try {
-          if (stillMine) await this.#delete(stored)
+          if (!stillMine) return
+          const deleting = this.#delete(stored)
+          // The next request of the session here may go now: its add leaves behind this delete on the same
+          // connection, and the node applies them in that order.
+          if (this.#ring.isOrdered(nodeId)) leave()
+          await deleting
         } finally {
           leave()
         }
