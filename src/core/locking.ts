@@ -63,6 +63,8 @@ interface QueuePlace {
 /** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
 const FIRST_PAUSE_MS = 4
 const MAX_PAUSE_MS = 50
+/** Longer than the longest pause between polls (MAX_PAUSE_MS, jittered up to 1.5 times): a poll lands in it. */
+const FAIR_TURN_MS = 2 * MAX_PAUSE_MS
 
 /**
  * Session locks for non-sticky mode. In this process, requests of one session wait in one queue, so only the
@@ -80,6 +82,8 @@ export class LockManager {
   readonly #heldLocks = new Set<SessionLock>()
   /** Per session, a lock its last holder left to the request queued behind it (taken in the same tick). */
   readonly #handoffs = new Map<string, StoredLock>()
+  /** Set by releaseAll(): no lock is passed on or taken any more. */
+  #closing = false
 
   constructor(ring: NodeRing, options: LockOptions) {
     this.#ring = ring
@@ -122,6 +126,7 @@ export class LockManager {
     }
     try {
       if (ahead && !(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
+      if (this.#closing) throw new ClosedError('session-failover was closed; no lock is taken')
       const inherited = this.#handoffs.get(random)
       if (inherited) {
         this.#handoffs.delete(random)
@@ -218,9 +223,18 @@ export class LockManager {
         const stillMine = held
         held = false
         // Left to the request of this process queued behind: it holds the lock without a delete and an add, and
-        // a round trip sooner. Only a young lock, so other instances' requests of the session get their turn.
+        // a round trip sooner. Only a young lock, so other instances' requests of the session get their turn,
+        // on a node not marked dead since it was added (one that came back may have lost it), and not while
+        // shutting down.
         const age = Date.now() - sentAt
-        if (stillMine && followed() && this.#ring.isAlive(nodeId) && age < handoffAgeMs) {
+        const queued = followed()
+        if (
+          stillMine &&
+          queued &&
+          age < handoffAgeMs &&
+          this.#ring.aliveSince(nodeId, sentAt) &&
+          !this.#closing
+        ) {
           this.#handoffs.set(random, stored)
           leave()
           // The request behind takes it in this tick's microtasks; one that gave up meanwhile takes nothing.
@@ -234,10 +248,13 @@ export class LockManager {
         try {
           if (!stillMine) return
           const deleting = this.#delete(stored)
-          // The next request of the session here may go now: its add leaves behind this delete on the same
+          // A request of the session that comes next may go now: its add leaves behind this delete on the same
           // connection, and the node applies them in that order.
-          if (this.#ring.isOrdered(nodeId)) leave()
+          if (!queued && !this.#closing && this.#ring.isOrdered(nodeId)) leave()
           await deleting
+          // Passed on for a second already: requests of the session on other instances, which poll for it, get
+          // a window to take it before the one queued here adds it again.
+          if (queued && age >= handoffAgeMs) await new Promise((resolve) => setTimeout(resolve, FAIR_TURN_MS))
         } finally {
           leave()
         }
@@ -264,6 +281,7 @@ export class LockManager {
 
   /** Releases every lock requests of this process still hold, or left to one another (shutdown). */
   async releaseAll(): Promise<void> {
+    this.#closing = true
     await Promise.all([...this.#heldLocks].map((lock) => lock.release()))
     const left = [...this.#handoffs.values()]
     this.#handoffs.clear()
