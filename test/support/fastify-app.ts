@@ -6,7 +6,7 @@ import type { ShopApp } from './app.js'
 
 /** The shop of test/support/app.ts on Fastify 5, through the plugin: the routes the behavioural suites use. */
 export async function startFastifyShop(options: SessionFailoverOptions): Promise<ShopApp> {
-  const app = Fastify({ maxParamLength: 8192 }) // long items: a cart item may be a few KiB
+  const app = Fastify({ routerOptions: { maxParamLength: 8192 } }) // long items: a cart item may be a few KiB
   await app.register(fastifySessionFailover, options)
   const shop = {} as ShopApp
   shop.beforeModify = async () => {}
