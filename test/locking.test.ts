@@ -14,7 +14,7 @@ import {
   startMemcached,
   stopAllMemcached,
 } from './support/memcached.js'
-import { startWatchingProxy } from './support/proxy.js'
+import { startOpcodeProxy } from './support/proxy.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -109,14 +109,7 @@ describe('session locks', () => {
     const server = await startMemcached()
     // Between the app and memcached: logs each request's opcode as it arrives, and each reply as it comes back.
     const events: string[] = []
-    const proxy = await startWatchingProxy(server.port, {
-      request(chunk) {
-        for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
-          events.push(chunk[at + 1] === 0x02 ? 'add' : chunk[at + 1] === 0x00 ? 'get' : 'other')
-        }
-      },
-      reply: () => events.push('reply'),
-    })
+    const proxy = await startOpcodeProxy(server.port, events)
     try {
       const app = await startShop(express, {
         secret: 's',
@@ -209,14 +202,7 @@ describe('session locks', () => {
     const server = await startMemcached()
     // Between the lock manager and memcached: logs each request's opcode as it arrives, and each reply.
     const events: string[] = []
-    const proxy = await startWatchingProxy(server.port, {
-      request(chunk) {
-        for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
-          events.push(chunk[at + 1] === 0x02 ? 'add' : chunk[at + 1] === 0x04 ? 'delete' : 'other')
-        }
-      },
-      reply: () => events.push('reply'),
-    })
+    const proxy = await startOpcodeProxy(server.port, events)
     const { ring, locks } = lockManager({ port: proxy.port } as MemcachedServer, 10)
     try {
       const first = await locks.acquire('r', () => 'n1', 't:lock:r')

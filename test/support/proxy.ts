@@ -111,3 +111,21 @@ export async function watchedNode(
   }
   return { node, close }
 }
+
+/** memcached binary-protocol opcodes the tests look for, by name. */
+const OPCODES: Readonly<Record<number, string>> = { 0: 'get', 2: 'add', 4: 'delete' }
+
+/**
+ * A watching proxy that pushes onto `events` the name of each memcached request as it arrives ('get', 'add',
+ * 'delete', else 'other') and 'reply' for each chunk of reply: for tests that order what a node is sent.
+ */
+export function startOpcodeProxy(memcachedPort: number, events: string[]): Promise<WatchingProxy> {
+  return startWatchingProxy(memcachedPort, {
+    request(chunk) {
+      for (let at = 0; at + 24 <= chunk.length; at += 24 + chunk.readUInt32BE(at + 8)) {
+        events.push(OPCODES[chunk[at + 1] as number] ?? 'other')
+      }
+    },
+    reply: () => events.push('reply'),
+  })
+}
