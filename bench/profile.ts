@@ -114,11 +114,16 @@ for (const [id, time] of timeOf) {
     }
   }
 }
+// Per request as well as in per cent, so two layers' profiles compare in absolute terms.
+const requests = result.requests.total
 const top = (map: Map<string, number>, count: number) =>
   [...map]
     .sort((a, b) => b[1] - a[1])
     .slice(0, count)
-    .map(([key, time]) => `${((time / total) * 100).toFixed(1).padStart(5)} %  ${key}`)
+    .map(
+      ([key, time]) =>
+        `${((time / total) * 100).toFixed(1).padStart(5)} %  ${(time / requests).toFixed(1).padStart(6)} µs/req  ${key}`,
+    )
     .join('\n')
 console.log(`\nself time\n${top(self, 25)}\n\ninclusive time in session-failover\n${top(inclusive, 20)}`)
 child.removeAllListeners()

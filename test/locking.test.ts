@@ -3,10 +3,12 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { LockManager } from '../src/core/locking.js'
 import { Metrics } from '../src/core/metrics.js'
 import { ClosedError, LockTimeoutError } from '../src/errors.js'
+import type { SessionFailoverOptions } from '../src/index.js'
 import { silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { NodeRing } from '../src/nodes/ring.js'
-import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
+import { Browser, firstBytes, hangingRequest, type ShopApp, startShop } from './support/app.js'
+import { startFastifyShop } from './support/fastify-app.js'
 import {
   type MemcachedServer,
   nodesOption,
@@ -215,6 +217,41 @@ describe('session locks', () => {
       await next.release()
     } finally {
       await ring.close()
+      await proxy.close()
+    }
+  })
+
+  it.each([
+    ['Express', (options: SessionFailoverOptions) => startShop(express, options)],
+    ['Fastify', startFastifyShop],
+  ])("sends a lock's release before the response (%s): the client's next request, on any instance, finds it gone", async (_framework, start) => {
+    const server = await startMemcached()
+    // Between the app and memcached: logs each request's opcode as it arrives.
+    const events: string[] = []
+    const proxy = await startOpcodeProxy(server.port, events)
+    try {
+      const app = await start({ secret: 's', nodes: `n1:127.0.0.1:${proxy.port}`, lockingMode: 'all' })
+      shops.push(app)
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/start')
+      for (let i = 0; i < 3; i++) {
+        events.length = 0
+        const answer = await firstBytes(app, `/cart/item${i}`, () => events.push('response'), {
+          method: 'POST',
+          cookie: browser.cookie,
+        })
+        expect(answer).toMatch(/^HTTP\/1\.1 200/)
+        const requests = events.filter((event) => event !== 'reply')
+        expect(requests).toContain('delete')
+        expect(requests.indexOf('delete')).toBeLessThan(requests.indexOf('response'))
+      }
+      expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual([
+        'start',
+        'item0',
+        'item1',
+        'item2',
+      ])
+    } finally {
       await proxy.close()
     }
   })

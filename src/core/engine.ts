@@ -1,3 +1,4 @@
+import { endOfTurn } from '../end-of-turn.js'
 import {
   CorruptSessionError,
   ForeignRecordError,
@@ -204,6 +205,18 @@ export class SessionEngine {
     await state.committing?.catch(() => {})
     await state.lock?.release()
     this.#settle(state, request)
+  }
+
+  /**
+   * finish() for a request whose response is ready once its commit is stored; resolves when that response may
+   * leave. A lock's release goes out with this turn's other node requests, at the end of the turn; a request
+   * that held a lock has its response leave after them, so that its client's next request, on any instance,
+   * finds the lock gone. Any other response may leave at once: undefined.
+   */
+  answered(state: SessionState, request?: RequestFacts): Promise<void> | undefined {
+    const locked = state.lock !== undefined
+    void this.finish(state, request)
+    return locked ? endOfTurn() : undefined
   }
 
   /**

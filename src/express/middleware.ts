@@ -99,7 +99,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         const current = req.session
         if (!current) {
           await engine.session.commit(state, null)
-          void engine.session.finish(state, final ? request : undefined)
+          await engine.session.answered(state, final ? request : undefined)
           return undefined
         }
         let snapshot = pending
@@ -109,10 +109,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
           snapshot = engine.session.snapshot(current, current.cookie)
         }
         const { setCookie } = await engine.session.commit(state, snapshot)
-        // The lock's release is sent now, before the response, but not waited for: the change is stored, and the
-        // client's next request finds the lock gone (on this instance it queues behind the release). Also once
-        // the headers of a streamed response are out: a later change is merged, not held under a lock.
-        void engine.session.finish(state, final ? request : undefined)
+        // The lock is released now, not once the client has the response: the change is stored. Also once the
+        // headers of a streamed response are out: a later change is merged, not held under a lock. Its release
+        // leaves before the response, not waited for (answered()).
+        await engine.session.answered(state, final ? request : undefined)
         return cookieHeaders(setCookie, current)
       }
       holdResponse(res, commit, next, commitNow)

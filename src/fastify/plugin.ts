@@ -118,8 +118,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
       await endOfTurn()
     } else {
-      // The lock's release is sent now, before the reply, but not waited for (see the Express middleware).
-      void engine.session.finish(state, facts)
+      // The lock's release leaves before the reply, and is not waited for (see the Express middleware).
+      await engine.session.answered(state, facts)
     }
     if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(

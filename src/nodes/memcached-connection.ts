@@ -78,14 +78,11 @@ export class MemcachedConnection {
     extras: Buffer,
     value: Buffer,
     cas?: Buffer,
-    /** Sent at once instead of with the rest of this turn's requests (a lock's release, before the response). */
-    flush = false,
   ): Promise<MemcachedReply> {
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.#options.address} is closed`))
     const socket = this.#socket ?? this.#connect()
     return new Promise((resolve, reject) => {
       this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
-      if (flush) this.#uncork(socket)
     })
   }
 

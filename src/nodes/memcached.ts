@@ -54,7 +54,7 @@ export class MemcachedNode implements SessionNode {
 
   async get(key: string): Promise<Buffer | null> {
     // No copy: the reply is a view of a buffer nothing writes into again, and the codec copies what it keeps.
-    return (await this.#read('get', key, false))?.value ?? null
+    return (await this.#read('get', key))?.value ?? null
   }
 
   async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
@@ -77,14 +77,12 @@ export class MemcachedNode implements SessionNode {
   async deleteOwned(key: string, token: OwnedToken): Promise<void> {
     const { value, cas } = token as unknown as MemcachedOwned
     // One CAS delete while the add's connection is open (see #onConnection); otherwise compare the value first.
-    // Sent at once, not with the rest of this turn: a lock's release should reach the node before the response
-    // reaches the client, whose next request may go to another instance.
     if (this.#onConnection(cas.socket)) {
-      await this.#deleteIfUnchanged(key, cas, true)
+      await this.#deleteIfUnchanged(key, cas)
       return
     }
-    const read = await this.#read('gets', key, true)
-    if (read?.value.equals(value)) await this.#deleteIfUnchanged(key, casOf(read), false)
+    const read = await this.#read('gets', key)
+    if (read?.value.equals(value)) await this.#deleteIfUnchanged(key, casOf(read))
   }
 
   async delete(key: string): Promise<boolean> {
@@ -99,7 +97,7 @@ export class MemcachedNode implements SessionNode {
   }
 
   async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
-    const reply = await this.#read('gets', key, false)
+    const reply = await this.#read('gets', key)
     return reply && { value: reply.value, cas: casOf(reply) as unknown as CasToken }
   }
 
@@ -113,25 +111,13 @@ export class MemcachedNode implements SessionNode {
   }
 
   deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
-    return this.#deleteIfUnchanged(key, cas as unknown as MemcachedCas, false)
+    return this.#deleteIfUnchanged(key, cas as unknown as MemcachedCas)
   }
 
-  async #deleteIfUnchanged(
-    key: string,
-    { unique, socket }: MemcachedCas,
-    flush: boolean,
-  ): Promise<CasOutcome> {
+  async #deleteIfUnchanged(key: string, { unique, socket }: MemcachedCas): Promise<CasOutcome> {
     this.#assertCas(unique)
     if (!this.#onConnection(socket)) return 'conflict'
-    const reply = await this.#connection.request(
-      'cas delete',
-      OPCODE.delete,
-      key,
-      NO_BYTES,
-      NO_BYTES,
-      unique,
-      flush,
-    )
+    const reply = await this.#connection.request('cas delete', OPCODE.delete, key, NO_BYTES, NO_BYTES, unique)
     return this.#casOutcome('cas delete', reply.status)
   }
 
@@ -143,17 +129,9 @@ export class MemcachedNode implements SessionNode {
     this.#connection.close()
   }
 
-  /** A read's reply, null when the key is absent. `flush`: sent at once, not with the rest of this turn. */
-  async #read(operation: string, key: string, flush: boolean): Promise<MemcachedReply | null> {
-    const reply = await this.#connection.request(
-      operation,
-      OPCODE.get,
-      key,
-      NO_BYTES,
-      NO_BYTES,
-      undefined,
-      flush,
-    )
+  /** A read's reply, null when the key is absent. */
+  async #read(operation: string, key: string): Promise<MemcachedReply | null> {
+    const reply = await this.#connection.request(operation, OPCODE.get, key, NO_BYTES, NO_BYTES)
     return this.#found(operation, reply) ? reply : null
   }
 

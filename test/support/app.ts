@@ -210,10 +210,15 @@ export function hangingRequest(app: Pick<ShopApp, 'url'>, cookie: string | undef
 }
 
 /**
- * GET `path` from a raw connection: `onArrival` runs as the response's first bytes arrive, before any HTTP
- * client's parsing, so a test can order them against other I/O. Settles with those bytes.
+ * Requests `path` (GET unless told) from a raw connection: `onArrival` runs as the response's first bytes
+ * arrive, before any HTTP client's parsing, so a test can order them against other I/O. Settles with those bytes.
  */
-export function firstBytes(app: Pick<ShopApp, 'url'>, path: string, onArrival: () => void): Promise<string> {
+export function firstBytes(
+  app: Pick<ShopApp, 'url'>,
+  path: string,
+  onArrival: () => void,
+  { method = 'GET', cookie }: { method?: 'GET' | 'POST'; cookie?: string | undefined } = {},
+): Promise<string> {
   const socket = connect(Number(new URL(app.url).port), '127.0.0.1')
   return new Promise((resolve, reject) => {
     socket.once('error', reject)
@@ -222,6 +227,7 @@ export function firstBytes(app: Pick<ShopApp, 'url'>, path: string, onArrival: (
       socket.destroy()
       resolve(chunk.toString())
     })
-    socket.write(`GET ${path} HTTP/1.1\r\nHost: shop\r\n\r\n`)
+    const cookieLine = cookie ? `Cookie: ${cookie}\r\n` : ''
+    socket.write(`${method} ${path} HTTP/1.1\r\nHost: shop\r\n${cookieLine}Content-Length: 0\r\n\r\n`)
   })
 }
