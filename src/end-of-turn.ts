@@ -8,6 +8,8 @@
  * the next turn then serves those HTTP requests first, and a response waiting on a node reply waits one turn
  * more. Released after the sends, the answers' next requests arrive behind the node replies. Measured in
  * bench/analysis.md (item 15). Idle, a turn is one request long, and the wait is one pass through the loop.
+ * The order also carries a guarantee: a lock's release is a send, and a locked request's response an answer
+ * (SessionEngine.answered()), so the client's next request, on any instance, comes after the release.
  *
  * The check phase is found with the setImmediate of node:timers, not the global one: test suites that fake the
  * global (Jest, sinon) would otherwise hold every response until they advance their clock.

@@ -146,8 +146,9 @@ export class SessionEngine {
   /**
    * The loaded session with its content, or undefined when it must not be served: past its absolute lifetime,
    * or stored data this instance cannot read; a new session begins, and the client never sees an error for
-   * what the store holds. The copies are removed, unless another instance may read them. Data in another format than the configured one (the
-   * serializer changed) is re-serialized, so comparisons and the next write use the configured format.
+   * what the store holds. The copies are removed, unless another instance may read them. Data in another
+   * format than the configured one (the serializer changed) is re-serialized, so comparisons and the next write
+   * use the configured format.
    */
   #readable(loaded: LoadedSession): { loaded: LoadedSession; content: SessionContent } | undefined {
     const { record } = loaded
@@ -199,7 +200,8 @@ export class SessionEngine {
   /**
    * The request is over: after any commit in flight the lock is released. Given the request (it was answered,
    * not abandoned), 'auto' mode also learns whether its route wrote the session. Never rejects; once the commit
-   * has settled, the release is sent in this tick, so adapters need not wait for its answer.
+   * has settled, the release is queued in this tick and sent at the end of the turn, so adapters need not wait
+   * for its answer.
    */
   async finish(state: SessionState, request?: RequestFacts): Promise<void> {
     await state.committing?.catch(() => {})
@@ -210,13 +212,14 @@ export class SessionEngine {
   /**
    * finish() for a request whose response is ready once its commit is stored; resolves when that response may
    * leave. A lock's release goes out with this turn's other node requests, at the end of the turn; a request
-   * that held a lock has its response leave after them, so that its client's next request, on any instance,
-   * finds the lock gone. Any other response may leave at once: undefined.
+   * that still held its lock has its response leave after them, so that its client's next request, on any
+   * instance, finds the lock gone. Any other response may leave at once: undefined. (A release that must first
+   * read the lock, its add's connection having closed, still leaves after the response: rare, and only a wait.)
    */
   answered(state: SessionState, request?: RequestFacts): Promise<void> | undefined {
-    const locked = state.lock !== undefined
+    const releasing = state.lock?.held === true
     void this.finish(state, request)
-    return locked ? endOfTurn() : undefined
+    return releasing ? endOfTurn() : undefined
   }
 
   /**
