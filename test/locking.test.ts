@@ -224,27 +224,45 @@ describe('session locks', () => {
   it.each([
     ['Express', (options: SessionFailoverOptions) => startShop(express, options)],
     ['Fastify', startFastifyShop],
-  ])("sends a lock's release before the response (%s): the client's next request, on any instance, finds it gone", async (_framework, start) => {
+  ])("sends a lock's release before the response, an error response too (%s): the client's next request, on any instance, finds it gone", async (_framework, start) => {
     const server = await startMemcached()
     // Between the app and memcached: logs each request's opcode as it arrives.
     const events: string[] = []
     const proxy = await startOpcodeProxy(server.port, events)
     try {
-      const app = await start({ secret: 's', nodes: `n1:127.0.0.1:${proxy.port}`, lockingMode: 'all' })
+      const app = await start({
+        secret: 's',
+        nodes: `n1:127.0.0.1:${proxy.port}`,
+        lockingMode: 'all',
+        maxSessionBytes: 2048,
+      })
       shops.push(app)
       const browser = new Browser()
       await browser.send(app, 'POST', '/cart/start')
-      for (let i = 0; i < 3; i++) {
+      // A locked POST from a raw connection; what the node was sent before the response's first bytes arrived.
+      const post = async (path: string) => {
         events.length = 0
-        const answer = await firstBytes(app, `/cart/item${i}`, () => events.push('response'), {
+        const answer = await firstBytes(app, path, () => events.push('response'), {
           method: 'POST',
           cookie: browser.cookie,
         })
-        expect(answer).toMatch(/^HTTP\/1\.1 200/)
         const requests = events.filter((event) => event !== 'reply')
-        expect(requests).toContain('delete')
-        expect(requests.indexOf('delete')).toBeLessThan(requests.indexOf('response'))
+        return {
+          status: answer.slice(9, 12),
+          beforeResponse: requests.slice(0, requests.indexOf('response')),
+        }
       }
+      for (let i = 0; i < 3; i++) {
+        expect(await post(`/cart/item${i}`)).toEqual({
+          status: '200',
+          beforeResponse: expect.arrayContaining(['delete']),
+        })
+      }
+      // A commit that fails: the session would outgrow maxSessionBytes.
+      expect(await post(`/cart/${'x'.repeat(3000)}`)).toEqual({
+        status: '500',
+        beforeResponse: expect.arrayContaining(['delete']),
+      })
       expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual([
         'start',
         'item0',

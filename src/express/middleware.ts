@@ -95,7 +95,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         }
         return undefined
       }
-      const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
+      const save = async (final: boolean): Promise<ApplyHeaders | undefined> => {
         const current = req.session
         if (!current) {
           await engine.session.commit(state, null)
@@ -114,6 +114,15 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         // leaves before the response, not waited for (answered()).
         await engine.session.answered(state, final ? request : undefined)
         return cookieHeaders(setCookie, current)
+      }
+      const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
+        try {
+          return await save(final)
+        } catch (error) {
+          // The error response, too, leaves after the lock's release.
+          await engine.session.answered(state)
+          throw error
+        }
       }
       holdResponse(res, commit, next, commitNow)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.

@@ -111,15 +111,22 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const session = request.session
     // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
     FastifySession.prototype.touch.call(session)
-    const snapshot = engine.session.snapshot(session, session.cookie)
-    const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
-    const { setCookie } = atOnce ?? (await engine.session.commit(state, snapshot))
-    if (atOnce) {
-      // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
-      await endOfTurn()
-    } else {
-      // The lock's release leaves before the reply, and is not waited for (see the Express middleware).
-      await engine.session.answered(state, facts)
+    let setCookie: boolean
+    try {
+      const snapshot = engine.session.snapshot(session, session.cookie)
+      const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
+      setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
+      if (atOnce) {
+        // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
+        await endOfTurn()
+      } else {
+        // The lock's release leaves before the reply, and is not waited for (see the Express middleware).
+        await engine.session.answered(state, facts)
+      }
+    } catch (error) {
+      // The error reply, too, leaves after the lock's release.
+      await engine.session.answered(state)
+      throw error
     }
     if (setCookie && (!session.cookie.secure || isSecure(request))) {
       reply.header(
