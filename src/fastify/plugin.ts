@@ -109,10 +109,10 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     context.committed = true
     const { state, facts } = context
     const session = request.session
-    // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
-    FastifySession.prototype.touch.call(session)
     let setCookie: boolean
     try {
+      // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
+      FastifySession.prototype.touch.call(session)
       const snapshot = engine.session.snapshot(session, session.cookie)
       const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
       setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
