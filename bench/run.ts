@@ -179,17 +179,17 @@ async function measureCase(
   const apps = new Map<Layer, Awaited<ReturnType<typeof startApp>>>()
   try {
     for (const layer of layers) apps.set(layer, await startApp(layer, size, env))
-    const requests = new Map<Layer, Request[]>()
-    const cookies = new Map<Layer, string[]>()
-    const acknowledged = new Map<Layer, { writes: number }>()
+    // Per layer: its sessions' cookies, the writes answered 200, and the requests autocannon sends.
+    const loads = new Map<
+      Layer,
+      { cookies: string[]; acknowledged: { writes: number }; requests: Request[] }
+    >()
     for (const [layer, app] of apps) {
-      cookies.set(layer, await sessionCookies(app.url))
-      acknowledged.set(layer, { writes: 0 })
-      requests.set(
-        layer,
-        requestsFor(workload, cookies.get(layer) as string[], acknowledged.get(layer) as { writes: number }),
-      )
-      await run(app.url, requests.get(layer) as Request[], warmupSeconds)
+      const cookies = await sessionCookies(app.url)
+      const acknowledged = { writes: 0 }
+      const load = { cookies, acknowledged, requests: requestsFor(workload, cookies, acknowledged) }
+      loads.set(layer, load)
+      await run(app.url, load.requests, warmupSeconds)
     }
     const measured = new Map<
       Layer,
@@ -200,7 +200,7 @@ async function measureCase(
       for (const layer of order) {
         const app = apps.get(layer) as Awaited<ReturnType<typeof startApp>>
         const cpuBefore = app.cpuMicros()
-        const result = await run(app.url, requests.get(layer) as Request[], seconds)
+        const result = await run(app.url, loads.get(layer)?.requests ?? [], seconds)
         measured.get(layer)?.push({
           cpuMicros: (app.cpuMicros() - cpuBefore) / Math.max(1, result.requests.total),
           rps: result.requests.average,
@@ -213,8 +213,9 @@ async function measureCase(
     const lost = new Map<Layer, number>()
     if (workload !== 'read') {
       for (const [layer, app] of apps) {
-        const stored = await storedCount(app.url, cookies.get(layer) as string[])
-        lost.set(layer, Math.max(0, (acknowledged.get(layer)?.writes ?? 0) - stored))
+        const load = loads.get(layer)
+        if (!load) continue
+        lost.set(layer, Math.max(0, load.acknowledged.writes - (await storedCount(app.url, load.cookies))))
       }
     }
     return layers.map((layer) => {
