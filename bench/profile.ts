@@ -1,6 +1,8 @@
 // Where the time goes: one layer under load with `node --cpu-prof`, then the functions with the most self time
-// and the library's functions with the most inclusive time.
+// and the library's functions with the most inclusive time. With --alloc, where the garbage comes from instead:
+// bytes allocated per request, by the function that allocated them (bench/alloc-sampler.ts).
 //   npx tsx bench/profile.ts session-failover/none read    (read, write or mix)
+//   npx tsx bench/profile.ts session-failover/auto write --alloc
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -16,7 +18,10 @@ interface ProfileNode {
   children?: number[]
 }
 
-const [layer = 'session-failover/none', workload = 'read'] = process.argv.slice(2) as [Layer, string]
+const alloc = process.argv.includes('--alloc')
+const [layer = 'session-failover/none', workload = 'read'] = process.argv
+  .slice(2)
+  .filter((arg) => arg !== '--alloc') as [Layer, string]
 if (!LAYERS.includes(layer)) throw new Error(`the layer must be one of ${LAYERS.join(', ')}`)
 execFileSync('npm', ['run', 'build'], { stdio: 'ignore' })
 const dir = mkdtempSync(join(tmpdir(), 'sf-profile-'))
@@ -24,15 +29,16 @@ const servers = await startCluster(2)
 const child: ChildProcess = spawn(
   process.execPath,
   [
-    '--cpu-prof',
-    `--cpu-prof-dir=${dir}`,
+    ...(alloc ? [] : ['--cpu-prof', `--cpu-prof-dir=${dir}`]),
     '--import',
     'tsx',
+    ...(alloc ? ['--import', fileURLToPath(new URL('./alloc-sampler.ts', import.meta.url))] : []),
     fileURLToPath(new URL('./app.ts', import.meta.url)),
   ],
   {
     env: {
       ...process.env,
+      ALLOC_PROFILE: alloc ? join(dir, 'app.heapprofile') : '',
       NODE_ENV: 'production',
       BENCH_LAYER: layer,
       BENCH_MEMCACHED: servers.map((server) => `127.0.0.1:${server.port}`).join(' '),
@@ -79,6 +85,36 @@ child.kill('SIGINT')
 await new Promise((resolve) => child.once('exit', resolve))
 await stopAllMemcached()
 
+const name = (node: Pick<ProfileNode, 'callFrame'>) =>
+  `${node.callFrame.functionName || '(anonymous)'} ${node.callFrame.url.replace(/^.*node_modules\//, '').replace(/^file:\/\/.*\/(dist|bench)\//, '$1/')}:${node.callFrame.lineNumber}`
+const requests = result.requests.total
+
+if (alloc) {
+  allocReport()
+  process.exit(0)
+}
+
+/** Bytes allocated per request by each function (sampled, so small figures are rough). */
+function allocReport(): void {
+  interface AllocNode extends Pick<ProfileNode, 'callFrame'> {
+    selfSize: number
+    children: AllocNode[]
+  }
+  const { head } = JSON.parse(readFileSync(join(dir, 'app.heapprofile'), 'utf8')) as { head: AllocNode }
+  const bytes = new Map<string, number>()
+  const walk = (node: AllocNode): void => {
+    bytes.set(name(node), (bytes.get(name(node)) ?? 0) + node.selfSize)
+    for (const child of node.children) walk(child)
+  }
+  walk(head)
+  const total = [...bytes.values()].reduce((sum, size) => sum + size, 0)
+  const lines = [...bytes]
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, 30)
+    .map(([key, size]) => `${(size / requests).toFixed(0).padStart(7)} B/req  ${key}`)
+  console.log(`\nallocated: ${(total / requests).toFixed(0)} B/req\n${lines.join('\n')}`)
+}
+
 // The main thread's profile is the largest (tsx's loader thread writes one too).
 const file = readdirSync(dir)
   .filter((name) => name.endsWith('.cpuprofile'))
@@ -97,8 +133,6 @@ for (const [index, id] of profile.samples.entries()) {
   timeOf.set(id, (timeOf.get(id) ?? 0) + (profile.timeDeltas[index] ?? 0))
 }
 const total = profile.timeDeltas.reduce((sum, delta) => sum + delta, 0)
-const name = (node: ProfileNode) =>
-  `${node.callFrame.functionName || '(anonymous)'} ${node.callFrame.url.replace(/^.*node_modules\//, '').replace(/^file:\/\/.*\/(dist|bench)\//, '$1/')}:${node.callFrame.lineNumber}`
 const self = new Map<string, number>()
 const inclusive = new Map<string, number>()
 for (const [id, time] of timeOf) {
@@ -115,7 +149,6 @@ for (const [id, time] of timeOf) {
   }
 }
 // Per request as well as in per cent, so two layers' profiles compare in absolute terms.
-const requests = result.requests.total
 const top = (map: Map<string, number>, count: number) =>
   [...map]
     .sort((a, b) => b[1] - a[1])
