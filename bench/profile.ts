@@ -110,7 +110,7 @@ function allocReport(): void {
   const total = [...bytes.values()].reduce((sum, size) => sum + size, 0)
   const lines = [...bytes]
     .sort((a, b) => b[1] - a[1])
-    .slice(0, 30)
+    .slice(0, Number(process.env.ALLOC_TOP ?? 30))
     .map(([key, size]) => `${(size / requests).toFixed(0).padStart(7)} B/req  ${key}`)
   console.log(`\nallocated: ${(total / requests).toFixed(0)} B/req\n${lines.join('\n')}`)
 }

@@ -3,6 +3,7 @@ import { setImmediate } from 'node:timers'
 import { AllNodesDownError, ClosedError, LockTimeoutError, NodeRejectedError } from '../errors.js'
 import type { OwnedToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
+import { SessionQueues, type Turn } from './session-queue.js'
 
 export interface LockOptions {
   /** Seconds a lock lives in memcached: how long a holder that died blocks the session. */
@@ -52,14 +53,6 @@ interface StoredLock {
   readonly sentAt: number
 }
 
-/** The request's place in this process's queue of the session. */
-interface QueuePlace {
-  /** Lets the next request of the session go. */
-  readonly leave: () => void
-  /** Whether a request of the session queued behind this one. */
-  readonly followed: () => boolean
-}
-
 /** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
 const FIRST_PAUSE_MS = 4
 const MAX_PAUSE_MS = 50
@@ -76,8 +69,8 @@ const FAIR_TURN_MS = 2 * MAX_PAUSE_MS
 export class LockManager {
   readonly #ring: NodeRing
   readonly #options: LockOptions
-  /** Per session, the promise the next local request waits for. */
-  readonly #queues = new Map<string, Promise<void>>()
+  /** Requests of each session in this process: only the one at the head takes the lock. */
+  readonly #queues = new SessionQueues()
   /** Locks held by requests in this process, released by close() so a shutdown blocks no session. */
   readonly #heldLocks = new Set<SessionLock>()
   /** Per session, a lock its last holder left to the request queued behind it (taken in the same tick). */
@@ -85,9 +78,20 @@ export class LockManager {
   /** Set by releaseAll(): no lock is passed on or taken any more. */
   #closing = false
 
+  /**
+   * How long a lock counts as held, from when its add was sent. memcached counts expiry in whole seconds, so the
+   * lock may go up to a second early, and a write begun while held must also finish in time. Past that the lock
+   * counts as lost, and the local queue stops waiting on its request.
+   */
+  readonly #lifetimeMs: number
+  /** A lock is passed on locally only while younger than this (HANDOFF_MAX_AGE_MS, or less for short locks). */
+  readonly #handoffAgeMs: number
+
   constructor(ring: NodeRing, options: LockOptions) {
     this.#ring = ring
     this.#options = options
+    this.#lifetimeMs = (options.lockExpirationSeconds - 1) * 1000 - options.operationTimeoutMs - 100
+    this.#handoffAgeMs = Math.min(HANDOFF_MAX_AGE_MS, this.#lifetimeMs / 2)
   }
 
   /**
@@ -104,44 +108,25 @@ export class LockManager {
     besideFirstAdd?: () => void,
   ): Promise<SessionLock> {
     const deadline = Date.now() + this.#options.lockTimeoutMs
-    const ahead = this.#queues.get(random)
-    const previous = ahead ?? Promise.resolve()
-    let leaveQueue = (): void => {}
-    const mine = new Promise<void>((resolve) => {
-      leaveQueue = resolve
-    })
-    const tail = previous.then(() => mine)
-    this.#queues.set(random, tail)
-    const done = (): void => {
-      leaveQueue()
-      if (this.#queues.get(random) === tail) this.#queues.delete(random)
-    }
-
-    const place: QueuePlace = {
-      leave: done,
-      followed: () => {
-        const last = this.#queues.get(random)
-        return last !== undefined && last !== tail
-      },
-    }
+    const turn = this.#queues.join(random)
     try {
-      if (ahead && !(await settlesWithin(previous, deadline - Date.now()))) throw this.#timeout()
+      if (turn.ready && !(await settlesWithin(turn.ready, deadline - Date.now()))) throw this.#timeout()
       if (this.#closing) throw new ClosedError('session-failover was closed; no lock is taken')
       const inherited = this.#handoffs.get(random)
       if (inherited) {
         this.#handoffs.delete(random)
         if (inherited.lockKey === lockKey && inherited.nodeId === this.#lockNode(primaryOf())) {
-          return this.#held(random, inherited, place, true, false)
+          return this.#held(random, inherited, turn, true, false)
         }
         // The session moved since it was locked: that lock goes, and one is taken where the session is now.
         await this.#delete(inherited)
       }
       const token = `${PROCESS_TOKEN}.${(issued++).toString(36)}`
       const taken = await this.#addLock(primaryOf, lockKey, token, deadline, besideFirstAdd)
-      const waited = ahead !== undefined || taken.busy > 0
-      return this.#held(random, { ...taken, lockKey, token }, place, waited, taken.first)
+      const waited = turn.ready !== undefined || taken.busy > 0
+      return this.#held(random, { ...taken, lockKey, token }, turn, waited, taken.first)
     } catch (error) {
-      done()
+      turn.leave()
       throw error
     }
   }
@@ -192,87 +177,67 @@ export class LockManager {
     }
   }
 
-  #held(
-    random: string,
-    stored: StoredLock,
-    { leave, followed }: QueuePlace,
-    waited: boolean,
-    byFirstAdd: boolean,
-  ): SessionLock {
-    const { nodeId, sentAt } = stored
-    let held = true
-    let releasing: Promise<void> | undefined
-    // memcached counts expiry in whole seconds, so the lock may go up to a second early, counted from when the
-    // add was sent; a write begun while held must also finish in time. Past that the lock counts as lost, and
-    // the local queue stops waiting on this request.
-    const lifetimeMs =
-      (this.#options.lockExpirationSeconds - 1) * 1000 - this.#options.operationTimeoutMs - 100
-    const handoffAgeMs = Math.min(HANDOFF_MAX_AGE_MS, lifetimeMs / 2)
-    const expiry = setTimeout(
-      () => {
-        held = false
-        leave()
-      },
-      Math.max(0, sentAt + lifetimeMs - Date.now()),
-    )
-    expiry.unref()
-    const release = (): Promise<void> => {
-      releasing ??= (async () => {
-        this.#heldLocks.delete(lock)
-        clearTimeout(expiry)
-        const stillMine = held
-        held = false
-        // Left to the request of this process queued behind: it holds the lock without a delete and an add, and
-        // a round trip sooner. Only a young lock, so other instances' requests of the session get their turn,
-        // on a node not marked dead since it was added (one that came back may have lost it), and not while
-        // shutting down.
-        const age = Date.now() - sentAt
-        const queued = followed()
-        if (
-          stillMine &&
-          queued &&
-          age < handoffAgeMs &&
-          this.#ring.aliveSince(nodeId, sentAt) &&
-          !this.#closing
-        ) {
-          this.#handoffs.set(random, stored)
-          leave()
-          // The request behind takes it in this tick's microtasks; one that gave up meanwhile takes nothing.
-          setImmediate(() => {
-            if (this.#handoffs.get(random) !== stored) return
-            this.#handoffs.delete(random)
-            void this.#delete(stored)
-          })
-          return
-        }
-        try {
-          if (!stillMine) return
-          const deleting = this.#delete(stored)
-          // A request of the session that comes next may go now: its add leaves behind this delete on the same
-          // connection, and the node applies them in that order.
-          if (!queued && !this.#closing && this.#ring.isOrdered(nodeId)) leave()
-          await deleting
-          // Passed on for a second already: requests of the session on other instances, which poll for it, get
-          // a window to take it before the one queued here adds it again.
-          if (queued && age >= handoffAgeMs) await new Promise((resolve) => setTimeout(resolve, FAIR_TURN_MS))
-        } finally {
-          leave()
-        }
-      })()
-      return releasing
-    }
-    const ring = this.#ring
-    const lock: SessionLock = {
-      // Another instance locks on the next node once this one is dead: then this lock protects nothing.
-      get held() {
-        return held && ring.isAlive(nodeId)
-      },
+  #held(random: string, stored: StoredLock, turn: Turn, waited: boolean, byFirstAdd: boolean): SessionLock {
+    const expiresInMs = Math.max(0, stored.sentAt + this.#lifetimeMs - Date.now())
+    const lock = new HeldLock(
+      this.#ring,
+      this.#release,
+      random,
+      stored,
+      turn,
       waited,
       byFirstAdd,
-      release,
-    }
+      expiresInMs,
+    )
     this.#heldLocks.add(lock)
     return lock
+  }
+
+  /** HeldLock.release(), once per lock; made once per manager, so a lock keeps no closure of its own. */
+  readonly #release = async (lock: HeldLock): Promise<void> => {
+    const { random, stored, turn } = lock
+    const { nodeId, sentAt } = stored
+    this.#heldLocks.delete(lock)
+    clearTimeout(lock.expiry)
+    const stillMine = lock.mine
+    lock.mine = false
+    // Left to the request of this process queued behind: it holds the lock without a delete and an add, and
+    // a round trip sooner. Only a young lock, so other instances' requests of the session get their turn,
+    // on a node not marked dead since it was added (one that came back may have lost it), and not while
+    // shutting down.
+    const age = Date.now() - sentAt
+    const queued = turn.followed()
+    if (
+      stillMine &&
+      queued &&
+      age < this.#handoffAgeMs &&
+      this.#ring.aliveSince(nodeId, sentAt) &&
+      !this.#closing
+    ) {
+      this.#handoffs.set(random, stored)
+      turn.leave()
+      // The request behind takes it in this tick's microtasks; one that gave up meanwhile takes nothing.
+      setImmediate(() => {
+        if (this.#handoffs.get(random) !== stored) return
+        this.#handoffs.delete(random)
+        void this.#delete(stored)
+      })
+      return
+    }
+    try {
+      if (!stillMine) return
+      const deleting = this.#delete(stored)
+      // A request of the session that comes next may go now: its add leaves behind this delete on the same
+      // connection, and the node applies them in that order.
+      if (!queued && !this.#closing && this.#ring.isOrdered(nodeId)) turn.leave()
+      await deleting
+      // Passed on for a second already: requests of the session on other instances, which poll for it, get
+      // a window to take it before the one queued here adds it again.
+      if (queued && age >= this.#handoffAgeMs)
+        await new Promise((resolve) => setTimeout(resolve, FAIR_TURN_MS))
+    } finally {
+      turn.leave()
+    }
   }
 
   #lockNode(primaryNodeId: string): string | undefined {
@@ -308,6 +273,58 @@ export class LockManager {
       this.#options.retryAfterSeconds,
     )
   }
+}
+
+/** A lock held by a request of this process. */
+class HeldLock implements SessionLock {
+  readonly waited: boolean
+  readonly byFirstAdd: boolean
+  readonly random: string
+  readonly stored: StoredLock
+  readonly turn: Turn
+  readonly expiry: NodeJS.Timeout
+  /** False once released, or once its lifetime is over. */
+  mine = true
+  readonly #ring: NodeRing
+  readonly #release: (lock: HeldLock) => Promise<void>
+  #releasing: Promise<void> | undefined
+
+  constructor(
+    ring: NodeRing,
+    release: (lock: HeldLock) => Promise<void>,
+    random: string,
+    stored: StoredLock,
+    turn: Turn,
+    waited: boolean,
+    byFirstAdd: boolean,
+    expiresInMs: number,
+  ) {
+    this.#ring = ring
+    this.#release = release
+    this.random = random
+    this.stored = stored
+    this.turn = turn
+    this.waited = waited
+    this.byFirstAdd = byFirstAdd
+    this.expiry = setTimeout(expire, expiresInMs, this)
+    this.expiry.unref()
+  }
+
+  // Another instance locks on the next node once this one is dead: then this lock protects nothing.
+  get held(): boolean {
+    return this.mine && this.#ring.isAlive(this.stored.nodeId)
+  }
+
+  release(): Promise<void> {
+    this.#releasing ??= this.#release(this)
+    return this.#releasing
+  }
+}
+
+/** A lock's lifetime is over: it counts as lost, and the next request of its session in this process may go. */
+function expire(lock: HeldLock): void {
+  lock.mine = false
+  lock.turn.leave()
 }
 
 /** Whether `promise` settles within `ms`. */
