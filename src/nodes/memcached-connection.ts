@@ -36,14 +36,16 @@ interface Pending {
 
 /** Milliseconds of idleness before TCP keep-alive probes a connection. */
 const KEEP_ALIVE_MS = 10_000
+/** A turn's requests up to this many bytes in all are joined into one buffer before they are written. */
+const JOIN_BYTES = 16 * 1024
 
 /**
  * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
  * request order, so pending requests wait in a queue and only the oldest has a deadline that matters: one timer
  * per connection instead of one per operation. Requests made in one turn of the event loop leave in one system
- * call: the socket is corked until the end of the turn (end-of-turn.ts), after every callback of that turn's I/O
- * has run and before the turn's responses. Under load one turn serves many HTTP requests; process.nextTick would
- * uncork after each of them.
+ * call: they are queued until the end of the turn (end-of-turn.ts), after every callback of that turn's I/O has
+ * run and before the turn's responses. Under load one turn serves many HTTP requests; process.nextTick would send
+ * after each of them.
  *
  * Every request settles: with its reply, or with OperationTimeoutError when the oldest pending request outlives
  * the timeout, or with NodeOperationError when the connection fails, closes, answers out of step, or refuses the
@@ -58,7 +60,9 @@ export class MemcachedConnection {
   #queue: Pending[] = []
   #opaque = 0
   #timer: NodeJS.Timeout | undefined
-  #corked = false
+  /** This turn's requests, sent at its end (see #flush). */
+  #outgoing: Buffer[] = []
+  #outgoingBytes = 0
   #closed = false
 
   constructor(options: MemcachedConnectionOptions) {
@@ -108,19 +112,31 @@ export class MemcachedConnection {
     const deadline = Date.now() + this.#options.timeoutMs
     this.#queue.push({ opaque, operation, deadline, resolve, reject })
     if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
-    if (!this.#corked) {
-      this.#corked = true
-      socket.cork()
-      sendAtEndOfTurn(() => this.#uncork(socket))
-    }
-    socket.write(encodeRequest(opcode, key, extras, value, opaque, cas))
+    const request = encodeRequest(opcode, key, extras, value, opaque, cas)
+    if (this.#outgoing.length === 0) sendAtEndOfTurn(() => this.#flush(socket))
+    this.#outgoing.push(request)
+    this.#outgoingBytes += request.length
   }
 
-  /** Sends what this turn queued on `socket` (once, however often it is called before the next cork). */
-  #uncork(socket: Socket): void {
-    if (!this.#corked || socket !== this.#socket) return
-    this.#corked = false
-    socket.uncork()
+  /**
+   * Sends what this turn queued on `socket`. Small requests are joined and written once: a write through the
+   * socket's stream costs more than the copy (its bookkeeping, per write, on every request's path). Larger ones
+   * are written corked, leaving in one system call all the same.
+   */
+  #flush(socket: Socket): void {
+    // Dropped since: its requests were failed, and what is queued now is for the next connection.
+    if (socket !== this.#socket) return
+    const outgoing = this.#outgoing
+    const bytes = this.#outgoingBytes
+    this.#outgoing = []
+    this.#outgoingBytes = 0
+    if (outgoing.length === 1) socket.write(outgoing[0] as Buffer)
+    else if (bytes <= JOIN_BYTES) socket.write(Buffer.concat(outgoing, bytes))
+    else {
+      socket.cork()
+      for (const request of outgoing) socket.write(request)
+      socket.uncork()
+    }
   }
 
   #connect(): Socket {
@@ -133,7 +149,6 @@ export class MemcachedConnection {
       keepAliveInitialDelay: KEEP_ALIVE_MS,
     })
     this.#socket = socket
-    this.#corked = false
     this.#parser.reset()
     socket.on('data', (chunk: Buffer) => this.#onData(socket, chunk))
     socket.on('error', (error) => this.#drop(socket, this.#connectionError(error.message, error)))
@@ -206,6 +221,9 @@ export class MemcachedConnection {
     if (socket !== this.#socket) return
     this.#socket = undefined
     this.#parser.reset()
+    // Whatever this turn queued was for that socket: its requests are failed below.
+    this.#outgoing = []
+    this.#outgoingBytes = 0
     if (this.#timer) clearTimeout(this.#timer)
     this.#timer = undefined
     if (!socket.destroyed) socket.destroy()
