@@ -3,6 +3,7 @@
 // bytes allocated per request, by the function that allocated them (bench/alloc-sampler.ts).
 //   npx tsx bench/profile.ts session-failover/none read    (read, write or mix)
 //   npx tsx bench/profile.ts session-failover/auto write --alloc
+// --top=N lists N functions in each list (default 25).
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -18,10 +19,12 @@ interface ProfileNode {
   children?: number[]
 }
 
-const alloc = process.argv.includes('--alloc')
+const flags = process.argv.slice(2).filter((arg) => arg.startsWith('--'))
+const alloc = flags.includes('--alloc')
+const listed = Number(flags.find((flag) => flag.startsWith('--top='))?.slice('--top='.length) ?? 25)
 const [layer = 'session-failover/none', workload = 'read'] = process.argv
   .slice(2)
-  .filter((arg) => arg !== '--alloc') as [Layer, string]
+  .filter((arg) => !arg.startsWith('--')) as [Layer, string]
 if (!LAYERS.includes(layer)) throw new Error(`the layer must be one of ${LAYERS.join(', ')}`)
 execFileSync('npm', ['run', 'build'], { stdio: 'ignore' })
 const dir = mkdtempSync(join(tmpdir(), 'sf-profile-'))
@@ -110,7 +113,7 @@ function allocReport(): void {
   const total = [...bytes.values()].reduce((sum, size) => sum + size, 0)
   const lines = [...bytes]
     .sort((a, b) => b[1] - a[1])
-    .slice(0, Number(process.env.ALLOC_TOP ?? 30))
+    .slice(0, listed)
     .map(([key, size]) => `${(size / requests).toFixed(0).padStart(7)} B/req  ${key}`)
   console.log(`\nallocated: ${(total / requests).toFixed(0)} B/req\n${lines.join('\n')}`)
 }
@@ -158,5 +161,7 @@ const top = (map: Map<string, number>, count: number) =>
         `${((time / total) * 100).toFixed(1).padStart(5)} %  ${(time / requests).toFixed(1).padStart(6)} µs/req  ${key}`,
     )
     .join('\n')
-console.log(`\nself time\n${top(self, 25)}\n\ninclusive time in session-failover\n${top(inclusive, 20)}`)
+console.log(
+  `\nself time\n${top(self, listed)}\n\ninclusive time in session-failover\n${top(inclusive, listed)}`,
+)
 child.removeAllListeners()

@@ -3,7 +3,7 @@ import { sign } from 'cookie-signature'
 import express from 'express'
 import fc from 'fast-check'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import { verifiedId } from '../src/core/cookie-value.js'
+import { CookieVerifier, verifiedId } from '../src/core/cookie-value.js'
 import { readSessionId } from '../src/express/cookies.js'
 import { parseSessionId } from '../src/index.js'
 import { sessionCookieHeader } from '../src/session-cookie.js'
@@ -18,6 +18,8 @@ const CONCURRENCY = 24
 const random24 = fc.stringMatching(/^[A-Za-z0-9_-]{24}$/)
 const anyText = fc.string({ unit: 'binary', maxLength: 300 })
 const signed = (id: string) => `s:${sign(id, SECRET)}`
+/** The characters of a signed cookie value's id and signature. */
+const BASE64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
 
 /** Cookie headers an attacker or a broken client might send. */
 const cookieHeader: fc.Arbitrary<string> = fc.oneof(
@@ -179,17 +181,43 @@ describe('cookie parsing', () => {
           originalMaxAge: null,
         } as never)
         const pair = setCookie.split(';')[0] as string
-        expect(readSessionId(pair, 'connect.sid', [SECRET])).toEqual({ id, resign: false })
-        expect(readSessionId(pair, 'connect.sid', ['new', SECRET])).toEqual({ id, resign: true })
-        expect(readSessionId(pair, 'connect.sid', ['other'])).toBeUndefined()
+        expect(readSessionId(pair, 'connect.sid', new CookieVerifier([SECRET]))).toEqual({
+          id,
+          resign: false,
+        })
+        expect(readSessionId(pair, 'connect.sid', new CookieVerifier(['new', SECRET]))).toEqual({
+          id,
+          resign: true,
+        })
+        expect(readSessionId(pair, 'connect.sid', new CookieVerifier(['other']))).toBeUndefined()
       }),
     )
   })
 
+  it('remembers only verified cookie values: a tampered one is refused after its original was accepted', () => {
+    const verifier = new CookieVerifier(['new', SECRET])
+    fc.assert(
+      fc.property(random24, fc.nat(), fc.integer({ min: 0, max: 63 }), (random, at, code) => {
+        const id = `${random}-n1`
+        const value = `s:${sign(id, SECRET)}`
+        expect(verifier.idOf(value)).toEqual({ id, resign: true })
+        expect(verifier.idOf(value)).toEqual({ id, resign: true })
+        const index = 2 + (at % (value.length - 2))
+        const replacement = BASE64[code] as string
+        fc.pre(value[index] !== replacement)
+        const tampered = value.slice(0, index) + replacement + value.slice(index + 1)
+        expect(verifier.idOf(tampered)).toBeUndefined()
+        expect(verifier.idOf(tampered)).toBeUndefined()
+      }),
+      { numRuns: 12_000 },
+    )
+  })
+
   it('returns an id or nothing for any header, and never throws', () => {
+    const verifier = new CookieVerifier([SECRET])
     fc.assert(
       fc.property(fc.oneof(anyText, cookieHeader), (header) => {
-        const presented = readSessionId(header, 'connect.sid', [SECRET])
+        const presented = readSessionId(header, 'connect.sid', verifier)
         if (presented) expect(typeof presented.id).toBe('string')
         const raw = verifiedId(header, [SECRET])
         if (raw) expect(header.startsWith('s:')).toBe(true)

@@ -2,6 +2,8 @@ import { sign, unsign } from 'cookie-signature'
 
 /** Longest cookie value worth looking at; a signed id is far shorter. Bounds work on hostile input. */
 const MAX_COOKIE_VALUE = 200
+/** Verified cookie values remembered per app; past this many, the memory starts over. */
+const REMEMBERED_VALUES = 10_000
 
 export interface PresentedId {
   readonly id: string
@@ -26,4 +28,32 @@ export function verifiedId(raw: string | undefined, secrets: readonly string[]):
     if (id !== false) return { id, resign: index > 0 }
   }
   return undefined
+}
+
+/**
+ * verifiedId() for one app's secrets, remembering the values it verified. A client sends the same cookie on every
+ * request, and its HMAC was the largest single cost of reading a session id (about 7 µs of a 250 µs request
+ * under load, bench:profile). Only values that verified are remembered, so a forged or tampered one is checked
+ * every time; an app's secrets do not change while it runs. Bounded: a flood of valid cookies only costs their
+ * HMACs again.
+ */
+export class CookieVerifier {
+  readonly #secrets: readonly string[]
+  readonly #verified = new Map<string, PresentedId>()
+
+  constructor(secrets: readonly string[]) {
+    this.#secrets = secrets
+  }
+
+  idOf(raw: string | undefined): PresentedId | undefined {
+    if (raw === undefined) return undefined
+    const known = this.#verified.get(raw)
+    if (known) return known
+    const presented = verifiedId(raw, this.#secrets)
+    if (presented) {
+      if (this.#verified.size >= REMEMBERED_VALUES) this.#verified.clear()
+      this.#verified.set(raw, presented)
+    }
+    return presented
+  }
 }

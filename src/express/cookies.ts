@@ -1,15 +1,15 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { parse } from 'cookie'
-import { type PresentedId, verifiedId } from '../core/cookie-value.js'
+import type { CookieVerifier, PresentedId } from '../core/cookie-value.js'
 import { isSecureConnection } from '../session-cookie.js'
 
 /** The session id from the signed session cookie in a Cookie header; undefined for anything else. */
 export function readSessionId(
   header: string | undefined,
   name: string,
-  secrets: readonly string[],
+  verifier: CookieVerifier,
 ): PresentedId | undefined {
-  return header ? verifiedId(parse(header)[name], secrets) : undefined
+  return header ? verifier.idOf(parse(header)[name]) : undefined
 }
 
 export function appendSessionCookie(res: ServerResponse, header: string): void {

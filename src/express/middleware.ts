@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import { CookieVerifier } from '../core/cookie-value.js'
 import type { OpenedSession } from '../core/engine.js'
 import type { SessionSnapshot } from '../core/session-state.js'
 import { createEngine, type Engine } from '../create-engine.js'
@@ -23,6 +24,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
   const config = parseOptions(options)
   const engine: Engine = createEngine(config)
   const cookiePath = config.cookie.path ?? '/'
+  const verifier = new CookieVerifier(config.secrets)
   const newCookie = (req: SessionRequest): SessionCookie =>
     newSessionCookie(config.cookie, isSecure(req, config.proxy))
 
@@ -42,7 +44,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       next()
       return
     }
-    const presented = readSessionId(req.headers.cookie, config.name, config.secrets)
+    const presented = readSessionId(req.headers.cookie, config.name, verifier)
     const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
 
     const begin = ({ state, content }: OpenedSession): void => {

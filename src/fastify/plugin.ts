@@ -1,7 +1,7 @@
 import fastifyCookie from '@fastify/cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { verifiedId } from '../core/cookie-value.js'
+import { CookieVerifier } from '../core/cookie-value.js'
 import type { RequestFacts } from '../core/locking-policy.js'
 import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
@@ -47,6 +47,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
   const config = parseOptions(options)
   const engine = createEngine(config)
   const cookiePath = config.cookie.path ?? '/'
+  const verifier = new CookieVerifier(config.secrets)
   const contexts = new WeakMap<FastifyRequest, RequestContext>()
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
   fastify.decorateRequest('session', null as unknown as FastifySession)
@@ -86,7 +87,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     // @fastify/cookie may be registered to parse in a later hook; then the header is parsed here.
     const raw =
       request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
-    const presented = verifiedId(raw, config.secrets)
+    const presented = verifier.idOf(raw)
     const facts: RequestFacts = { method: request.method, path, raw: request }
     const { state, content } = await engine.session.open(presented, facts)
     // A client that left while this request waited for its lock got its onRequestAbort before there was
