@@ -54,6 +54,18 @@ describe('SessionQueues', () => {
     expect(await runs(last)).toBe(true)
   })
 
+  it('keeps a running request alone when every request behind it gave up', async () => {
+    const queues = new SessionQueues()
+    const running = queues.join('a')
+    const gaveUp = queues.join('a')
+    gaveUp.leave()
+    // The session still has a running request: a newcomer waits for it rather than running beside it.
+    const newcomer = queues.join('a')
+    expect(await runs(newcomer)).toBe(false)
+    running.leave()
+    expect(await runs(newcomer)).toBe(true)
+  })
+
   it('forgets a session once its last request left', async () => {
     const queues = new SessionQueues()
     const alone = queues.join('a')

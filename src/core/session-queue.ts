@@ -2,7 +2,7 @@
 export interface Turn {
   /** Settles when the request may run; undefined when it could at once (no request of the session was running). */
   readonly ready: Promise<void> | undefined
-  /** Whether a request of the session waits behind this one. */
+  /** Whether this request is the running one and a request of the session waits behind it. */
   followed(): boolean
   /** Lets the next request of the session run, or gives up waiting. Idempotent. */
   leave(): void
