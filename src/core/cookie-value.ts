@@ -46,7 +46,8 @@ export class CookieVerifier {
   }
 
   idOf(raw: string | undefined): PresentedId | undefined {
-    if (raw === undefined) return undefined
+    // Too long to be ours: refused before a lookup would hash all of it.
+    if (raw === undefined || raw.length > MAX_COOKIE_VALUE) return undefined
     const known = this.#verified.get(raw)
     if (known) return known
     const presented = verifiedId(raw, this.#secrets)
