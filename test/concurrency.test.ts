@@ -169,7 +169,9 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     const reply = await browser.send(other, 'POST', '/cart/pear')
     expect(reply.status).toBe(200)
     expect(reply.body.cart).toEqual(['apple', 'pear'])
-    expect(reply.elapsedMs).toBeGreaterThan(300) // it did wait for the dead holder's lock
+    // It did wait for the dead holder's lock. Counted, not timed: memcached's whole-second expiry gives the lock
+    // between 1 and 2 s, so how long is left of it after the kill varies.
+    expect(other.sessions.stats().lockWaits).toBe(1)
   })
 
   it("skips the lock on a route 'auto' has learned only reads", async () => {
