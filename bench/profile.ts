@@ -1,8 +1,11 @@
 // Where the time goes: one layer under load with `node --cpu-prof`, then the functions with the most self time
 // and the library's functions with the most inclusive time. With --alloc, where the garbage comes from instead:
-// bytes allocated per request, by the function that allocated them (bench/alloc-sampler.ts).
+// bytes allocated per request, by the function that allocated them (bench/alloc-sampler.ts). With --latency, where
+// the latency goes: time inside the app per request, garbage-collection pauses, event-loop delay and CPU per
+// request (bench/latency-probe.ts), for any layer, the peers included.
 //   npx tsx bench/profile.ts session-failover/none read    (read, write or mix)
 //   npx tsx bench/profile.ts session-failover/auto write --alloc
+//   npx tsx bench/profile.ts connect-redis write --latency
 // --top=N lists N functions in each list (default 25).
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
@@ -11,6 +14,8 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import { startCluster, stopAllMemcached } from '../test/support/memcached.js'
+import { startRedis, stopAllRedis } from '../test/support/redis.js'
+import type { LatencyProfile } from './latency-probe.js'
 import { LAYERS, type Layer } from './layers.js'
 
 interface ProfileNode {
@@ -21,6 +26,8 @@ interface ProfileNode {
 
 const flags = process.argv.slice(2).filter((arg) => arg.startsWith('--'))
 const alloc = flags.includes('--alloc')
+const latency = flags.includes('--latency')
+if (alloc && latency) throw new Error('--alloc and --latency are separate runs: one of them at a time')
 const listed = Number(flags.find((flag) => flag.startsWith('--top='))?.slice('--top='.length) ?? 25)
 const [layer = 'session-failover/none', workload = 'read'] = process.argv
   .slice(2)
@@ -29,21 +36,26 @@ if (!LAYERS.includes(layer)) throw new Error(`the layer must be one of ${LAYERS.
 execFileSync('npm', ['run', 'build'], { stdio: 'ignore' })
 const dir = mkdtempSync(join(tmpdir(), 'sf-profile-'))
 const servers = await startCluster(2)
+const redis = layer === 'connect-redis' ? await startRedis() : undefined
+const preload = (name: string) => ['--import', fileURLToPath(new URL(name, import.meta.url))]
 const child: ChildProcess = spawn(
   process.execPath,
   [
-    ...(alloc ? [] : ['--cpu-prof', `--cpu-prof-dir=${dir}`]),
+    ...(alloc || latency ? [] : ['--cpu-prof', `--cpu-prof-dir=${dir}`]),
     '--import',
     'tsx',
-    ...(alloc ? ['--import', fileURLToPath(new URL('./alloc-sampler.ts', import.meta.url))] : []),
+    ...(alloc ? preload('./alloc-sampler.ts') : []),
+    ...(latency ? preload('./latency-probe.ts') : []),
     fileURLToPath(new URL('./app.ts', import.meta.url)),
   ],
   {
     env: {
       ...process.env,
       ALLOC_PROFILE: alloc ? join(dir, 'app.heapprofile') : '',
+      LATENCY_PROFILE: latency ? join(dir, 'app.latency.json') : '',
       NODE_ENV: 'production',
       BENCH_LAYER: layer,
+      BENCH_REDIS: redis ? `redis://127.0.0.1:${redis.port}` : '',
       BENCH_MEMCACHED: servers.map((server) => `127.0.0.1:${server.port}`).join(' '),
     },
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -87,6 +99,7 @@ console.log(`${layer} ${workload}: ${result.requests.average.toFixed(0)} req/s, 
 child.kill('SIGINT')
 await new Promise((resolve) => child.once('exit', resolve))
 await stopAllMemcached()
+await stopAllRedis()
 
 const name = (node: Pick<ProfileNode, 'callFrame'>) =>
   `${node.callFrame.functionName || '(anonymous)'} ${node.callFrame.url.replace(/^.*node_modules\//, '').replace(/^file:\/\/.*\/(dist|bench)\//, '$1/')}:${node.callFrame.lineNumber}`
@@ -95,6 +108,31 @@ const requests = result.requests.total
 if (alloc) {
   allocReport()
   process.exit(0)
+}
+if (latency) {
+  latencyReport()
+  process.exit(0)
+}
+
+/** Time in the app by request method, then what stretches it: GC pauses and the event loop's delay. */
+function latencyReport(): void {
+  const profile = JSON.parse(readFileSync(join(dir, 'app.latency.json'), 'utf8')) as LatencyProfile
+  const ms = (value: number) => value.toFixed(1).padStart(5)
+  const at = (sorted: number[], share: number) =>
+    sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * share))] ?? 0
+  const lines = Object.entries(profile.inApp).map(([method, times]) => {
+    const mean = times.reduce((sum, time) => sum + time, 0) / times.length
+    return `${method.padEnd(6)} ${String(times.length).padStart(7)} requests  mean ${ms(mean)}  p50 ${ms(at(times, 0.5))}  p90 ${ms(at(times, 0.9))}  p99 ${ms(at(times, 0.99))}  max ${ms(at(times, 1))} ms`
+  })
+  const seconds = profile.wallMs / 1000
+  const gc = Object.entries(profile.gc).map(
+    ([kind, { count, totalMs, maxMs }]) =>
+      `${kind.padEnd(18)} ${(count / seconds).toFixed(1).padStart(5)}/s  mean ${ms(totalMs / count)}  max ${ms(maxMs)} ms  ${((totalMs / profile.wallMs) * 100).toFixed(1).padStart(4)} % of the time`,
+  )
+  const { p50, p99, max } = profile.loopDelay
+  console.log(
+    `\ntime in the app, arrival to the response's end\n${lines.join('\n')}\n\ngarbage collection pauses\n${gc.join('\n')}\n\nevent loop delay  p50 ${ms(p50)}  p99 ${ms(p99)}  max ${ms(max)} ms\napp CPU per request ${profile.cpuMicrosPerRequest.toFixed(0)} µs`,
+  )
 }
 
 /** Bytes allocated per request by each function (sampled, so small figures are rough). */
