@@ -6,6 +6,8 @@
 //   npx tsx bench/profile.ts session-failover/none read    (read, write or mix)
 //   npx tsx bench/profile.ts session-failover/auto write --alloc
 //   npx tsx bench/profile.ts connect-redis write --latency
+// --no-inlining runs the app without inlining, so each function is charged with its own allocations and time
+// (slower, so read its figures against each other, not against a normal run).
 // --top=N lists N functions in each list (default 25).
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
@@ -27,6 +29,8 @@ interface ProfileNode {
 const flags = process.argv.slice(2).filter((arg) => arg.startsWith('--'))
 const alloc = flags.includes('--alloc')
 const latency = flags.includes('--latency')
+// Optimized code charges what an inlined function allocates (or spends) to the function it was inlined into.
+const noInlining = flags.includes('--no-inlining')
 if (alloc && latency) throw new Error('--alloc and --latency are separate runs: one of them at a time')
 const listed = Number(flags.find((flag) => flag.startsWith('--top='))?.slice('--top='.length) ?? 25)
 const [layer = 'session-failover/none', workload = 'read'] = process.argv
@@ -45,6 +49,7 @@ const child: ChildProcess = spawn(
     '--import',
     'tsx',
     ...(alloc ? preload('./alloc-sampler.ts') : []),
+    ...(noInlining ? ['--no-turbo-inlining'] : []),
     ...(latency ? preload('./latency-probe.ts') : []),
     fileURLToPath(new URL('./app.ts', import.meta.url)),
   ],
