@@ -1,6 +1,6 @@
 import fc from 'fast-check'
 import { describe, expect, it } from 'vitest'
-import { RecordCodec, type SessionRecord } from '../src/core/codec.js'
+import { RecordCodec, type SessionRecord, sameBlob } from '../src/core/codec.js'
 import { SessionSerializer } from '../src/core/serializer.js'
 import { StoreKeyring } from '../src/core/store-keys.js'
 import {
@@ -36,6 +36,25 @@ function decodesOrRejects(codec: RecordCodec, blob: Buffer, digest = DIGEST): Se
 
 describe.each([false, true])('stored record codec (encrypt: %s)', (encrypt) => {
   const codec = codecOf(['the secret'], encrypt)
+
+  it('recognizes a blob it wrote by its tag: a copy of it, never another write', () => {
+    fc.assert(
+      fc.property(record, record, fc.nat(), fc.integer({ min: 1, max: 255 }), (r, other, at, flip) => {
+        const blob = codec.encode(r, DIGEST)
+        const isBlob = sameBlob(blob)
+        expect(isBlob(Buffer.from(blob))).toBe(true)
+        // The next write of the session, even with nothing else changed; another session's record.
+        expect(isBlob(codec.encode({ ...r, version: (r.version + 1) >>> 0 }, DIGEST))).toBe(false)
+        const otherBlob = codec.encode(other, DIGEST)
+        expect(isBlob(otherBlob)).toBe(otherBlob.equals(blob))
+        const changed = Buffer.from(blob)
+        const index = changed.length - 1 - (at % 16)
+        changed[index] = (changed[index] as number) ^ flip
+        expect(isBlob(changed)).toBe(false)
+        expect(isBlob(blob.subarray(1))).toBe(false)
+      }),
+    )
+  })
 
   it('round-trips every record, and knows its encoded length in advance', () => {
     fc.assert(

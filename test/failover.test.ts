@@ -1,5 +1,5 @@
 import { sign } from 'cookie-signature'
-import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, hangingRequest, type ShopApp, startShop } from './support/app.js'
@@ -128,22 +128,72 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum', 'fig'])
   })
 
-  it('keeps following the move for an old cookie once its old primary is back with the copy from before', async () => {
+  /**
+   * Fills the cart, then `app` moves the session off its frozen primary (the read times out) and changes it
+   * there; the primary resumes, holding the copy from before the move. Other instances, idle meanwhile, still
+   * count it as alive.
+   */
+  async function moveOffFrozenPrimary(app: ShopApp) {
     const id = await fillCart()
     const oldCookie = browser.cookie
     const primary = serverOf(id)
     await primary.freeze()
     try {
-      // The read times out: the session moves on, and changes there.
-      expect((await browser.send(appB, 'POST', '/cart/plum')).body.cart).toEqual(['apple', 'pear', 'plum'])
+      expect((await browser.send(app, 'POST', '/cart/plum')).body.cart).toEqual(['apple', 'pear', 'plum'])
     } finally {
       primary.thaw()
     }
-    await sleep(PROBE_INTERVAL * 5) // the node is back, still holding the session as it was before the move
-    expect(await primary.has(keysOf(id).primary)).toBe(true)
+    return { id, oldCookie, primary }
+  }
+
+  it('keeps following the move for an old cookie once its old primary is back', async () => {
+    const { oldCookie } = await moveOffFrozenPrimary(appB)
+    await sleep(PROBE_INTERVAL * 5) // the node is back
     const stale = new Browser()
     stale.cookie = oldCookie
     expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum'])
+    expect(appB.sessions.stats().movesFollowed).toBe(1)
+  })
+
+  /** Until `app` counts the node `server` as alive again (its old copies there are deleted right after). */
+  const backOn = (app: ShopApp, server: CacheServer) =>
+    vi.waitFor(
+      () => {
+        const node = app.sessions
+          .health()
+          .nodes.find((health) => servers[Number(health.id.slice(1)) - 1] === server)
+        expect(node?.alive).toBe(true)
+      },
+      { timeout: 5000, interval: 20 },
+    )
+
+  it('deletes the copy from before a move on the old primary once it is back, so no other instance reads it', async () => {
+    const { id, oldCookie, primary } = await moveOffFrozenPrimary(appB)
+    await backOn(appB, primary)
+    await vi.waitFor(async () => expect(await primary.has(keysOf(id).primary)).toBe(false), { timeout: 5000 })
+    const stale = new Browser()
+    stale.cookie = oldCookie
+    expect((await stale.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum'])
+  })
+
+  it('keeps what was written on the old primary since it came back: only the copy from before the move goes', async () => {
+    const slowProbe = await start({ ...optionsFor(), nodeProbeInterval: 1500 })
+    // Without a lock: the frozen node runs slowProbe's lock add when it resumes, and that lock stays until
+    // slowProbe's probe deletes it, just before the copy from before the move.
+    const unlocked = await start({ ...optionsFor(), lockingMode: 'none' })
+    try {
+      const { id, oldCookie, primary } = await moveOffFrozenPrimary(slowProbe)
+      // Before slowProbe finds the node back, an instance that never saw it fail writes there for the old id.
+      const stale = new Browser()
+      stale.cookie = oldCookie
+      expect((await stale.send(unlocked, 'POST', '/cart/fig')).body.cart).toEqual(['apple', 'pear', 'fig'])
+      const written = await primary.get(keysOf(id).primary)
+      await backOn(slowProbe, primary)
+      await sleep(PROBE_INTERVAL) // slowProbe's deletes of copies from before a move follow at once
+      expect(await primary.get(keysOf(id).primary)).toEqual(written)
+    } finally {
+      await Promise.all([slowProbe.close(), unlocked.close()])
+    }
   })
 
   it('serves a request with the old id that comes while another request is still moving the session', async () => {

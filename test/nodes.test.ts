@@ -1,9 +1,12 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
+import { Metrics } from '../src/core/metrics.js'
 import { NodeRejectedError, OperationTimeoutError } from '../src/errors.js'
+import { silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
 import { RedisNode } from '../src/nodes/redis.js'
+import { NodeRing } from '../src/nodes/ring.js'
 import { startMemcached, stopAllMemcached } from './support/memcached.js'
 import { startRedis, stopAllRedis } from './support/redis.js'
 
@@ -160,6 +163,44 @@ describe('a frozen memcached (SIGSTOP)', () => {
       expect((await node.get('fresh'))?.toString()).toBe('after')
     } finally {
       await node.close()
+      await stopAllMemcached()
+    }
+  })
+})
+
+describe('a node that sessions were moved off while it was frozen', () => {
+  it('loses, once back, the old copies recognized, in bounded bursts, and keeps every other value', async () => {
+    const server = await startMemcached()
+    const node = new MemcachedNode({
+      id: 'n1',
+      host: '127.0.0.1',
+      port: server.port,
+      operationTimeoutMs: 200,
+      probeKey: 'p',
+    })
+    const ring = new NodeRing([node], {
+      failoverNodeIds: new Set(),
+      probeIntervalMs: 50,
+      logger: silentLogger,
+      metrics: new Metrics(silentLogger),
+    })
+    const keys = Array.from({ length: 150 }, (_, i) => `k${i}`)
+    try {
+      for (const key of keys) await node.set(key, Buffer.from(`old ${key}`), 60)
+      await server.freeze()
+      await expect(ring.call('n1', (n) => n.get('k0'))).rejects.toBeInstanceOf(OperationTimeoutError)
+      expect(ring.isAlive('n1')).toBe(false)
+      // Every tenth key holds something else by the time the node is back (here: a test that says so).
+      for (const [i, key] of keys.entries()) {
+        ring.deleteOldCopyWhenBack('n1', key, (stored) => i % 10 !== 0 && stored.toString() === `old ${key}`)
+      }
+      server.thaw()
+      await vi.waitFor(() => expect(ring.isAlive('n1')).toBe(true), { timeout: 5000, interval: 20 })
+      const kept = async () => (await Promise.all(keys.map((key) => node.get(key)))).filter(Boolean).length
+      await vi.waitFor(async () => expect(await kept()).toBe(15), { timeout: 5000, interval: 50 })
+      for (const [i, key] of keys.entries()) expect((await node.get(key)) !== null).toBe(i % 10 === 0)
+    } finally {
+      await ring.close()
       await stopAllMemcached()
     }
   })

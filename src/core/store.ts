@@ -18,7 +18,7 @@ import type { CasToken } from '../nodes/node.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, newRandomPart, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
-import type { RecordCodec, SessionRecord } from './codec.js'
+import { type RecordCodec, type SessionRecord, sameBlob } from './codec.js'
 import { type StorageKeys, storageKeys } from './keys.js'
 import { applyChanges, type SessionChanges } from './merge.js'
 import type { Metrics } from './metrics.js'
@@ -65,6 +65,15 @@ interface FreshestCopy {
   readonly answered: number
   /** A copy was skipped that another instance may read (another key, another format). */
   readonly foreign: boolean
+  /** The bytes of `record` as stored (a view of the read buffer). */
+  readonly blob: Buffer | undefined
+}
+
+/** A move a load chose: from the node the id names to `to`, with a test for the copy left on the old node. */
+interface ChosenMove {
+  readonly from: string
+  readonly to: string
+  readonly copyBefore: (stored: Buffer) => boolean
 }
 
 /**
@@ -118,7 +127,7 @@ export class ReplicatedStore implements SessionBackend {
     ttl: MOVES_TTL_MS,
   })
   /** Moves a load chose and its request has not written yet (it may never: aborted, failed). */
-  readonly #moving = new LRUCache<string, string>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
+  readonly #moving = new LRUCache<string, ChosenMove>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
@@ -253,7 +262,9 @@ export class ReplicatedStore implements SessionBackend {
     const target = this.#ring.nextAliveAfter(primary)
     if (!target) throw this.#allNodesDown()
     this.#relocated(keys, primary, target)
-    this.#moving.set(parsed.random, target)
+    // The copy read is, byte for byte, what the old node held too (both copies are written from one blob).
+    const copyBefore = sameBlob(backup.blob as Buffer)
+    this.#moving.set(parsed.random, { from: primary, to: target, copyBefore })
     return {
       id: formatSessionId(parsed.random, target, parsed.route),
       record: backup.record,
@@ -623,10 +634,14 @@ export class ReplicatedStore implements SessionBackend {
    */
   #landed(parsed: ParsedSessionId, keys: StorageKeys, nodeId: string): void {
     const moved = nodeId !== parsed.nodeId
+    const chosen = this.#moving.get(parsed.random)
     if (moved) this.#relocated(keys, parsed.nodeId, nodeId)
-    else if (this.#moving.get(parsed.random) !== nodeId) return
+    else if (chosen?.to !== nodeId) return
     this.#moving.delete(parsed.random)
     this.#movedTo.set(parsed.random, { nodeId, at: Date.now() })
+    // The old node, once back, would hand its copy from before the move to an instance that does not know of the
+    // move. It goes as soon as this instance finds the node back, if it is still exactly that copy.
+    if (chosen?.to === nodeId) this.#ring.deleteOldCopyWhenBack(chosen.from, keys.primary, chosen.copyBefore)
   }
 
   /** Counted once per session and move: parallel requests of a session that fail over together are one move. */
@@ -661,22 +676,26 @@ export class ReplicatedStore implements SessionBackend {
     const reads = await Promise.allSettled(
       candidates.map((nodeId) =>
         this.#ring.call(nodeId, async (node) => {
+          const copyOf = (blob: Buffer | null, key: string) => {
+            const record = blob && this.#decode(blob, nodeId, keys, key, seen)
+            return record ? { record, blob: blob as Buffer } : undefined
+          }
           const [backup, primary] = await Promise.all([node.get(keys.backup), node.get(keys.primary)])
-          return [
-            backup && this.#decode(backup, nodeId, keys, keys.backup, seen),
-            primary && this.#decode(primary, nodeId, keys, keys.primary, seen),
-          ]
+          return [copyOf(backup, keys.backup), copyOf(primary, keys.primary)]
         }),
       ),
     )
     let record: SessionRecord | undefined
+    let blob: Buffer | undefined
     let answered = 0
     for (const read of reads) {
       if (read.status !== 'fulfilled') continue
       answered++
-      for (const copy of read.value) if (copy && (!record || isNewer(copy, record))) record = copy
+      for (const copy of read.value) {
+        if (copy && (!record || isNewer(copy.record, record))) ({ record, blob } = copy)
+      }
     }
-    return { record, answered, foreign: seen.foreign }
+    return { record, answered, foreign: seen.foreign, blob }
   }
 
   /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */

@@ -26,12 +26,22 @@ interface Member {
    * and may land late). Entries are replaced, never changed in place, so a probe can tell one it did not run.
    */
   readonly pendingDeletes: Map<string, readonly Buffer[] | undefined>
+  /**
+   * Copies this node still holds of sessions moved off it while it was dead, each with a test that recognizes
+   * the copy: deleted once it is back, oldest first. Apart from pendingDeletes, so that many moves cannot push a
+   * destroy out, and they do not hold the node back: the instance that moved a session follows the move itself.
+   */
+  readonly oldCopies: Map<string, (stored: Buffer) => boolean>
   /** call()'s rejection handler, made once per node: counts the error, marks the node dead unless it refused. */
   readonly failed: (error: unknown) => never
 }
 
 /** Most deletes remembered per dead node; past it the oldest are forgotten (and a warning says so). */
 const MAX_PENDING_DELETES = 50_000
+/** Most copies from before a move remembered per dead node; past it the oldest are forgotten. */
+const MAX_OLD_COPIES = 20_000
+/** Copies from before a move deleted at once on a node that is back, so that they come in bounded bursts. */
+const OLD_COPIES_AT_ONCE = 64
 
 export interface NodeHealth {
   readonly id: string
@@ -102,6 +112,7 @@ export class NodeRing {
         member.alive = false
         member.deadSince ??= Date.now()
         member.pendingDeletes.clear()
+        member.oldCopies.clear()
         clearTimeout(member.probeTimer)
         void member.node.close().catch(() => {})
       }
@@ -272,6 +283,23 @@ export class NodeRing {
     if (member && !member.alive) this.#rememberDeletes(member, [key], value)
   }
 
+  /**
+   * A node a session was moved off, while it was dead: once it answers again (now, if it already does), delete
+   * `key` there if `isOldCopy` recognizes what it holds (the copy from before the move, not one written since).
+   */
+  deleteOldCopyWhenBack(nodeId: string, key: string, isOldCopy: (stored: Buffer) => boolean): void {
+    const member = this.#byId.get(nodeId)
+    if (!member || member.retired) return
+    if (member.alive) {
+      void this.#deleteOldCopy(member, key, isOldCopy)
+      return
+    }
+    member.oldCopies.delete(key)
+    member.oldCopies.set(key, isOldCopy)
+    if (member.oldCopies.size > MAX_OLD_COPIES)
+      member.oldCopies.delete(member.oldCopies.keys().next().value as string)
+  }
+
   /** Configured nodes only: a retired node is no longer any operator's concern. */
   health(): NodeHealth[] {
     return this.#members
@@ -306,6 +334,7 @@ export class NodeRing {
       lastError: undefined,
       probeTimer: undefined,
       pendingDeletes: new Map<string, readonly Buffer[] | undefined>(),
+      oldCopies: new Map(),
       failed: (error: unknown) => {
         member.errors++
         if (!(error instanceof NodeRejectedError)) this.#markDead(member, error)
@@ -354,6 +383,31 @@ export class NodeRing {
     )
   }
 
+  async #deleteOldCopies(member: Member): Promise<void> {
+    const copies = [...member.oldCopies]
+    member.oldCopies.clear()
+    let at = 0
+    for (; at < copies.length && member.alive; at += OLD_COPIES_AT_ONCE) {
+      const batch = copies.slice(at, at + OLD_COPIES_AT_ONCE)
+      await Promise.all(batch.map(([key, isOldCopy]) => this.#deleteOldCopy(member, key, isOldCopy)))
+    }
+    // Dead again before the end: the rest waits for its next return.
+    for (const [key, isOldCopy] of copies.slice(at)) {
+      if (!member.oldCopies.has(key)) this.deleteOldCopyWhenBack(member.node.id, key, isOldCopy)
+    }
+  }
+
+  /** Never rejects: a delete that failed because the node failed again waits for its next return. */
+  #deleteOldCopy(member: Member, key: string, isOldCopy: (stored: Buffer) => boolean): Promise<void> {
+    return this.call(member.node.id, async (node) => {
+      const current = await node.gets(key)
+      if (current && isOldCopy(current.value)) await node.deleteIfUnchanged(key, current.cas)
+    }).catch(() => {
+      if (!member.alive && !member.oldCopies.has(key))
+        this.deleteOldCopyWhenBack(member.node.id, key, isOldCopy)
+    })
+  }
+
   #scheduleProbe(member: Member): void {
     if (this.#closed || member.retired) return
     clearTimeout(member.probeTimer)
@@ -380,6 +434,7 @@ export class NodeRing {
               address: member.node.address,
               downForMs,
             })
+            if (member.oldCopies.size > 0) void this.#deleteOldCopies(member)
             // Deletes remembered while this probe ran.
             const late = [...member.pendingDeletes]
             member.pendingDeletes.clear()
