@@ -1,4 +1,4 @@
-import { type ChildProcess, execFileSync } from 'node:child_process'
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { appendFileSync, readFileSync } from 'node:fs'
 import { connect, createServer } from 'node:net'
 
@@ -47,14 +47,51 @@ export function installed(program: string): string {
   }
 }
 
-/** Keeps a started process on the kind's list and in the pid file. */
+/**
+ * Keeps a started process on the kind's list and in the pid file, and has it die with this process (see
+ * killedWithThisProcess).
+ */
 export function track(kind: ServerKind, child: ChildProcess): ChildProcess {
   const list = running.get(kind) as Set<ChildProcess>
   list.add(child)
-  child.once('exit', () => list.delete(child))
+  const pid = child.pid
+  if (pid) killedWithThisProcess(pid)
+  child.once('exit', () => {
+    list.delete(child)
+    if (pid) watchdog?.stdin?.write(`-${pid}\n`)
+  })
   const pidFile = process.env.SF_TEST_PID_FILE
-  if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
+  if (pidFile && pid) appendFileSync(pidFile, `${pid}\n`)
   return child
+}
+
+/**
+ * A shell that outlives this process: it reads pids on a pipe from it (`-pid` when one exited on its own, so
+ * that a reused pid is never hit) and, once the pipe closes, SIGKILLs those left. The pipe closes however this
+ * process ends, a SIGKILL included (no exit handler runs then): a test runner killed by CI, a benchmark stopped
+ * by ^C, the demo killed. In its own process group, so a signal sent to this one's group does not stop it first.
+ */
+const WATCHDOG = `pids=" "
+while read -r line; do
+  case $line in
+    -*) keep=" "; for p in $pids; do [ "$p" = "\${line#-}" ] || keep="$keep$p "; done; pids=$keep ;;
+    *) pids="$pids$line " ;;
+  esac
+done
+[ "$pids" = " " ] || kill -9 $pids 2>/dev/null
+exit 0`
+
+let watchdog: ChildProcess | undefined
+
+function killedWithThisProcess(pid: number): void {
+  if (!watchdog) {
+    watchdog = spawn('sh', ['-c', WATCHDOG], { stdio: ['pipe', 'ignore', 'ignore'], detached: true })
+    // Neither it nor its pipe keeps this process alive.
+    watchdog.unref()
+    ;(watchdog.stdin as unknown as { unref(): void }).unref()
+    watchdog.stdin?.on('error', () => {})
+  }
+  watchdog.stdin?.write(`${pid}\n`)
 }
 
 export async function waitUntilListening(port: number, child: ChildProcess): Promise<void> {
