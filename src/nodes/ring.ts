@@ -399,10 +399,7 @@ export class NodeRing {
 
   /** Never rejects: a delete that failed because the node failed again waits for its next return. */
   #deleteOldCopy(member: Member, key: string, isOldCopy: (stored: Buffer) => boolean): Promise<void> {
-    return this.call(member.node.id, async (node) => {
-      const current = await node.gets(key)
-      if (current && isOldCopy(current.value)) await node.deleteIfUnchanged(key, current.cas)
-    }).catch(() => {
+    return this.call(member.node.id, (node) => deleteIfStill(node, key, isOldCopy)).catch(() => {
       if (!member.alive && !member.oldCopies.has(key))
         this.deleteOldCopyWhenBack(member.node.id, key, isOldCopy)
     })
@@ -460,14 +457,26 @@ export class NodeRing {
 }
 
 /** Deletes `key`, or only if it holds one of `values` (compare-and-set, so a newer value is never removed). */
-async function deleteOn(
+function deleteOn(node: SessionNode, key: string, values: readonly Buffer[] | undefined): Promise<unknown> {
+  if (!values) return node.delete(key)
+  return deleteIfStill(node, key, (stored) => values.some((value) => stored.equals(value)))
+}
+
+/**
+ * Deletes `key` if what it holds passes `matches`, with a compare-and-set. A node that cannot compare (memcached
+ * -C) keeps it: an unconditional delete could remove a newer value, and a refusal must not keep the node from
+ * coming back.
+ */
+async function deleteIfStill(
   node: SessionNode,
   key: string,
-  values: readonly Buffer[] | undefined,
-): Promise<unknown> {
-  if (!values) return node.delete(key)
+  matches: (stored: Buffer) => boolean,
+): Promise<void> {
   const current = await node.gets(key)
-  if (current && values.some((value) => current.value.equals(value)))
-    return node.deleteIfUnchanged(key, current.cas)
-  return undefined
+  if (!current || !matches(current.value)) return
+  try {
+    await node.deleteIfUnchanged(key, current.cas)
+  } catch (error) {
+    if (!(error instanceof NodeRejectedError)) throw error
+  }
 }
