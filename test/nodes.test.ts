@@ -168,6 +168,11 @@ describe('a frozen memcached (SIGSTOP)', () => {
   })
 })
 
+/** Node n1 on a memcached at `port`, whose operations time out after 200 ms. */
+function memcachedNodeOn(port: number): MemcachedNode {
+  return new MemcachedNode({ id: 'n1', host: '127.0.0.1', port, operationTimeoutMs: 200, probeKey: 'p' })
+}
+
 /** A ring of the one node, probing every 50 ms once it is dead. */
 function ringOf(node: SessionNode): NodeRing {
   return new NodeRing([node], {
@@ -195,13 +200,7 @@ async function deadWhileFrozen(
 describe('a node that sessions were moved off while it was frozen', () => {
   it('loses, once back, the old copies it recognizes (more than one batch of them), and keeps every other value', async () => {
     const server = await startMemcached()
-    const node = new MemcachedNode({
-      id: 'n1',
-      host: '127.0.0.1',
-      port: server.port,
-      operationTimeoutMs: 200,
-      probeKey: 'p',
-    })
+    const node = memcachedNodeOn(server.port)
     const ring = ringOf(node)
     const keys = Array.from({ length: 150 }, (_, i) => `k${i}`)
     try {
@@ -219,6 +218,23 @@ describe('a node that sessions were moved off while it was frozen', () => {
       const kept = async () => (await Promise.all(keys.map((key) => node.get(key)))).filter(Boolean).length
       await vi.waitFor(async () => expect(await kept()).toBe(15), { timeout: 5000, interval: 50 })
       for (const [i, key] of keys.entries()) expect((await node.get(key)) !== null).toBe(i % 10 === 0)
+    } finally {
+      await ring.close()
+      await stopAllMemcached()
+    }
+  })
+
+  it('deletes an old copy at once when its node is already back by the time the move is written', async () => {
+    const server = await startMemcached()
+    const node = memcachedNodeOn(server.port)
+    const ring = ringOf(node)
+    try {
+      await node.set('old', Buffer.from('from before the move'), 60)
+      await node.set('newer', Buffer.from('written since'), 60)
+      ring.deleteOldCopyWhenBack('n1', 'old', (stored) => stored.toString() === 'from before the move')
+      ring.deleteOldCopyWhenBack('n1', 'newer', (stored) => stored.toString() === 'from before the move')
+      await vi.waitFor(async () => expect(await node.get('old')).toBeNull(), { timeout: 5000, interval: 20 })
+      expect((await node.get('newer'))?.toString()).toBe('written since')
     } finally {
       await ring.close()
       await stopAllMemcached()
@@ -254,13 +270,7 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
 
   it('comes back after a freeze though the deletes it owes can only be conditional: it keeps those values', async () => {
     const server = await startMemcached(['-C'])
-    const node = new MemcachedNode({
-      id: 'n1',
-      operationTimeoutMs: 200,
-      probeKey: 'p',
-      host: '127.0.0.1',
-      port: server.port,
-    })
+    const node = memcachedNodeOn(server.port)
     const ring = ringOf(node)
     try {
       await node.set('late', Buffer.from('landed late'), 60)
