@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
 import { Metrics } from '../src/core/metrics.js'
 import { NodeRejectedError, OperationTimeoutError } from '../src/errors.js'
-import { silentLogger } from '../src/logger.js'
+import { type Logger, silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
@@ -174,11 +174,11 @@ function memcachedNodeOn(port: number): MemcachedNode {
 }
 
 /** A ring of the one node, probing every 50 ms once it is dead. */
-function ringOf(node: SessionNode): NodeRing {
+function ringOf(node: SessionNode, logger: Logger = silentLogger): NodeRing {
   return new NodeRing([node], {
     failoverNodeIds: new Set(),
     probeIntervalMs: 50,
-    logger: silentLogger,
+    logger,
     metrics: new Metrics(silentLogger),
   })
 }
@@ -271,7 +271,8 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
   it('comes back after a freeze though the deletes it owes can only be conditional: it keeps those values', async () => {
     const server = await startMemcached(['-C'])
     const node = memcachedNodeOn(server.port)
-    const ring = ringOf(node)
+    const warnings: string[] = []
+    const ring = ringOf(node, { ...silentLogger, warn: (_fields, message) => warnings.push(message ?? '') })
     try {
       await node.set('late', Buffer.from('landed late'), 60)
       await node.set('old', Buffer.from('from before a move'), 60)
@@ -283,6 +284,9 @@ describe('a memcached with compare-and-set disabled (-C)', () => {
       expect((await node.get('late'))?.toString()).toBe('landed late')
       expect((await node.get('old'))?.toString()).toBe('from before a move')
       expect(ring.health()[0]?.errors).toBe(1) // the freeze's timeout only
+      // Said once, and kept as the node's last error for health().
+      expect(warnings.filter((message) => message.includes('refused a delete'))).toHaveLength(1)
+      expect(ring.health()[0]?.lastError).toMatch(/compare-and-set disabled/)
     } finally {
       await ring.close()
     }

@@ -34,6 +34,9 @@ interface Member {
   readonly oldCopies: Map<string, (stored: Buffer) => boolean>
   /** call()'s rejection handler, made once per node: counts the error, marks the node dead unless it refused. */
   readonly failed: (error: unknown) => never
+  /** A delete this node owed and refused: left undone, and said once (see refusedAside). */
+  readonly refused: (error: NodeRejectedError) => void
+  refusedBefore: boolean
 }
 
 /** Most deletes remembered per dead node; past it the oldest are forgotten (and a warning says so). */
@@ -335,6 +338,16 @@ export class NodeRing {
       probeTimer: undefined,
       pendingDeletes: new Map<string, readonly Buffer[] | undefined>(),
       oldCopies: new Map(),
+      refusedBefore: false,
+      refused: (error: NodeRejectedError) => {
+        member.lastError = error.message
+        if (member.refusedBefore) return
+        member.refusedBefore = true
+        this.#options.logger.warn(
+          { node: node.id, err: error.message },
+          'session-failover: a node refused a delete owed to it since it was down; such values stay there',
+        )
+      },
       failed: (error: unknown) => {
         member.errors++
         if (!(error instanceof NodeRejectedError)) this.#markDead(member, error)
@@ -399,10 +412,12 @@ export class NodeRing {
 
   /** Never rejects: a delete that failed because the node failed again waits for its next return. */
   #deleteOldCopy(member: Member, key: string, isOldCopy: (stored: Buffer) => boolean): Promise<void> {
-    return this.call(member.node.id, (node) => deleteIfStill(node, key, isOldCopy)).catch(() => {
-      if (!member.alive && !member.oldCopies.has(key))
-        this.deleteOldCopyWhenBack(member.node.id, key, isOldCopy)
-    })
+    return this.call(member.node.id, (node) => deleteIfStill(node, key, isOldCopy, member.refused)).catch(
+      () => {
+        if (!member.alive && !member.oldCopies.has(key))
+          this.deleteOldCopyWhenBack(member.node.id, key, isOldCopy)
+      },
+    )
   }
 
   #scheduleProbe(member: Member): void {
@@ -413,7 +428,7 @@ export class NodeRing {
       const deletes = [...member.pendingDeletes]
       node
         .ping()
-        .then(() => Promise.all(deletes.map(([key, values]) => deleteOn(node, key, values))))
+        .then(() => Promise.all(deletes.map(([key, values]) => deleteOn(node, key, values, member.refused))))
         .then(
           () => {
             if (member.retired) return
@@ -437,7 +452,7 @@ export class NodeRing {
             member.pendingDeletes.clear()
             if (late.length > 0) {
               this.call(node.id, (n) =>
-                Promise.all(late.map(([key, values]) => deleteOn(n, key, values))),
+                Promise.all(late.map(([key, values]) => deleteOn(n, key, values, member.refused))),
               ).catch(() => {
                 for (const [key, values] of late) {
                   if (values === undefined) this.#rememberDeletes(member, [key])
@@ -457,26 +472,44 @@ export class NodeRing {
 }
 
 /** Deletes `key`, or only if it holds one of `values` (compare-and-set, so a newer value is never removed). */
-function deleteOn(node: SessionNode, key: string, values: readonly Buffer[] | undefined): Promise<unknown> {
-  if (!values) return node.delete(key)
-  return deleteIfStill(node, key, (stored) => values.some((value) => stored.equals(value)))
+function deleteOn(
+  node: SessionNode,
+  key: string,
+  values: readonly Buffer[] | undefined,
+  refused: (error: NodeRejectedError) => void,
+): Promise<void> {
+  if (!values) return refusedAside(node.delete(key), refused)
+  return deleteIfStill(node, key, (stored) => values.some((value) => stored.equals(value)), refused)
 }
 
-/**
- * Deletes `key` if what it holds passes `matches`, with a compare-and-set. A node that cannot compare (memcached
- * -C) keeps it: an unconditional delete could remove a newer value, and a refusal must not keep the node from
- * coming back.
- */
-async function deleteIfStill(
+/** Deletes `key` if what it holds passes `matches`, with a compare-and-set, so a newer value is never removed. */
+function deleteIfStill(
   node: SessionNode,
   key: string,
   matches: (stored: Buffer) => boolean,
+  refused: (error: NodeRejectedError) => void,
 ): Promise<void> {
-  const current = await node.gets(key)
-  if (!current || !matches(current.value)) return
+  return refusedAside(
+    node.gets(key).then((current) => {
+      if (current && matches(current.value)) return node.deleteIfUnchanged(key, current.cas)
+    }),
+    refused,
+  )
+}
+
+/**
+ * A delete the node refuses (memcached -C cannot delete only if unchanged; Redis answers an error such as
+ * WRONGTYPE) is reported and left undone: it must not keep the node from coming back, and an unconditional
+ * delete instead could remove a newer value.
+ */
+async function refusedAside(
+  deleting: Promise<unknown>,
+  refused: (error: NodeRejectedError) => void,
+): Promise<void> {
   try {
-    await node.deleteIfUnchanged(key, current.cas)
+    await deleting
   } catch (error) {
     if (!(error instanceof NodeRejectedError)) throw error
+    refused(error)
   }
 }

@@ -46,6 +46,8 @@ export default function setup(): () => void {
       // no server was started
     }
     for (const pid of pids) {
+      // Only a server still running: the pid of one that exited long ago may belong to another process now.
+      if (!isServer(pid)) continue
       for (const signal of ['SIGCONT', 'SIGKILL'] as const) {
         try {
           process.kill(pid, signal)
@@ -55,5 +57,13 @@ export default function setup(): () => void {
       }
     }
     rmSync(dir, { recursive: true, force: true })
+  }
+}
+
+function isServer(pid: number): boolean {
+  try {
+    return /^(memcached|redis-server|redis-sentinel)$/.test(readFileSync(`/proc/${pid}/comm`, 'utf8').trim())
+  } catch {
+    return false
   }
 }

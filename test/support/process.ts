@@ -85,11 +85,21 @@ let watchdog: ChildProcess | undefined
 
 function killedWithThisProcess(pid: number): void {
   if (!watchdog) {
-    watchdog = spawn('sh', ['-c', WATCHDOG], { stdio: ['pipe', 'ignore', 'ignore'], detached: true })
-    // Neither it nor its pipe keeps this process alive.
-    watchdog.unref()
-    ;(watchdog.stdin as unknown as { unref(): void }).unref()
-    watchdog.stdin?.on('error', () => {})
+    try {
+      const started = spawn('sh', ['-c', WATCHDOG], { stdio: ['pipe', 'ignore', 'ignore'], detached: true })
+      // A safety net that failed (no process or file left to start it) must not bring down what it guards.
+      started.on('error', () => {})
+      started.stdin?.on('error', () => {})
+      started.once('exit', () => {
+        if (watchdog === started) watchdog = undefined
+      })
+      // Neither it nor its pipe keeps this process alive.
+      started.unref()
+      ;(started.stdin as unknown as { unref(): void }).unref()
+      watchdog = started
+    } catch {
+      return
+    }
   }
   watchdog.stdin?.write(`${pid}\n`)
 }
