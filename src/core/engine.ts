@@ -23,6 +23,9 @@ import type { SessionContent, SessionSerializer } from './serializer.js'
 import { type LifecyclePolicy, type SessionSnapshot, SessionState } from './session-state.js'
 import type { LoadedSession, ReplicatedStore } from './store.js'
 
+/** Shared, so that waiting out a promise's failure allocates no function. */
+const ignore = (): void => {}
+
 export interface OpenedSession {
   readonly state: SessionState
   /** The stored data and cookie, for a session that was found; undefined for a new one. */
@@ -96,7 +99,7 @@ export class SessionEngine {
         ? undefined
         : await this.#lock(parsed, request, () => {
             early = this.#load(cookieId)
-            early.catch(() => {})
+            early.catch(ignore)
           })
     let found: { loaded: LoadedSession; content: SessionContent } | undefined
     try {
@@ -203,8 +206,19 @@ export class SessionEngine {
    * has settled, the release is queued in this tick and sent at the end of the turn, so adapters need not wait
    * for its answer.
    */
-  async finish(state: SessionState, request?: RequestFacts): Promise<void> {
-    await state.committing?.catch(() => {})
+  finish(state: SessionState, request?: RequestFacts): Promise<void> {
+    // The response's close asks again after answered() did, with no request: the same commit then has nothing
+    // left to wait for (every request pays for this call, so it costs no promise of its own).
+    if (request === undefined && state.finishing && state.finishedAfter === state.committing) {
+      return state.finishing
+    }
+    state.finishedAfter = state.committing
+    state.finishing = this.#finish(state, request)
+    return state.finishing
+  }
+
+  async #finish(state: SessionState, request: RequestFacts | undefined): Promise<void> {
+    await state.committing?.catch(ignore)
     await state.lock?.release()
     this.#settle(state, request)
   }

@@ -35,6 +35,8 @@ export interface SessionLock {
  * comparing values), not be unpredictable: a random part per process, then a counter.
  */
 const PROCESS_TOKEN = randomBytes(12).toString('base64url')
+/** What a release that has nothing to wait for returns: one promise for all of them. */
+const DONE: Promise<void> = Promise.resolve()
 /** Lock values issued in this process, by every LockManager (several apps may share a process). */
 let issued = 0
 
@@ -193,8 +195,11 @@ export class LockManager {
     return lock
   }
 
-  /** HeldLock.release(), once per lock; made once per manager, so a lock keeps no closure of its own. */
-  readonly #release = async (lock: HeldLock): Promise<void> => {
+  /**
+   * HeldLock.release(), once per lock; made once per manager, so a lock keeps no closure of its own. Not an async
+   * function: most releases return the delete's own promise (see #delete).
+   */
+  readonly #release = (lock: HeldLock): Promise<void> => {
     const { random, stored, turn } = lock
     const { nodeId, sentAt } = stored
     this.#heldLocks.delete(lock)
@@ -222,22 +227,20 @@ export class LockManager {
         this.#handoffs.delete(random)
         void this.#delete(stored)
       })
-      return
+      return DONE
     }
-    try {
-      if (!stillMine) return
-      const deleting = this.#delete(stored)
-      // A request of the session that comes next may go now: its add leaves behind this delete on the same
-      // connection, and the node applies them in that order.
-      if (!queued && !this.#closing && this.#ring.isOrdered(nodeId)) turn.leave()
-      await deleting
-      // Passed on for a second already: requests of the session on other instances, which poll for it, get
-      // a window to take it before the one queued here adds it again.
-      if (queued && age >= this.#handoffAgeMs)
-        await new Promise((resolve) => setTimeout(resolve, FAIR_TURN_MS))
-    } finally {
+    if (!stillMine) {
       turn.leave()
+      return DONE
     }
+    const deleting = this.#delete(stored)
+    // A request of the session that comes next may go now: its add leaves behind this delete on the same
+    // connection, and the node applies them in that order.
+    if (!queued && !this.#closing && this.#ring.isOrdered(nodeId)) {
+      turn.leave()
+      return deleting
+    }
+    return leaveAfter(deleting, turn, queued && age >= this.#handoffAgeMs)
   }
 
   #lockNode(primaryNodeId: string): string | undefined {
@@ -258,13 +261,18 @@ export class LockManager {
    * waited on (a frozen one would hold up the next request), and an unreachable one has the lock deleted when
    * it is back (or it expires by itself).
    */
-  async #delete({ nodeId, lockKey, token, owned }: StoredLock): Promise<void> {
-    try {
-      if (!this.#ring.isAlive(nodeId)) this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
-      else await this.#ring.call(nodeId, (node) => node.deleteOwned(lockKey, owned))
-    } catch {
-      this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
+  #delete(stored: StoredLock): Promise<void> {
+    if (!this.#ring.isAlive(stored.nodeId)) {
+      this.#deleteWhenBack(stored)
+      return DONE
     }
+    return this.#ring
+      .call(stored.nodeId, (node) => node.deleteOwned(stored.lockKey, stored.owned))
+      .then(undefined, () => this.#deleteWhenBack(stored))
+  }
+
+  #deleteWhenBack({ nodeId, lockKey, token }: StoredLock): void {
+    this.#ring.deleteWhenBack(nodeId, lockKey, Buffer.from(token))
   }
 
   #timeout(): LockTimeoutError {
@@ -325,6 +333,20 @@ class HeldLock implements SessionLock {
 function expire(lock: HeldLock): void {
   lock.mine = false
   lock.turn.leave()
+}
+
+/**
+ * Lets the session's next request of this process go once the lock's delete is answered; with `fairTurn`, a
+ * lock passed on for a second already, only after a pause: requests of the session on other instances, which
+ * poll for it, get a window to take it before the one queued here adds it again.
+ */
+async function leaveAfter(deleting: Promise<void>, turn: Turn, fairTurn: boolean): Promise<void> {
+  try {
+    await deleting
+    if (fairTurn) await new Promise((resolve) => setTimeout(resolve, FAIR_TURN_MS))
+  } finally {
+    turn.leave()
+  }
 }
 
 /** Whether `promise` settles within `ms`. */

@@ -50,6 +50,9 @@ export class SessionState {
   resign = false
   /** finish() ran: the lock is released and the route learned. */
   finished = false
+  /** The last finish() begun (SessionEngine.finish), and the commit it waits for. */
+  finishing: Promise<void> | undefined = undefined
+  finishedAfter: Promise<unknown> | undefined = undefined
   /** The request was counted (as a write, or as a write skipped). */
   tallied = false
   /** regenerate() replaced the session: its writes concern a new session nobody else knows. */

@@ -113,8 +113,10 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
         const { setCookie } = await engine.session.commit(state, snapshot)
         // The lock is released now, not once the client has the response: the change is stored. Also once the
         // headers of a streamed response are out: a later change is merged, not held under a lock. Its release
-        // leaves before the response, not waited for (answered()).
-        await engine.session.answered(state, final ? request : undefined)
+        // leaves before the response, not waited for (answered()). Most responses need not wait at all: no
+        // await then, which would cost every write a promise and a turn of the microtask queue.
+        const leaving = engine.session.answered(state, final ? request : undefined)
+        if (leaving) await leaving
         return cookieHeaders(setCookie, current)
       }
       const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {

@@ -85,9 +85,24 @@ export class MemcachedConnection {
   ): Promise<MemcachedReply> {
     if (this.#closed) return Promise.reject(new NodeOperationError(`${this.#options.address} is closed`))
     const socket = this.#socket ?? this.#connect()
-    return new Promise((resolve, reject) => {
-      this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
-    })
+    // The executor is made once per connection (see #capture): a closure over this call's seven arguments would
+    // be one more object, and its context another, on every node operation.
+    const replied = new Promise<MemcachedReply>(this.#capture)
+    const resolve = this.#resolve as Pending['resolve']
+    const reject = this.#reject as Pending['reject']
+    // Not kept: they would hold the last request's continuation until the next request.
+    this.#resolve = this.#reject = undefined
+    this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
+    return replied
+  }
+
+  /** What #capture was given, until request() takes it: the functions that settle the promise just made. */
+  #resolve: Pending['resolve'] | undefined
+  #reject: Pending['reject'] | undefined
+  /** The executor of every request's promise (Promise.withResolvers() needs Node 22). */
+  readonly #capture = (resolve: Pending['resolve'], reject: Pending['reject']): void => {
+    this.#resolve = resolve
+    this.#reject = reject
   }
 
   /** Fails whatever is pending; later requests are refused. */

@@ -52,9 +52,12 @@ export class MemcachedNode implements SessionNode {
     })
   }
 
+  // Each operation is one async function around its request; its reply is read by plain methods. An async frame
+  // on every node operation's path allocates about 450 B (bench:profile --alloc --no-inlining).
+
   async get(key: string): Promise<Buffer | null> {
     // No copy: the reply is a view of a buffer nothing writes into again, and the codec copies what it keeps.
-    return (await this.#read('get', key))?.value ?? null
+    return this.#readReply('get', await this.#read('get', key))?.value ?? null
   }
 
   async set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
@@ -63,11 +66,11 @@ export class MemcachedNode implements SessionNode {
   }
 
   async add(key: string, value: Buffer, ttlSeconds: number): Promise<boolean> {
-    return (await this.#add(key, value, ttlSeconds)) !== null
+    return this.#addReply(await this.#add(key, value, ttlSeconds)) !== null
   }
 
   async addOwned(key: string, value: Buffer, ttlSeconds: number): Promise<OwnedToken | null> {
-    const reply = await this.#add(key, value, ttlSeconds)
+    const reply = this.#addReply(await this.#add(key, value, ttlSeconds))
     if (!reply) return null
     // The reply's CAS deletes exactly this value for as long as its connection stays open (see #onConnection).
     const owned: MemcachedOwned = { value, cas: casOf(reply) }
@@ -75,14 +78,16 @@ export class MemcachedNode implements SessionNode {
   }
 
   async deleteOwned(key: string, token: OwnedToken): Promise<void> {
-    const { value, cas } = token as unknown as MemcachedOwned
+    const owned = token as unknown as MemcachedOwned
+    let cas: MemcachedCas = owned.cas
     // One CAS delete while the add's connection is open (see #onConnection); otherwise compare the value first.
-    if (this.#onConnection(cas.socket)) {
-      await this.#deleteIfUnchanged(key, cas)
-      return
+    if (!this.#onConnection(cas.socket)) {
+      const read = this.#readReply('gets', await this.#read('gets', key))
+      if (!read?.value.equals(owned.value)) return
+      cas = casOf(read)
     }
-    const read = await this.#read('gets', key)
-    if (read?.value.equals(value)) await this.#deleteIfUnchanged(key, casOf(read))
+    const deleting = this.#casDelete(key, cas)
+    if (deleting) this.#casOutcome('cas delete', (await deleting).status)
   }
 
   async delete(key: string): Promise<boolean> {
@@ -97,7 +102,7 @@ export class MemcachedNode implements SessionNode {
   }
 
   async gets(key: string): Promise<{ value: Buffer; cas: CasToken } | null> {
-    const reply = await this.#read('gets', key)
+    const reply = this.#readReply('gets', await this.#read('gets', key))
     return reply && { value: reply.value, cas: casOf(reply) as unknown as CasToken }
   }
 
@@ -110,15 +115,16 @@ export class MemcachedNode implements SessionNode {
     return this.#casOutcome('cas', reply.status)
   }
 
-  deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
-    return this.#deleteIfUnchanged(key, cas as unknown as MemcachedCas)
+  async deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome> {
+    const deleting = this.#casDelete(key, cas as unknown as MemcachedCas)
+    return deleting ? this.#casOutcome('cas delete', (await deleting).status) : 'conflict'
   }
 
-  async #deleteIfUnchanged(key: string, { unique, socket }: MemcachedCas): Promise<CasOutcome> {
+  /** The CAS delete's request, or undefined when the CAS no longer means anything here (a 'conflict'). */
+  #casDelete(key: string, { unique, socket }: MemcachedCas): Promise<MemcachedReply> | undefined {
     this.#assertCas(unique)
-    if (!this.#onConnection(socket)) return 'conflict'
-    const reply = await this.#connection.request('cas delete', OPCODE.delete, key, NO_BYTES, NO_BYTES, unique)
-    return this.#casOutcome('cas delete', reply.status)
+    if (!this.#onConnection(socket)) return undefined
+    return this.#connection.request('cas delete', OPCODE.delete, key, NO_BYTES, NO_BYTES, unique)
   }
 
   async ping(): Promise<void> {
@@ -129,9 +135,12 @@ export class MemcachedNode implements SessionNode {
     this.#connection.close()
   }
 
+  #read(operation: string, key: string): Promise<MemcachedReply> {
+    return this.#connection.request(operation, OPCODE.get, key, NO_BYTES, NO_BYTES)
+  }
+
   /** A read's reply, null when the key is absent. */
-  async #read(operation: string, key: string): Promise<MemcachedReply | null> {
-    const reply = await this.#connection.request(operation, OPCODE.get, key, NO_BYTES, NO_BYTES)
+  #readReply(operation: string, reply: MemcachedReply): MemcachedReply | null {
     return this.#found(operation, reply) ? reply : null
   }
 
@@ -142,9 +151,12 @@ export class MemcachedNode implements SessionNode {
     return true
   }
 
-  /** add(): the reply when stored, null when the key was present. */
-  async #add(key: string, value: Buffer, ttlSeconds: number): Promise<MemcachedReply | null> {
-    const reply = await this.#connection.request('add', OPCODE.add, key, storeExtras(ttlSeconds), value)
+  #add(key: string, value: Buffer, ttlSeconds: number): Promise<MemcachedReply> {
+    return this.#connection.request('add', OPCODE.add, key, storeExtras(ttlSeconds), value)
+  }
+
+  /** add()'s reply when stored, null when the key was present. */
+  #addReply(reply: MemcachedReply): MemcachedReply | null {
     if (reply.status === STATUS.exists) return null
     if (reply.status !== STATUS.ok) throw this.#rejected('add', reply.status)
     return reply

@@ -154,7 +154,10 @@ export class NodeRing {
 
   /** Configured nodes, retired ones not counted. */
   get size(): number {
-    return this.#members.filter((member) => !member.retired).length
+    // Asked on every save (it bounds the write's attempts): counted without building an array.
+    let count = 0
+    for (const member of this.#members) if (!member.retired) count++
+    return count
   }
 
   anyAlive(): boolean {
