@@ -632,9 +632,13 @@ function parseCookie(value: unknown): Readonly<CookieOptions> {
     if (!KNOWN_COOKIE_OPTIONS.has(key)) throw new ConfigError(`Unknown cookie option \`cookie.${key}\``)
   }
   const cookie = value as CookieOptions
-  if (cookie.maxAge != null && (typeof cookie.maxAge !== 'number' || !(cookie.maxAge >= 0))) {
+  // Past 10^15 ms (about 31 700 years) the cookie's Expires is no date JavaScript can represent.
+  if (
+    cookie.maxAge != null &&
+    (typeof cookie.maxAge !== 'number' || !(cookie.maxAge >= 0 && cookie.maxAge <= 1e15))
+  ) {
     throw new ConfigError(
-      `Expected \`cookie.maxAge\` to be a number of milliseconds >= 0, got ${describe(cookie.maxAge)}`,
+      `Expected \`cookie.maxAge\` to be a number of milliseconds from 0 to 10^15, got ${describe(cookie.maxAge)}`,
     )
   }
   if (cookie.path !== undefined && (typeof cookie.path !== 'string' || !cookie.path.startsWith('/'))) {

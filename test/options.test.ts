@@ -123,7 +123,11 @@ describe('options', () => {
     [{ secret: 's', nodes, prefix: 'has space' }, 'Expected `prefix` to be up to 100 printable ASCII'],
     [
       { secret: 's', nodes, cookie: { maxAge: -1 } },
-      'Expected `cookie.maxAge` to be a number of milliseconds >= 0',
+      'Expected `cookie.maxAge` to be a number of milliseconds from 0 to 10^15, got `-1`',
+    ],
+    [
+      { secret: 's', nodes, cookie: { maxAge: Number.POSITIVE_INFINITY } },
+      'Expected `cookie.maxAge` to be a number of milliseconds from 0 to 10^15, got `Infinity`',
     ],
     [{ secret: 's', nodes, cookie: { maxage: 1 } }, 'Unknown cookie option `cookie.maxage`'],
     [{ secret: 's', nodes, operationTimout: 5 }, 'Unknown option `operationTimout`'],

@@ -94,6 +94,17 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect(ttlB).toBeGreaterThan(3590)
   })
 
+  it('keeps a session whose cookie lives for a century until the last expiry memcached can hold (2106)', async () => {
+    const century = 100 * 365 * 24 * 3600 * 1000
+    const app = await shop({ cookie: { maxAge: century } })
+    const browser = new Browser()
+    expect((await browser.send(app, 'POST', '/cart/apple')).status).toBe(200)
+    expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    const ttl = (await primaryOf(browser.sessionId).ttl(keysOf(browser.sessionId).primary)) ?? 0
+    expect(ttl).toBeGreaterThan(0xffff_ffff - Date.now() / 1000 - 3600)
+    expect(app.sessions.stats().nodes.every((node) => node.alive)).toBe(true)
+  })
+
   it('refreshes the expiry of an unchanged session with touches, not writes, once touchAfter has passed', async () => {
     const eager = await shop({ touchAfter: 0, ttl: 600 })
     const browser = new Browser()

@@ -92,7 +92,11 @@ export class MemcachedConnection {
     const reject = this.#reject as Pending['reject']
     // Not kept: they would hold the last request's continuation until the next request.
     this.#resolve = this.#reject = undefined
-    this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
+    try {
+      this.#send(socket, operation, opcode, key, extras, value, cas, resolve, reject)
+    } catch (error) {
+      reject(error instanceof Error ? error : new Error(String(error)))
+    }
     return replied
   }
 
@@ -124,10 +128,11 @@ export class MemcachedConnection {
   ): void {
     this.#opaque = (this.#opaque + 1) >>> 0
     const opaque = this.#opaque
+    // Encoded first: a request that cannot be (no memory for its buffer) must not wait for a reply in the queue.
+    const request = encodeRequest(opcode, key, extras, value, opaque, cas)
     const deadline = Date.now() + this.#options.timeoutMs
     this.#queue.push({ opaque, operation, deadline, resolve, reject })
     if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
-    const request = encodeRequest(opcode, key, extras, value, opaque, cas)
     if (this.#outgoing.length === 0) sendAtEndOfTurn(() => this.#flush(socket))
     this.#outgoing.push(request)
     this.#outgoingBytes += request.length

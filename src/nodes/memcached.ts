@@ -54,7 +54,8 @@ export class MemcachedNode implements SessionNode {
 
   // Each operation is its request's promise and one .then() with a reader of the reply made once per node: an
   // async frame instead would allocate about 450 B more on every node operation (bench:profile --alloc
-  // --no-inlining). A check that fails before the request is sent rejects, as an async function would.
+  // --no-inlining). What throws before its request leaves throws, not rejects: every caller makes the call
+  // inside NodeRing.call(), a .then() or an async function, where it becomes a rejection all the same.
 
   get(key: string): Promise<Buffer | null> {
     return this.#read('get', key).then(this.#value)

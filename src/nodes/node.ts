@@ -57,7 +57,12 @@ export type CasOutcome = 'stored' | 'conflict' | 'missing'
 /** memcached reads an expiry above 30 days as an absolute unix time, so long TTLs must be sent as one. */
 const MEMCACHED_RELATIVE_EXPIRY_LIMIT = 60 * 60 * 24 * 30
 
+/** memcached's expiry has 32 bits: an absolute time is at most early 2106. */
+const MEMCACHED_LAST_EXPIRY = 0xffff_ffff
+
 export function memcachedExpiry(ttlSeconds: number, nowMs = Date.now()): number {
   const ttl = Math.max(1, Math.ceil(ttlSeconds))
-  return ttl > MEMCACHED_RELATIVE_EXPIRY_LIMIT ? Math.floor(nowMs / 1000) + ttl : ttl
+  if (ttl <= MEMCACHED_RELATIVE_EXPIRY_LIMIT) return ttl
+  // A cookie that lives for a century is kept as long as memcached can keep anything, not refused.
+  return Math.min(Math.floor(nowMs / 1000) + ttl, MEMCACHED_LAST_EXPIRY)
 }
