@@ -302,15 +302,29 @@ export function parseOptions(options: unknown, env: string | undefined = process
       'up to 100 printable ASCII characters, no spaces',
     ),
     ttlSeconds: optionalNumber(o, 'ttl', 86_400, { min: 1, max: 31_536_000, integer: true, unit: 'seconds' }),
-    operationTimeoutMs: optionalNumber(o, 'operationTimeout', 1000, { min: 1, unit: 'milliseconds' }),
-    nodeProbeIntervalMs: optionalNumber(o, 'nodeProbeInterval', 2000, { min: 1, unit: 'milliseconds' }),
+    // The timers' upper bounds: Node runs a longer delay after 1 ms (a warning, not an error), so a timeout meant as
+    // "never" would fail every operation at once and mark every node dead.
+    operationTimeoutMs: optionalNumber(o, 'operationTimeout', 1000, {
+      min: 1,
+      max: MAX_OPERATION_TIMEOUT_MS,
+      unit: 'milliseconds',
+    }),
+    nodeProbeIntervalMs: optionalNumber(o, 'nodeProbeInterval', 2000, {
+      min: 1,
+      max: MAX_TIMER_MS,
+      unit: 'milliseconds',
+    }),
     touchAfter: optionalNumber(o, 'touchAfter', 0.1, { min: 0, max: 1, unit: 'fraction of the TTL' }),
     backupCheckIntervalMs: optionalNumber(o, 'backupCheckInterval', 60_000, { min: 1, unit: 'milliseconds' }),
     locking: sticky
       ? undefined
       : Object.freeze({
           mode: parseLockingMode(o.lockingMode),
-          lockTimeoutMs: optionalNumber(o, 'lockTimeout', 3000, { min: 1, unit: 'milliseconds' }),
+          lockTimeoutMs: optionalNumber(o, 'lockTimeout', 3000, {
+            min: 1,
+            max: MAX_TIMER_MS,
+            unit: 'milliseconds',
+          }),
           lockExpirationSeconds: lockExpiration(o),
           lockTimeoutAction,
         }),
@@ -553,8 +567,16 @@ function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfi
  * A lock may lapse up to a second early (memcached counts whole seconds) and a write must end before it does,
  * so a lock must outlive one second plus an operation timeout.
  */
+/** Node's longest timer: setTimeout() runs a longer delay after 1 ms. */
+const MAX_TIMER_MS = 2_147_483_647
+/** Ten minutes: a node that takes longer is down; and a lock (at most lockExpiration's 86 400 s) must outlive it. */
+const MAX_OPERATION_TIMEOUT_MS = 600_000
+
 function lockExpiration(o: Record<string, unknown>): number {
-  const operationTimeoutMs = typeof o.operationTimeout === 'number' ? o.operationTimeout : 1000
+  const operationTimeoutMs =
+    typeof o.operationTimeout === 'number' && o.operationTimeout <= MAX_OPERATION_TIMEOUT_MS
+      ? o.operationTimeout
+      : 1000
   const min = Math.floor((operationTimeoutMs + 100) / 1000) + 2
   return optionalNumber(o, 'lockExpiration', Math.max(10, min), {
     min,
@@ -639,6 +661,14 @@ function parseCookie(value: unknown): Readonly<CookieOptions> {
   ) {
     throw new ConfigError(
       `Expected \`cookie.maxAge\` to be a number of milliseconds from 0 to 10^15, got ${describe(cookie.maxAge)}`,
+    )
+  }
+  if (
+    cookie.expires != null &&
+    !(cookie.expires instanceof Date && Number.isFinite(cookie.expires.getTime()))
+  ) {
+    throw new ConfigError(
+      `Expected \`cookie.expires\` to be a valid Date (or use \`cookie.maxAge\`), got ${describe(cookie.expires)}`,
     )
   }
   if (cookie.path !== undefined && (typeof cookie.path !== 'string' || !cookie.path.startsWith('/'))) {

@@ -105,7 +105,28 @@ describe('options', () => {
     [{ secret: 's', nodes: 42 }, 'got `42` (number)'],
     [
       { secret: 's', nodes, operationTimeout: 0 },
-      'Expected `operationTimeout` to be a number from 1 and up (milliseconds), got `0` (number)',
+      'Expected `operationTimeout` to be a number from 1 to 600000 (milliseconds), got `0` (number)',
+    ],
+    // Meant as "never": Node would run such a timer after 1 ms, and every operation would time out.
+    [
+      { secret: 's', nodes, operationTimeout: 1e10 },
+      'Expected `operationTimeout` to be a number from 1 to 600000 (milliseconds), got `10000000000` (number)',
+    ],
+    [
+      { secret: 's', nodes, lockTimeout: 3e9 },
+      'Expected `lockTimeout` to be a number from 1 to 2147483647 (milliseconds), got `3000000000` (number)',
+    ],
+    [
+      { secret: 's', nodes, nodeProbeInterval: 3e9 },
+      'Expected `nodeProbeInterval` to be a number from 1 to 2147483647 (milliseconds)',
+    ],
+    [
+      { secret: 's', nodes, cookie: { expires: new Date(Number.NaN) } },
+      'Expected `cookie.expires` to be a valid Date (or use `cookie.maxAge`), got an object',
+    ],
+    [
+      { secret: 's', nodes, cookie: { expires: '2030-01-01' } },
+      "Expected `cookie.expires` to be a valid Date (or use `cookie.maxAge`), got `'2030-01-01'` (string)",
     ],
     [
       { secret: 's', nodes, touchAfter: 2 },

@@ -105,6 +105,20 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect(app.sessions.stats().nodes.every((node) => node.alive)).toBe(true)
   })
 
+  it('answers an error and stores nothing when the application sets cookie.maxAge to NaN or Infinity', async () => {
+    const app = await shop()
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const before = await sets()
+    for (const ms of ['NaN', 'Infinity']) {
+      expect((await browser.send(app, 'POST', `/max-age/${ms}`)).status).toBe(500)
+    }
+    // A NaN expiry would have been stored as "never expires" (memcached reads the 0 it becomes so).
+    expect(await sets()).toBe(before)
+    expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect(app.sessions.stats().nodes.every((node) => node.alive)).toBe(true)
+  })
+
   it('refreshes the expiry of an unchanged session with touches, not writes, once touchAfter has passed', async () => {
     const eager = await shop({ touchAfter: 0, ttl: 600 })
     const browser = new Browser()

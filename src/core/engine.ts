@@ -432,6 +432,8 @@ export class SessionEngine {
     const absoluteTimeoutMs = this.#options.absoluteTimeoutMs
     const left =
       absoluteTimeoutMs === undefined ? idle : Math.ceil((createdAt + absoluteTimeoutMs - now) / 1000)
-    return Math.max(1, Math.min(idle, left))
+    const ttl = Math.max(1, Math.min(idle, left))
+    // Never NaN (snapshot() refuses an expiry that is no date); should one come, the configured TTL, not "never".
+    return Number.isFinite(ttl) ? ttl : this.#options.defaultTtlSeconds
   }
 }

@@ -143,6 +143,13 @@ export class SessionSerializer {
   snapshot(session: object, cookie: object): SessionSnapshot {
     const { cookie: _ignored, ...data } = session as Record<string, unknown>
     const { expires } = cookie as { expires?: unknown }
+    // maxAge set to NaN or Infinity (or expires to an invalid Date) by the application: no TTL can be computed,
+    // and memcached would read a NaN expiry as "never". Nothing is written, as for any value that cannot be stored.
+    if (expires instanceof Date && !Number.isFinite(expires.getTime())) {
+      throw new UnserializableSessionError(
+        'the session cookie expires at no valid date (cookie.maxAge or cookie.expires set to NaN, Infinity or an invalid Date)',
+      )
+    }
     return {
       data: this.serialize(data),
       cookieJson: JSON.stringify(cookie),

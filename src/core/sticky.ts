@@ -246,7 +246,7 @@ export class StickyStore implements SessionBackend {
     if (job.record === null) return this.#remote.destroy(job.id).then(() => job.id)
     const ttlSeconds = Math.ceil((job.expiresAt - Date.now()) / 1000)
     // Expired while it waited: storing it now would only bring it back.
-    if (ttlSeconds <= 0) return Promise.resolve(job.id)
+    if (!(ttlSeconds > 0)) return Promise.resolve(job.id)
     return this.#remote.save(job.id, job.record, ttlSeconds, { onlyIfNewer: job.onlyIfNewer })
   }
 }

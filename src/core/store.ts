@@ -376,7 +376,7 @@ export class ReplicatedStore implements SessionBackend {
     this.#lastBackupCheck.set(parsed.random, now)
     if (touchDue) this.#lastRefresh.set(parsed.random, now)
     const backupTtl = touchDue ? ttlSeconds : Math.ceil((lastRefresh + ttlSeconds * 1000 - now) / 1000)
-    if (backupTtl <= 0) return
+    if (!(backupTtl > 0)) return
 
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId

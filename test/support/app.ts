@@ -67,6 +67,11 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   app.post('/slow/answer', (_req, res) => {
     setTimeout(() => res.json({ slow: true }), 400)
   })
+  app.post('/max-age/:ms', (req, res) => {
+    req.session.cookie.maxAge = Number(req.params.ms)
+    req.session.cart = [...(req.session.cart ?? []), 'aged']
+    res.json({ cart: req.session.cart })
+  })
   app.post('/count', (req, res) => {
     req.session.views = (req.session.views ?? 0) + 1
     res.json({ views: req.session.views })
