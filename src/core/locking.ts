@@ -55,6 +55,16 @@ interface StoredLock {
   readonly sentAt: number
 }
 
+/** What one request asks acquire() for, with its place in the session's queue in this process. */
+interface LockRequest {
+  readonly random: string
+  readonly turn: Turn
+  readonly primaryOf: () => string
+  readonly lockKey: string
+  readonly deadline: number
+  readonly besideFirstAdd: (() => void) | undefined
+}
+
 /** Waiting for the lock polls memcached with growing pauses, from FIRST_PAUSE_MS up to MAX_PAUSE_MS. */
 const FIRST_PAUSE_MS = 4
 const MAX_PAUSE_MS = 50
@@ -109,25 +119,18 @@ export class LockManager {
     lockKey: string,
     besideFirstAdd?: () => void,
   ): Promise<SessionLock> {
-    const deadline = Date.now() + this.#options.lockTimeoutMs
     const turn = this.#queues.join(random)
+    const deadline = Date.now() + this.#options.lockTimeoutMs
+    const asked: LockRequest = { random, turn, primaryOf, lockKey, deadline, besideFirstAdd }
     // Most requests find no request of their session ahead in this process, and no lock left to them: they go
     // straight to the add, one async frame fewer on every locked request.
-    if (turn.ready === undefined && !this.#closing && !this.#handoffs.has(random)) {
-      return this.#addLock(random, turn, primaryOf, lockKey, deadline, besideFirstAdd)
-    }
-    return this.#afterTurn(random, turn, primaryOf, lockKey, deadline, besideFirstAdd)
+    if (turn.ready === undefined && !this.#closing && !this.#handoffs.has(random)) return this.#addLock(asked)
+    return this.#afterTurn(asked)
   }
 
   /** acquire() for a request that waits for its turn in this process, or may inherit a lock. */
-  async #afterTurn(
-    random: string,
-    turn: Turn,
-    primaryOf: () => string,
-    lockKey: string,
-    deadline: number,
-    besideFirstAdd: (() => void) | undefined,
-  ): Promise<SessionLock> {
+  async #afterTurn(asked: LockRequest): Promise<SessionLock> {
+    const { random, turn, primaryOf, lockKey, deadline } = asked
     try {
       if (turn.ready && !(await settlesWithin(turn.ready, deadline - Date.now()))) throw this.#timeout()
       if (this.#closing) throw new ClosedError('session-failover was closed; no lock is taken')
@@ -144,18 +147,18 @@ export class LockManager {
       turn.leave()
       throw error
     }
-    return await this.#addLock(random, turn, primaryOf, lockKey, deadline, besideFirstAdd)
+    return await this.#addLock(asked)
   }
 
-  /** Adds the lock in memcached, polling while another request holds it; leaves `turn` if it fails. */
-  async #addLock(
-    random: string,
-    turn: Turn,
-    primaryOf: () => string,
-    lockKey: string,
-    deadline: number,
-    besideFirstAdd: (() => void) | undefined,
-  ): Promise<SessionLock> {
+  /** Adds the lock in memcached, polling while another request holds it; leaves the turn if it fails. */
+  async #addLock({
+    random,
+    turn,
+    primaryOf,
+    lockKey,
+    deadline,
+    besideFirstAdd,
+  }: LockRequest): Promise<SessionLock> {
     const token = `${PROCESS_TOKEN}.${(issued++).toString(36)}`
     const value = Buffer.from(token)
     // Tries that found the lock taken by another request (a dead node's failed add does not count).
