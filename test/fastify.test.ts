@@ -1,8 +1,10 @@
 import express from 'express'
 import Fastify from 'fastify'
 import { afterEach, describe, expect, it } from 'vitest'
+import { storageKeys } from '../src/core/keys.js'
 import { fastifySessionFailover } from '../src/fastify.js'
-import { Browser, firstBytes, type ShopApp, startShop } from './support/app.js'
+import { parseSessionId } from '../src/index.js'
+import { Browser, firstBytes, hangingRequest, type ShopApp, startShop } from './support/app.js'
 import { startFastifyShop } from './support/fastify-app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 import { watchedNode } from './support/proxy.js'
@@ -103,6 +105,30 @@ describe('the Fastify plugin', () => {
     const next = await browser.send(onFastify, 'POST', '/count')
     expect(next.status).toBe(200)
     // Its lock was gone: the next request took it at once, without a wait (the lock would live 30 s).
+    expect(onFastify.sessions.stats().lockWaits).toBe(0)
+  })
+
+  it('releases the lock of a request with a body whose client leaves while its handler runs', async () => {
+    const { servers, onFastify } = await both({ lockingMode: 'all', lockExpiration: 30, lockTimeout: 2000 })
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/start')
+    const { lock } = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+    const lockStored = async () =>
+      (await Promise.all(servers.map((server) => server.has(lock)))).some(Boolean)
+    const until = async (done: () => Promise<boolean>) => {
+      for (let i = 0; i < 200 && !(await done()); i++) await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    // Its body is read before the handler runs; Fastify's onRequestAbort does not fire for such a request.
+    const hanging = hangingRequest(onFastify, browser.cookie, { json: '{"item":"apple"}' })
+    await until(lockStored)
+    expect(await lockStored()).toBe(true)
+    hanging.abort()
+    expect(await hanging.done).toBe('aborted')
+    // Deleted once the server sees the client go; without that, it would stay for the lock's 30 s.
+    await until(async () => !(await lockStored()))
+    expect(await lockStored()).toBe(false)
+    const next = await browser.send(onFastify, 'POST', '/count')
+    expect(next.status).toBe(200)
     expect(onFastify.sessions.stats().lockWaits).toBe(0)
   })
 

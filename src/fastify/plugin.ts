@@ -81,7 +81,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     },
   })
 
-  fastify.addHook('onRequest', async (request) => {
+  fastify.addHook('onRequest', async (request, reply) => {
     const path = request.url.split('?')[0] ?? '/'
     if (!path.startsWith(cookiePath)) return
     // @fastify/cookie may be registered to parse in a later hook; then the header is parsed here.
@@ -99,6 +99,9 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       committed: false,
     }
     contexts.set(request, context)
+    // A client that leaves while the handler runs: its lock goes now, as in Express. Fastify's onRequestAbort
+    // does not fire once the request's body was read (a POST with a JSON body), only the response's close does.
+    reply.raw.once('close', () => void engine.session.finish(context.state))
     request.session = content
       ? new FastifySession(control(request, context), content.data, cookieOf(content))
       : new FastifySession(control(request, context), {}, newCookie(request))

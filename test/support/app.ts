@@ -201,11 +201,16 @@ export class Browser {
  * Starts a request to POST /hang, which never answers: it holds its session's lock until `abort()` (the client
  * going away) or until the lock expires. `done` settles once the request is over.
  */
-export function hangingRequest(app: Pick<ShopApp, 'url'>, cookie: string | undefined) {
+export function hangingRequest(
+  app: Pick<ShopApp, 'url'>,
+  cookie: string | undefined,
+  { json }: { json?: string } = {},
+) {
   const controller = new AbortController()
   const done = fetch(`${app.url}/hang`, {
     method: 'POST',
-    headers: { cookie: cookie ?? '' },
+    headers: { cookie: cookie ?? '', ...(json === undefined ? {} : { 'content-type': 'application/json' }) },
+    ...(json === undefined ? {} : { body: json }),
     signal: controller.signal,
   }).then(
     () => 'answered',
