@@ -132,6 +132,21 @@ describe('the Fastify plugin', () => {
     expect(onFastify.sessions.stats().lockWaits).toBe(0)
   })
 
+  it("takes @fastify/session's callbacks, and regenerate() keeps the keys it is given", async () => {
+    const { onFastify } = await both()
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/apple')
+    const before = browser.sessionId
+    const login = await browser.send(onFastify, 'POST', '/login-keep')
+    expect(login.status).toBe(200)
+    expect(login.body.cart).toEqual(['apple'])
+    expect(browser.sessionId).not.toBe(before)
+    expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    const logout = await browser.send(onFastify, 'POST', '/logout-callback')
+    expect(logout.body.ok).toBe(true)
+    expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
   it('answers 503 with Retry-After when every node is down', async () => {
     const { servers, onFastify } = await both({ operationTimeout: 200 })
     const browser = new Browser()

@@ -64,9 +64,12 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     id: () => context.state.id,
     save: async (session) =>
       engine.session.save(context.state, engine.session.snapshot(session, session.cookie)),
-    async regenerate(session) {
+    async regenerate(session, keep) {
+      const kept = Object.fromEntries(
+        keep.filter((key) => Object.hasOwn(session, key)).map((key) => [key, session[key]]),
+      )
       await engine.session.regenerate(context.state)
-      session.replaceData({})
+      session.replaceData(kept)
       session.cookie = newCookie(request)
     },
     async destroy() {

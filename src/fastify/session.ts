@@ -18,10 +18,14 @@ const RESERVED = new Set([
 export interface SessionControl {
   readonly id: () => string
   save(session: FastifySession): Promise<void>
-  regenerate(session: FastifySession): Promise<void>
+  /** `keep`: names of keys that the new session keeps. */
+  regenerate(session: FastifySession, keep: readonly string[]): Promise<void>
   destroy(): Promise<void>
   reload(session: FastifySession): Promise<void>
 }
+
+/** A callback in @fastify/session's style: `null`, or the error. */
+export type SessionCallback = (error: Error | null) => void
 
 /**
  * `request.session` under Fastify. Data lives on the object as with express-session (`request.session.cart`),
@@ -55,25 +59,47 @@ export class FastifySession {
     Object.defineProperty(this, key, { value, enumerable: true, writable: true, configurable: true })
   }
 
+  // Each method returns a promise, or, given a callback as @fastify/session's methods take one, calls it instead
+  // (code written for @fastify/session would otherwise wait for a callback that never comes).
+
   /** Stores the session now (it is also stored, if changed, before the response goes out). */
-  save(): Promise<void> {
-    return this.#control.save(this)
+  save(): Promise<void>
+  save(callback: SessionCallback): void
+  save(callback?: SessionCallback): Promise<void> | undefined {
+    return settle(this.#control.save(this), callback)
   }
 
-  /** A new id and empty data; both copies of the old session are removed. Call it on login. */
-  regenerate(): Promise<void> {
-    return this.#control.regenerate(this)
+  /**
+   * A new id and empty data, but for the keys named in `keep`; both copies of the old session are removed. Call
+   * it on login.
+   */
+  regenerate(keep?: readonly string[]): Promise<void>
+  regenerate(callback: SessionCallback): void
+  regenerate(keep: readonly string[], callback: SessionCallback): void
+  regenerate(
+    keepOrCallback?: readonly string[] | SessionCallback,
+    callback?: SessionCallback,
+  ): Promise<void> | undefined {
+    const keep = Array.isArray(keepOrCallback) ? keepOrCallback : []
+    const done = typeof keepOrCallback === 'function' ? keepOrCallback : callback
+    return settle(this.#control.regenerate(this, keep), done)
   }
 
   /** Removes both copies; the request has a new, empty session afterwards, which is stored only if modified. */
-  async destroy(): Promise<void> {
-    await this.#control.destroy()
-    this.replaceData({})
+  destroy(): Promise<void>
+  destroy(callback: SessionCallback): void
+  destroy(callback?: SessionCallback): Promise<void> | undefined {
+    return settle(
+      this.#control.destroy().then(() => this.replaceData({})),
+      callback,
+    )
   }
 
   /** Reads the stored session again. */
-  reload(): Promise<void> {
-    return this.#control.reload(this)
+  reload(): Promise<void>
+  reload(callback: SessionCallback): void
+  reload(callback?: SessionCallback): Promise<void> | undefined {
+    return settle(this.#control.reload(this), callback)
   }
 
   /** Resets the cookie's expiry, as express-session's touch(). */
@@ -86,6 +112,16 @@ export class FastifySession {
     for (const key of Object.keys(this)) if (key !== 'cookie') delete this[key]
     for (const [key, value] of Object.entries(data)) if (!RESERVED.has(key)) this.set(key, value)
   }
+}
+
+/** The promise, or, given a callback, undefined and the callback called (outside the promise: what it throws is thrown). */
+function settle(done: Promise<void>, callback: SessionCallback | undefined): Promise<void> | undefined {
+  if (typeof callback !== 'function') return done
+  done.then(
+    () => process.nextTick(callback, null),
+    (error: unknown) => process.nextTick(callback, error instanceof Error ? error : new Error(String(error))),
+  )
+  return undefined
 }
 
 // Methods are defined on the prototype, so they are never own (stored) properties; replaceData too.

@@ -38,6 +38,16 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     request.session.cart = cart
     return { id: request.session.sessionId }
   })
+  // @fastify/session's callback style, in handlers that answer from the callback.
+  app.post('/login-keep', (request, reply) => {
+    request.session.regenerate(['cart'], (error) => {
+      if (error) reply.send(error)
+      else reply.send({ id: request.session.sessionId, cart: cartOf(request.session) })
+    })
+  })
+  app.post('/logout-callback', (request, reply) => {
+    request.session.destroy((error) => reply.send(error ?? { ok: true }))
+  })
   app.post('/count', async (request) => {
     request.session.views = ((request.session.views as number | undefined) ?? 0) + 1
     return { views: request.session.views }
