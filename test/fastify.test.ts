@@ -147,6 +147,20 @@ describe('the Fastify plugin', () => {
     expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual([])
   })
 
+  it("removes both copies when request.session is set to null with unset: 'destroy', keeps them with 'keep'", async () => {
+    for (const unset of ['destroy', 'keep'] as const) {
+      const { servers, onFastify } = await both({ unset })
+      const browser = new Browser()
+      await browser.send(onFastify, 'POST', '/cart/apple')
+      const { primary, backup } = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+      expect((await browser.send(onFastify, 'POST', '/unset')).status).toBe(200)
+      const stored = await Promise.all(servers.flatMap((s) => [s.has(primary), s.has(backup)]))
+      expect(stored.some(Boolean)).toBe(unset === 'keep')
+      await Promise.all(shops.splice(0).map((shop) => shop.close()))
+      await stopAllMemcached()
+    }
+  })
+
   it('answers 503 with Retry-After when every node is down', async () => {
     const { servers, onFastify } = await both({ operationTimeout: 200 })
     const browser = new Browser()

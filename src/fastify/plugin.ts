@@ -115,9 +115,16 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     if (!context || context.committed) return payload
     context.committed = true
     const { state, facts } = context
-    const session = request.session
+    const session: unknown = request.session
     let setCookie: boolean
     try {
+      if (!(session instanceof FastifySession)) {
+        // Removed by the application (`request.session = null`): what happens is the `unset` option's, as in
+        // Express, not a TypeError.
+        await engine.session.commit(state, null)
+        await engine.session.answered(state, facts)
+        return payload
+      }
       // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
       FastifySession.prototype.touch.call(session)
       const snapshot = engine.session.snapshot(session, session.cookie)

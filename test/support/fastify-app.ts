@@ -48,6 +48,10 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
   app.post('/logout-callback', (request, reply) => {
     request.session.destroy((error) => reply.send(error ?? { ok: true }))
   })
+  app.post('/unset', async (request) => {
+    ;(request as { session: unknown }).session = null
+    return { ok: true }
+  })
   app.post('/count', async (request) => {
     request.session.views = ((request.session.views as number | undefined) ?? 0) + 1
     return { views: request.session.views }
