@@ -93,8 +93,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const presented = verifier.idOf(raw)
     const facts: RequestFacts = { method: request.method, path, raw: request }
     const { state, content } = await engine.session.open(presented, facts)
-    // A client that left while this request waited for its lock got its onRequestAbort before there was
-    // anything to release: release it now.
+    // A client that left while this request waited for its lock closed the reply before there was anything to
+    // release: release it now.
     if (request.raw.socket?.destroyed) await engine.session.finish(state)
     const context: RequestContext = {
       state,
@@ -102,8 +102,9 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       committed: false,
     }
     contexts.set(request, context)
-    // A client that leaves while the handler runs: its lock goes now, as in Express. Fastify's onRequestAbort
-    // does not fire once the request's body was read (a POST with a JSON body), only the response's close does.
+    // A reply that failed, or whose client left: its lock goes when the reply closes, as in Express (after any
+    // commit in flight). Not Fastify's onResponse and onRequestAbort: the second does not fire once the request's
+    // body was read (a POST with a JSON body), and the close covers what both do.
     reply.raw.once('close', () => void engine.session.finish(context.state))
     request.session = content
       ? new FastifySession(control(request, context), content.data, cookieOf(content))
@@ -151,19 +152,12 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     return payload
   })
 
-  // A request that failed or whose client went away releases its lock too.
-  const release = async (request: FastifyRequest): Promise<void> => {
-    const context = contexts.get(request)
-    if (context) await engine.session.finish(context.state)
-  }
   // Our errors carry their headers (Retry-After on a 503); Fastify's default error handler does not send them.
   fastify.addHook('onError', async (_request, reply, error) => {
     const headers = (error as { headers?: unknown }).headers
     if (error instanceof SessionFailoverError && headers && typeof headers === 'object')
       reply.headers(headers)
   })
-  fastify.addHook('onResponse', release)
-  fastify.addHook('onRequestAbort', release)
   fastify.addHook('onClose', () => engine.close())
 }
 
