@@ -132,6 +132,69 @@ describe('the Fastify plugin', () => {
     expect(onFastify.sessions.stats().lockWaits).toBe(0)
   })
 
+  it('stores the session of a hijacked reply (server-sent events) and releases its lock', async () => {
+    const { onFastify } = await both({ lockingMode: 'all', lockExpiration: 30, lockTimeout: 2000 })
+    const open = async (cookie: string | undefined) => {
+      const controller = new AbortController()
+      const reply = await fetch(`${onFastify.url}/hijack-open`, {
+        method: 'POST',
+        headers: cookie ? { cookie } : {},
+        signal: controller.signal,
+      })
+      expect(reply.headers.get('content-type')).toBe('text/event-stream')
+      // The reply stays open: its events are read until the one sent once the later change was saved.
+      const reader = (reply.body as ReadableStream<Uint8Array>).getReader()
+      let events = ''
+      while (!events.includes('data: saved')) {
+        const { value, done } = await reader.read()
+        if (done) break
+        events += Buffer.from(value).toString()
+      }
+      return { close: () => controller.abort(), cookie: reply.headers.getSetCookie()[0]?.split(';')[0] }
+    }
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/start')
+    const events = await open(browser.cookie)
+    // Without a commit at hijack() this waits for the lock the open reply holds, and gets a 503 after 2 s.
+    const next = await browser.send(onFastify, 'POST', '/count')
+    events.close()
+    expect(next.status).toBe(200)
+    expect(next.body.views).toBe(3) // both of the hijacked request's changes were stored
+
+    // A session begun by a hijacked reply gets its cookie on the raw response, and is stored.
+    const first = await open(undefined)
+    first.close()
+    expect(first.cookie).toMatch(/^connect\.sid=/)
+    const newcomer = new Browser()
+    newcomer.cookie = first.cookie
+    const id = newcomer.sessionId
+    const found = async () => {
+      const cart = await fetch(`${onFastify.url}/cart`, { headers: { cookie: first.cookie ?? '' } })
+      return ((await cart.json()) as { id?: string }).id === id
+    }
+    for (let i = 0; i < 200 && !(await found()); i++) await new Promise((resolve) => setTimeout(resolve, 10))
+    expect((await newcomer.send(onFastify, 'POST', '/count')).body.views).toBe(3)
+  })
+
+  it('answers the error of a session that cannot be stored when the handler takes over its reply', async () => {
+    const servers = await startCluster(2)
+    const app = Fastify()
+    await app.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    app.post('/events', async (request, reply) => {
+      request.session.set('views', 1)
+      request.session.cookie.maxAge = Number.NaN
+      reply.hijack()
+      reply.raw.end('taken over')
+    })
+    try {
+      const reply = await app.inject({ method: 'POST', url: '/events' })
+      expect(reply.statusCode).toBe(500)
+      expect(reply.body).not.toBe('taken over')
+    } finally {
+      await app.close()
+    }
+  })
+
   it("takes @fastify/session's callbacks, and regenerate() keeps the keys it is given", async () => {
     const { onFastify } = await both()
     const browser = new Browser()

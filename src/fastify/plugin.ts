@@ -36,6 +36,8 @@ interface RequestContext {
   readonly facts: RequestFacts
   /** The commit ran: an error reply it caused passes through onSend again and must not commit again. */
   committed: boolean
+  /** The reply's own hijack(), called by the one this plugin puts in its place. */
+  readonly hijack: FastifyReply['hijack']
 }
 
 /**
@@ -59,11 +61,43 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
   const newCookie = (request: FastifyRequest): SessionCookie =>
     newSessionCookie(config.cookie, isSecure(request))
   const cookieOf = (content: SessionContent): SessionCookie => storedSessionCookie(content.cookie)
+  const snapshotOf = (session: FastifySession) => {
+    // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
+    FastifySession.prototype.touch.call(session)
+    return engine.session.snapshot(session, session.cookie)
+  }
+  const cookieHeader = (request: FastifyRequest, state: SessionState, session: FastifySession) =>
+    !session.cookie.secure || isSecure(request)
+      ? sessionCookieHeader(config.name, state.id, config.secrets[0] as string, session.cookie)
+      : undefined
+
+  // A reply the application takes over (reply.hijack(): server-sent events, websockets) passes through no
+  // onSend: its session is committed when it is taken over instead, or it would never be stored, and in
+  // non-sticky mode its lock would be held until the connection closed. A session that cannot be serialized
+  // throws here, in the handler, before the reply is taken over, so Fastify still answers the error.
+  function hijackStoringSession(this: FastifyReply): FastifyReply {
+    const context = contexts.get(this.request) as RequestContext
+    if (!context.committed) {
+      const session: unknown = this.request.session
+      const snapshot = session instanceof FastifySession ? snapshotOf(session) : null
+      context.committed = true
+      const setCookie = engine.session.commitDetached(context.state, snapshot, context.facts)
+      const header =
+        setCookie && session instanceof FastifySession && !this.raw.headersSent
+          ? cookieHeader(this.request, context.state, session)
+          : undefined
+      if (header) this.raw.appendHeader('set-cookie', header)
+    }
+    return context.hijack.call(this)
+  }
 
   const control = (request: FastifyRequest, context: RequestContext): SessionControl => ({
     id: () => context.state.id,
-    save: async (session) =>
-      engine.session.save(context.state, engine.session.snapshot(session, session.cookie)),
+    async save(session) {
+      // After hijack() the commit runs in the background: a save waits for it, as for any second write.
+      await context.state.committing?.catch(() => {})
+      await engine.session.save(context.state, engine.session.snapshot(session, session.cookie))
+    },
     async regenerate(session, keep) {
       const kept = Object.fromEntries(
         keep.filter((key) => Object.hasOwn(session, key)).map((key) => [key, session[key]]),
@@ -96,12 +130,9 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     // A client that left while this request waited for its lock closed the reply before there was anything to
     // release: release it now.
     if (request.raw.socket?.destroyed) await engine.session.finish(state)
-    const context: RequestContext = {
-      state,
-      facts,
-      committed: false,
-    }
+    const context: RequestContext = { state, facts, committed: false, hijack: reply.hijack }
     contexts.set(request, context)
+    reply.hijack = hijackStoringSession
     // A reply that failed, or whose client left: its lock goes when the reply closes, as in Express (after any
     // commit in flight). Not Fastify's onResponse and onRequestAbort: the second does not fire once the request's
     // body was read (a POST with a JSON body), and the close covers what both do.
@@ -126,9 +157,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
         await engine.session.answered(state, facts)
         return payload
       }
-      // The prototype's: a session key may not shadow the API, but a plain assignment could still try.
-      FastifySession.prototype.touch.call(session)
-      const snapshot = engine.session.snapshot(session, session.cookie)
+      const snapshot = snapshotOf(session)
       const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
       setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
       if (atOnce) {
@@ -143,12 +172,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       await engine.session.answered(state)
       throw error
     }
-    if (setCookie && (!session.cookie.secure || isSecure(request))) {
-      reply.header(
-        'set-cookie',
-        sessionCookieHeader(config.name, state.id, config.secrets[0] as string, session.cookie),
-      )
-    }
+    const header = setCookie ? cookieHeader(request, state, session) : undefined
+    if (header) reply.header('set-cookie', header)
     return payload
   })
 

@@ -97,6 +97,18 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     return reply.send(stream)
   })
 
+  app.post('/hijack-open', async (request, reply) => {
+    // Taken over from Fastify, as server-sent events are: headers and a first event, then the reply stays open.
+    request.session.views = ((request.session.views as number | undefined) ?? 0) + 1
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
+    reply.raw.write('data: open\n\n')
+    // A change made once the reply is taken over is stored by save().
+    request.session.views = (request.session.views as number) + 1
+    await request.session.save()
+    reply.raw.write('data: saved\n\n')
+  })
+
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   Object.assign(shop, {
