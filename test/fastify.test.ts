@@ -176,6 +176,27 @@ describe('the Fastify plugin', () => {
     expect((await newcomer.send(onFastify, 'POST', '/count')).body.views).toBe(3)
   })
 
+  it('destroys a session for good when destroy() follows a commit in flight (hijack(), a streamed response)', async () => {
+    const { servers, onExpress, onFastify } = await both({ lockingMode: 'all' })
+    for (const [app, path, body] of [
+      [onFastify, '/hijack-logout', 'data: destroyed\n\n'],
+      [onExpress, '/stream-logout', 'open destroyed'],
+    ] as const) {
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const { primary, backup } = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+      const reply = await fetch(`${app.url}${path}`, {
+        method: 'POST',
+        headers: { cookie: browser.cookie ?? '' },
+      })
+      expect(await reply.text()).toBe(body)
+      // Without the wait, the commit's backup write lands after the delete and the session comes back from it.
+      const stored = await Promise.all(servers.flatMap((server) => [server.has(primary), server.has(backup)]))
+      expect(stored.some(Boolean)).toBe(false)
+      expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual([])
+    }
+  })
+
   it('answers the error of a session that cannot be stored when the handler takes over its reply', async () => {
     const servers = await startCluster(2)
     const app = Fastify()

@@ -331,11 +331,11 @@ export class SessionEngine {
 
   async #commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
     if (snapshot === null) {
-      if (this.policy.unsetDestroy && !state.destroyed) await this.destroy(state)
+      if (this.policy.unsetDestroy && !state.destroyed) await this.#destroy(state)
       return { setCookie: false }
     }
     if (state.shouldSave(snapshot.data, this.policy)) {
-      await this.#options.metrics.time('save', () => this.save(state, snapshot))
+      await this.#options.metrics.time('save', () => this.#save(state, snapshot))
       return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
     }
     if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
@@ -349,7 +349,17 @@ export class SessionEngine {
     return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
   }
 
+  /**
+   * The application's own save, destroy, regenerate and reload wait for a commit in flight: after a streamed
+   * response's first commit, or a Fastify reply's hijack(), the commit runs while the application goes on, and a
+   * destroy racing it would be undone by its late backup write, a regenerate's new id by its end.
+   */
   async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
+    if (state.committing) await state.committing.catch(ignore)
+    await this.#save(state, snapshot)
+  }
+
+  async #save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
     const concurrency = this.#concurrency
     const now = Date.now()
     const createdAt = state.record?.createdAt ?? now
@@ -407,6 +417,11 @@ export class SessionEngine {
   }
 
   async destroy(state: SessionState): Promise<void> {
+    if (state.committing) await state.committing.catch(ignore)
+    await this.#destroy(state)
+  }
+
+  async #destroy(state: SessionState): Promise<void> {
     state.destroyed = true
     state.wrote = true
     await this.store.destroy(state.id)
@@ -427,6 +442,7 @@ export class SessionEngine {
 
   /** regenerate(): both copies of the old session are removed, then a new id is issued. */
   async regenerate(state: SessionState): Promise<void> {
+    if (state.committing) await state.committing.catch(ignore)
     state.wrote = true
     await this.store.destroy(state.id)
     state.renew(this.store.newSessionId())
@@ -434,6 +450,7 @@ export class SessionEngine {
 
   /** reload(): re-reads the stored session; null when it no longer exists (or cannot be read). */
   async reload(state: SessionState): Promise<SessionContent | null> {
+    if (state.committing) await state.committing.catch(ignore)
     const loaded = await this.store.load(state.id)
     const found = loaded && this.#readable(loaded)
     if (!found) return null

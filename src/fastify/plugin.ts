@@ -93,11 +93,8 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
 
   const control = (request: FastifyRequest, context: RequestContext): SessionControl => ({
     id: () => context.state.id,
-    async save(session) {
-      // After hijack() the commit runs in the background: a save waits for it, as for any second write.
-      await context.state.committing?.catch(() => {})
-      await engine.session.save(context.state, engine.session.snapshot(session, session.cookie))
-    },
+    save: async (session) =>
+      engine.session.save(context.state, engine.session.snapshot(session, session.cookie)),
     async regenerate(session, keep) {
       const kept = Object.fromEntries(
         keep.filter((key) => Object.hasOwn(session, key)).map((key) => [key, session[key]]),

@@ -109,6 +109,12 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     req.session.views = (req.session.views ?? 0) + 1
     res.write('open')
   })
+  app.post('/stream-logout', (req, res) => {
+    // A logout while streaming: the commit that the first byte waits for is in flight when destroy() is called.
+    req.session.views = 99
+    res.write('open ')
+    req.session.destroy(() => res.end('destroyed'))
+  })
   app.post('/hang', () => {
     // Never answers: holds the session's lock until the client goes away or the lock expires.
   })

@@ -109,6 +109,15 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     reply.raw.write('data: saved\n\n')
   })
 
+  app.post('/hijack-logout', async (request, reply) => {
+    // A logout on a taken-over reply: the commit of its change runs while destroy() is called.
+    request.session.views = 99
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
+    await request.session.destroy()
+    reply.raw.end('data: destroyed\n\n')
+  })
+
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   Object.assign(shop, {
