@@ -197,6 +197,28 @@ describe('the Fastify plugin', () => {
     }
   })
 
+  it('stores a change made while the reply streams before it ends, or cuts the connection if it cannot', async () => {
+    const { onFastify } = await both({ maxSessionBytes: 4096 })
+    const browser = new Browser()
+    await browser.send(onFastify, 'POST', '/cart/start')
+    const streamed = await browser.send(onFastify, 'POST', '/stream-late/late')
+    expect(streamed.body.cart).toEqual(['start', 'early', 'late'])
+    expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual(['start', 'early', 'late'])
+    await browser.send(onFastify, 'POST', '/stream-late/web?web=1')
+    expect((await browser.send(onFastify, 'GET', '/cart')).body.cart?.slice(-2)).toEqual(['early', 'web'])
+    // Too large to store once it streams: the client must not get a whole reply for it.
+    const cut = fetch(`${onFastify.url}/stream-late/${'x'.repeat(5000)}`, {
+      method: 'POST',
+      headers: { cookie: browser.cookie ?? '' },
+    }).then((reply) => reply.text())
+    await expect(cut).rejects.toThrow()
+    expect((await browser.send(onFastify, 'GET', '/cart')).body.cart?.slice(-3)).toEqual([
+      'early',
+      'web',
+      'early',
+    ])
+  })
+
   it('answers the error of a session that cannot be stored when the handler takes over its reply', async () => {
     const servers = await startCluster(2)
     const app = Fastify()

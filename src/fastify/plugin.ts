@@ -1,3 +1,4 @@
+import type { ServerResponse } from 'node:http'
 import fastifyCookie from '@fastify/cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
@@ -171,8 +172,35 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     }
     const header = setCookie ? cookieHeader(request, state, session) : undefined
     if (header) reply.header('set-cookie', header)
+    if (isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
     return payload
   })
+
+  // A streamed body is sent after onSend: what the application changes while it streams is stored before the
+  // reply ends, as in Express (a merge: the lock went with the headers). If that fails, the connection is cut,
+  // so the client never sees a complete reply for a change that was not stored.
+  function storeBeforeEnd(raw: ServerResponse, request: FastifyRequest, context: RequestContext): void {
+    const end = raw.end
+    raw.end = ((...args: unknown[]) => {
+      raw.end = end
+      const session: unknown = request.session
+      new Promise((resolve) =>
+        resolve(
+          engine.session.commit(
+            context.state,
+            session instanceof FastifySession ? snapshotOf(session) : null,
+          ),
+        ),
+      ).then(
+        () => (end as (...args: unknown[]) => unknown).apply(raw, args),
+        () => {
+          raw.on('error', () => {})
+          raw.destroy()
+        },
+      )
+      return raw
+    }) as ServerResponse['end']
+  }
 
   // Our errors carry their headers (Retry-After on a 503); Fastify's default error handler does not send them.
   fastify.addHook('onError', async (_request, reply, error) => {
@@ -181,6 +209,18 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       reply.headers(headers)
   })
   fastify.addHook('onClose', () => engine.close())
+}
+
+/** A body Fastify sends after onSend, piece by piece: a Node stream, a web stream, or a fetch Response. */
+function isStreamed(payload: unknown): boolean {
+  return (
+    typeof payload === 'object' &&
+    payload !== null &&
+    // Fastify's own tests for each, so a stream from another realm or library counts too.
+    (typeof (payload as { pipe?: unknown }).pipe === 'function' ||
+      typeof (payload as { getReader?: unknown }).getReader === 'function' ||
+      Object.prototype.toString.call(payload) === '[object Response]')
+  )
 }
 
 /** `app.register(fastifySessionFailover, { secret, nodes, ... })`. */

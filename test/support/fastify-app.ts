@@ -118,6 +118,33 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     reply.raw.end('data: destroyed\n\n')
   })
 
+  app.post<{ Params: { item: string }; Querystring: { web?: string } }>(
+    '/stream-late/:item',
+    async (request, reply) => {
+      // One item before the body streams, one while it streams (after the headers went out). ?web=1: a web stream.
+      const session = request.session
+      session.set('cart', [...cartOf(session), 'early'])
+      const { Readable } = await import('node:stream')
+      async function* body() {
+        yield '{"cart":'
+        await new Promise((resolve) => setTimeout(resolve, 20))
+        session.set('cart', [...cartOf(session), request.params.item])
+        yield `${JSON.stringify(cartOf(session))}}`
+      }
+      reply.type('application/json')
+      if (!request.query.web) return reply.send(Readable.from(body()))
+      const chunks = body()
+      const web = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const { value, done } = await chunks.next()
+          if (done) controller.close()
+          else controller.enqueue(new TextEncoder().encode(value))
+        },
+      })
+      return reply.send(web)
+    },
+  )
+
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   Object.assign(shop, {
