@@ -541,6 +541,14 @@ function redisUrl(id: string, url: unknown): string {
       `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? 'another URL' : describe(url)}`,
     )
   }
+  try {
+    decodeURIComponent(parsed.username)
+    decodeURIComponent(parsed.password)
+  } catch {
+    throw new ConfigError(
+      `Expected the credentials in the url of node '${id}' to be percent-encoded (a '%' written as %25), got a username or password that cannot be decoded`,
+    )
+  }
   return url as string
 }
 

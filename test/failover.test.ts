@@ -342,6 +342,37 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     }
   })
 
+  it('does not bring back a session logged out on another instance while a read of it was in flight', async () => {
+    // touchAfter 0: every read touches both copies at its end, and a touch that misses restores a copy. No lock,
+    // so the logout does not wait for the read.
+    const reader = await start({
+      secret: SECRET,
+      nodes: nodesFor(servers),
+      touchAfter: 0,
+      lockingMode: 'none',
+    })
+    try {
+      const id = await fillCart()
+      const oldCookie = browser.cookie
+      let release = () => {}
+      reader.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+      const held = browser.send(reader, 'GET', '/cart/held')
+      await sleep(100)
+      expect((await browser.send(appB, 'POST', '/logout')).status).toBe(200)
+      release()
+      expect((await held).body.cart).toEqual(['apple', 'pear']) // read before the logout
+      await sleep(200) // its touches (and any restore) are done by then
+      const { primary, backup } = keysOf(id)
+      const stored = await Promise.all(servers.flatMap((server) => [server.has(primary), server.has(backup)]))
+      expect(stored).not.toContain(true)
+      const stale = new Browser()
+      stale.cookie = oldCookie
+      expect((await stale.send(appA, 'GET', '/cart')).body.cart).toEqual([])
+    } finally {
+      await reader.close()
+    }
+  })
+
   it('answers within about one operation timeout when the primary is frozen (SIGSTOP)', async () => {
     const id = await fillCart()
     const primary = serverOf(id)

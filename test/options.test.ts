@@ -101,6 +101,11 @@ describe('options', () => {
       { secret: 's', nodes: [{ id: 'c', cluster: [] }] },
       "Expected the cluster of node 'c' to be a non-empty array",
     ],
+    // A raw '%' passes URL parsing but not ioredis's decoding: a URIError at start-up, without this check.
+    [
+      { secret: 's', nodes: [{ id: 'r', url: 'redis://app:50%off@h:1' }] },
+      "Expected the credentials in the url of node 'r' to be percent-encoded (a '%' written as %25)",
+    ],
     [{ secret: 's', nodes: '' }, 'at least one node'],
     [{ secret: 's', nodes: 42 }, 'got `42` (number)'],
     [

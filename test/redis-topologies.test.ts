@@ -1,6 +1,8 @@
 import express from 'express'
+import { Redis } from 'ioredis'
 import { afterEach, describe, expect, it } from 'vitest'
 import { parseSessionId } from '../src/index.js'
+import { isUnavailableReply } from '../src/nodes/redis.js'
 import { Browser, startShop } from './support/app.js'
 import { stopAllServers } from './support/backends.js'
 import { startMemcached } from './support/memcached.js'
@@ -53,6 +55,76 @@ describe('a Redis Cluster as one node', () => {
       await shop.close()
     }
   }, 60_000)
+})
+
+describe('a Redis node that can be read but not written', () => {
+  afterEach(() => stopAllServers())
+
+  it('counts a master short of replicas (NOREPLICAS) as down: its sessions fail over instead of failing', async () => {
+    const [r1, r2] = [await startRedis(), await startRedis()]
+    const shop = await startShop(express, {
+      secret: 'noreplicas',
+      nodes: `r1:redis://127.0.0.1:${r1?.port} r2:redis://127.0.0.1:${r2?.port}`,
+      operationTimeout: 500,
+    })
+    try {
+      const browsers = [new Browser(), new Browser()]
+      for (const browser of browsers) await browser.send(shop, 'POST', '/cart/apple')
+      const onR1 = browsers.find((browser) => parseSessionId(browser.sessionId)?.nodeId === 'r1') as Browser
+      const admin = new Redis({ port: r1?.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+      try {
+        await admin.config('SET', 'min-replicas-to-write', '1') // every write now answers NOREPLICAS
+      } finally {
+        admin.disconnect()
+      }
+      const reply = await onR1.send(shop, 'POST', '/cart/pear')
+      expect(reply.status).toBe(200)
+      expect(reply.body.cart).toEqual(['apple', 'pear'])
+      expect(parseSessionId(onR1.sessionId)?.nodeId).toBe('r2')
+    } finally {
+      await shop.close()
+    }
+  })
+
+  it('keeps a node that answers reads but refuses writes out of service: its probe writes', async () => {
+    const r1 = await startRedis(['--min-replicas-to-write', '1'])
+    const r2 = await startRedis()
+    const shop = await startShop(express, {
+      secret: 'noreplicas',
+      nodes: `r1:redis://127.0.0.1:${r1.port} r2:redis://127.0.0.1:${r2.port}`,
+      operationTimeout: 500,
+      nodeProbeInterval: 50,
+    })
+    try {
+      const ups: string[] = []
+      shop.sessions.on('nodeUp', ({ node }) => ups.push(node))
+      for (let i = 0; i < 4; i++) {
+        const browser = new Browser()
+        expect((await browser.send(shop, 'POST', '/cart/apple')).status).toBe(200)
+        expect(parseSessionId(browser.sessionId)?.nodeId).toBe('r2')
+        // A probe that only read would find r1 answering and bring it back, for the next new session to fail on.
+        await new Promise((resolve) => setTimeout(resolve, 150))
+      }
+      expect(ups).toEqual([])
+      expect(shop.sessions.health().nodes.find((node) => node.id === 'r1')?.alive).toBe(false)
+    } finally {
+      await shop.close()
+    }
+  })
+
+  it('reads such an error raised inside a script as the node being down on Redis before 7 too, where it is wrapped', () => {
+    const wrapped = (reply: string) => `ERR Error running script (call to f_4b5e): @user_script:1: ${reply}`
+    expect(isUnavailableReply(wrapped("-OOM command not allowed when used memory > 'maxmemory'."))).toBe(true)
+    expect(isUnavailableReply(wrapped('-NOREPLICAS Not enough good replicas to write.'))).toBe(true)
+    expect(isUnavailableReply('READONLY You can not write against a read only replica.')).toBe(true)
+    // A refusal of this one command stays a refusal, wrapped or not.
+    expect(
+      isUnavailableReply(wrapped('-WRONGTYPE Operation against a key holding the wrong kind of value')),
+    ).toBe(false)
+    expect(isUnavailableReply('WRONGTYPE Operation against a key holding the wrong kind of value')).toBe(
+      false,
+    )
+  })
 })
 
 describe('a Sentinel-managed Redis master as one node', () => {

@@ -104,6 +104,12 @@ const ABSENT_TTL_MS = 10_000
 const MOVES_REMEMBERED = 20_000
 const MOVES_TTL_MS = 60 * 60 * 1000
 
+/** Where one copy of a session is kept: a node, and the key on it (the primary's or the backup's). */
+interface CopyAt {
+  readonly nodeId: string
+  readonly key: string
+}
+
 /**
  * Sessions replicated on two nodes: the primary named in the session id and a backup on the next alive node.
  * Framework-free: it deals in session ids and records, never in requests.
@@ -357,8 +363,8 @@ export class ReplicatedStore implements SessionBackend {
    *   has: a check that it still exists. Without it, restarting the backup node and then the primary (a rolling
    *   restart) would lose every session that was only read in between.
    * `verifyPrimary` checks the primary the same way (sticky mode, where the primary is never read). A missing
-   * copy is written again from `record`, the copy this request used. Never throws: a failed touch only costs
-   * node health.
+   * copy is written again from the other copy (see #restore). Never throws: a failed touch only costs node
+   * health.
    */
   async refresh(
     id: string,
@@ -381,21 +387,54 @@ export class ReplicatedStore implements SessionBackend {
     const keys = storageKeys(this.#options.prefix, parsed.random)
     const primary = parsed.nodeId
     const backup = this.#ring.nextAliveAfter(primary)
-    // A touch that finds no copy writes it again from `record` (the node restarted empty). With `add`, not
-    // `set`: a newer version another instance wrote since this request read `record` is never overwritten.
-    const keep = (nodeId: string, key: string, ttl: number) =>
-      this.#ring.call(nodeId, async (node) => {
-        if (await node.touch(key, ttl)) return
-        // A copy too large for the limit in force now (lowered, or encryption turned on) is not written back.
-        if (this.#options.codec.encodedLength(record) > this.#options.maxSessionBytes) return
-        await node.add(key, this.#options.codec.encode(record, keys.digest), ttl)
-      })
+    const primaryAlive = this.#ring.isAlive(primary)
+    // Sticky mode (verifyPrimary) holds the session in this instance's memory, where its owner serves it from:
+    // found on neither node (both restarted), it is written again from there.
+    const fallback = verifyPrimary ? record : undefined
+    const keep = async (nodeId: string, key: string, ttl: number, from: CopyAt | undefined) => {
+      if (await this.#ring.call(nodeId, (node) => node.touch(key, ttl))) return
+      await this.#restore(keys, { nodeId, key }, ttl, from, fallback)
+    }
     await Promise.allSettled([
-      this.#ring.isAlive(primary) &&
+      primaryAlive &&
         (touchDue || verifyPrimary) &&
-        keep(primary, keys.primary, touchDue ? ttlSeconds : backupTtl),
-      backup && keep(backup, keys.backup, backupTtl),
+        keep(
+          primary,
+          keys.primary,
+          touchDue ? ttlSeconds : backupTtl,
+          backup ? { nodeId: backup, key: keys.backup } : undefined,
+        ),
+      backup &&
+        keep(
+          backup,
+          keys.backup,
+          backupTtl,
+          primaryAlive ? { nodeId: primary, key: keys.primary } : undefined,
+        ),
     ])
+  }
+
+  /**
+   * A copy that a touch found missing (its node restarted empty) is written again from the other copy, read now.
+   * Not from the copy this request read when it began: a logout on another instance since then deleted both
+   * copies, and writing one back would undo it. Gone from both, the session stays gone. With `add`, not `set`:
+   * a newer version written meanwhile is never overwritten. Re-encoded, so a copy too large for the limit in force
+   * now (lowered, or encryption turned on) is not written back. A logout whose two deletes land on either side of
+   * this read and add can still leave one copy: a window of one round trip, not the whole request's life.
+   */
+  async #restore(
+    keys: StorageKeys,
+    missing: CopyAt,
+    ttl: number,
+    from: CopyAt | undefined,
+    fallback: SessionRecord | undefined,
+  ): Promise<void> {
+    const blob = from && (await this.#ring.call(from.nodeId, (node) => node.get(from.key)))
+    const record = (blob && this.#decode(blob, from.nodeId, keys, from.key)) || fallback
+    if (!record || this.#options.codec.encodedLength(record) > this.#options.maxSessionBytes) return
+    await this.#ring.call(missing.nodeId, (node) =>
+      node.add(missing.key, this.#options.codec.encode(record, keys.digest), ttl),
+    )
   }
 
   async close(): Promise<void> {}

@@ -40,9 +40,25 @@ return 2`
 
 const OUTCOMES: readonly CasOutcome[] = ['missing', 'conflict', 'stored']
 
-/** Replies that mean the server cannot serve now (the node is down for us), not that it refused the command. */
-const UNAVAILABLE_REPLY =
-  /^(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN|READONLY|BUSY|MOVED|ASK|NOAUTH|WRONGPASS|NOPERM|OOM|MISCONF)\b/
+/**
+ * Error codes that mean the server cannot serve now (the node is down for us), not that it refused the command:
+ * a replica (READONLY), a master short of the replicas it must write to (NOREPLICAS), no memory (OOM), a failed
+ * snapshot (MISCONF), a cluster or a sentinel-managed master in transition, credentials refused.
+ */
+const UNAVAILABLE_CODES =
+  'CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN|READONLY|NOREPLICAS|BUSY|MOVED|ASK|NOAUTH|WRONGPASS|NOPERM|OOM|MISCONF'
+/**
+ * A reply with one of those codes. Before Redis 7 an error inside a script (our compare-and-set) came back
+ * wrapped: "ERR Error running script (call to f_…): @user_script:1: -OOM command not allowed …".
+ */
+const UNAVAILABLE_REPLY = new RegExp(
+  `^(?:(?:${UNAVAILABLE_CODES})\\b|ERR Error running script\\b.*?-(?:${UNAVAILABLE_CODES})\\b)`,
+)
+
+/** True for a reply that marks the node down rather than refusing this one command. */
+export function isUnavailableReply(message: string): boolean {
+  return UNAVAILABLE_REPLY.test(message)
+}
 
 type ScriptedClient = (Redis | Cluster) & {
   compareAndSet(key: string, expected: Buffer, value: Buffer, ttlMs: number): Promise<number>
@@ -176,8 +192,12 @@ export class RedisNode implements SessionNode {
     return OUTCOMES[code] ?? 'conflict'
   }
 
+  /**
+   * A write, not a read: a server that can be read but not written (a replica, or a master short of memory or of
+   * replicas) is down for sessions, and a read would bring it back at every probe, for its next write to fail.
+   */
   async ping(): Promise<void> {
-    await this.get(this.#probeKey)
+    await this.#run('ping', () => this.#client.set(this.#probeKey, '1', 'PX', this.#timeoutMs))
   }
 
   async close(): Promise<void> {
@@ -204,7 +224,7 @@ export class RedisNode implements SessionNode {
           })
     const pending = begin.catch((cause: unknown) => {
       const message = `${this.address} failed ${operation}: ${cause instanceof Error ? cause.message : String(cause)}`
-      if (cause instanceof ReplyError && !UNAVAILABLE_REPLY.test((cause as Error).message)) {
+      if (cause instanceof ReplyError && !isUnavailableReply((cause as Error).message)) {
         throw new NodeRejectedError(message, { cause })
       }
       throw new NodeOperationError(message, { cause })

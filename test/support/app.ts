@@ -42,6 +42,11 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   app.get('/cart', (req, res) => {
     res.json({ id: req.sessionID, cart: req.session.cart ?? [] })
   })
+  app.get('/cart/held', async (req, res) => {
+    // A read that waits for the test (beforeModify) before it answers.
+    await shop.beforeModify()
+    res.json({ cart: req.session.cart ?? [] })
+  })
   app.post('/cart/:item', (req, res) => {
     req.session.cart = [...(req.session.cart ?? []), String(req.params.item)]
     res.json({ id: req.sessionID, cart: req.session.cart })

@@ -13,6 +13,11 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
   const cartOf = (session: { get<T>(key: string): T | undefined }) => session.get<string[]>('cart') ?? []
 
   app.get('/cart', async (request) => ({ id: request.session.sessionId, cart: cartOf(request.session) }))
+  app.get('/cart/held', async (request) => {
+    // A read that waits for the test (beforeModify) before it answers.
+    await shop.beforeModify()
+    return { cart: cartOf(request.session) }
+  })
   app.post<{ Params: { item: string } }>('/cart/:item', async (request) => {
     request.session.set('cart', [...cartOf(request.session), request.params.item])
     return { id: request.session.sessionId, cart: cartOf(request.session) }
