@@ -1,6 +1,6 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import type { Server } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { type AddressInfo, connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import compression from 'compression'
@@ -236,6 +236,70 @@ describe.each(expressVersions)('holding the response until the session is stored
       expect(reply.status).toBe(500)
       expect(reply.headers.get('injected')).toBeNull()
     }
+  })
+
+  it('takes raw header arrays in writeHead as Node does: each name replaces its earlier header, odd lengths throw', async () => {
+    const shop = await app({
+      '/raw-headers': (req, res) => {
+        step(req, 'raw')
+        res.setHeader('Content-Type', 'text/html')
+        res.writeHead(200, ['Content-Type', 'text/plain', 'X-A', '1', 'X-A', '2'])
+        res.end('ok')
+      },
+      '/raw-odd': (req, res) => {
+        step(req, 'odd')
+        res.writeHead(200, ['X-A'])
+        res.end('ok')
+      },
+    })
+    const response = await fetch(`${shop.url}/raw-headers`, { method: 'POST' })
+    expect(response.headers.get('content-type')).toBe('text/plain')
+    expect(response.headers.get('x-a')).toBe('1, 2')
+    expect((await fetch(`${shop.url}/raw-odd`, { method: 'POST' })).status).toBe(500)
+  })
+
+  it('cuts the connection, as Express does, when a handler fails after its first write() (no 500 after the bytes)', async () => {
+    const shop = await app({
+      '/write-then-throw': (req, res) => {
+        step(req, 'partial')
+        res.write('partial-')
+        throw new Error('boom')
+      },
+    })
+    // Two requests on one connection: an error page written after the held bytes would also shift the second
+    // response on the connection.
+    const socket = connect(Number(new URL(shop.url).port), '127.0.0.1')
+    const received = await new Promise<string>((resolve) => {
+      let bytes = ''
+      socket.on('data', (chunk) => {
+        bytes += chunk.toString()
+      })
+      socket.on('close', () => resolve(bytes))
+      socket.on('error', () => {})
+      socket.write(
+        'POST /write-then-throw HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET /steps HTTP/1.1\r\nHost: x\r\n\r\n',
+      )
+      setTimeout(() => socket.destroy(), 2000)
+    })
+    expect(received).not.toContain(' 500 ')
+    expect(received).not.toContain('boom')
+  })
+
+  it('ends a streamed response at once when nothing changed since its first store, so a late next(err) cannot cut it', async () => {
+    const shop = await app({}, (application) => {
+      application.get('/stream-then-error', (req, res, next) => {
+        step(req, 'streamed')
+        res.write('a')
+        setTimeout(() => {
+          res.end('b')
+          next(new Error('reported after the response ended'))
+        }, 50)
+      })
+    })
+    const response = await fetch(`${shop.url}/stream-then-error`)
+    expect(response.status).toBe(200)
+    // Cut short, the body would fail to read ("terminated").
+    expect(await response.text()).toBe('ab')
   })
 
   it("keeps the session cookie beside a Set-Cookie passed to writeHead, and writeHead's status", async () => {

@@ -246,7 +246,15 @@ export class SessionEngine {
     snapshot: SessionSnapshot,
     request?: RequestFacts,
   ): CommitResult | undefined {
-    if (state.lock || state.committing || state.shouldSave(snapshot.data, this.policy)) return undefined
+    // A lock not yet handed to finish() is released there; a commit still running must settle first. A streamed
+    // response's end after its first commit, with nothing changed since, is done here at once.
+    if (
+      (state.lock && !state.finishing) ||
+      state.commitsRunning > 0 ||
+      state.shouldSave(snapshot.data, this.policy)
+    ) {
+      return undefined
+    }
     if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
       void this.store.refresh(
         state.id,
@@ -305,6 +313,7 @@ export class SessionEngine {
    * the session object (express-session's `unset`).
    */
   commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
+    state.commitsRunning++
     const committing = this.#commit(state, snapshot)
     state.committing = committing
     return committing
@@ -330,23 +339,27 @@ export class SessionEngine {
   }
 
   async #commit(state: SessionState, snapshot: SessionSnapshot | null): Promise<CommitResult> {
-    if (snapshot === null) {
-      if (this.policy.unsetDestroy && !state.destroyed) await this.#destroy(state)
-      return { setCookie: false }
-    }
-    if (state.shouldSave(snapshot.data, this.policy)) {
-      await this.#options.metrics.time('save', () => this.#save(state, snapshot))
+    try {
+      if (snapshot === null) {
+        if (this.policy.unsetDestroy && !state.destroyed) await this.#destroy(state)
+        return { setCookie: false }
+      }
+      if (state.shouldSave(snapshot.data, this.policy)) {
+        await this.#options.metrics.time('save', () => this.#save(state, snapshot))
+        return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
+      }
+      if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
+        // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
+        void this.store.refresh(
+          state.id,
+          state.record,
+          this.ttlSeconds(snapshot.expires, state.record.createdAt),
+        )
+      }
       return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
+    } finally {
+      state.commitsRunning--
     }
-    if (state.record && state.shouldTouch(snapshot.data, this.policy)) {
-      // Not awaited: an expiry refresh acknowledges no change, so the response need not wait for it.
-      void this.store.refresh(
-        state.id,
-        state.record,
-        this.ttlSeconds(snapshot.expires, state.record.createdAt),
-      )
-    }
-    return { setCookie: state.shouldSetCookie(snapshot, this.policy) }
   }
 
   /**

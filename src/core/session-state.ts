@@ -46,6 +46,8 @@ export class SessionState {
   wrote = false
   /** The commit in progress; the lock is released only after it. */
   committing: Promise<unknown> | undefined = undefined
+  /** Commits begun and not yet settled (SessionEngine.commit). */
+  commitsRunning = 0
   /** The cookie was verified by a rotated-out secret: it is sent again, signed with the current one. */
   resign = false
   /** finish() ran: the lock is released and the route learned. */

@@ -10,6 +10,14 @@ export type ApplyHeaders = () => void
 
 /** Headers that describe a response body or a success; they must not leak into an error response. */
 const SUCCESS_HEADERS = /^(content-|etag$|last-modified$|location$|set-cookie$|transfer-encoding$)/i
+/**
+ * Put on a held response once its handler began sending (writeHead, write, flushHeaders): from then on the
+ * response counts as started, as it would without the hold. An error handler reached after the first write
+ * (Express's own, or one that checks `res.headersSent`, as Express's guide advises) then cuts the connection
+ * instead of writing an error response after the queued bytes, which would corrupt the connection.
+ */
+const STARTED: PropertyDescriptor = { configurable: true, enumerable: false, get: () => true }
+
 /** Bytes held before write() asks its producer to wait ('drain' follows once the commit is done). */
 const HIGH_WATER_MARK = 16 * 1024
 
@@ -148,6 +156,7 @@ class ResponseHold {
     // Status and headers are already applied; one marker is enough to send them at the right point.
     if (!this.#queue.some((call) => call.method === 'writeHead'))
       this.#queue.push({ method: 'writeHead', args: [] })
+    this.#started()
     this.#start(false)
     return res
   }
@@ -158,6 +167,7 @@ class ResponseHold {
     if (this.#endQueued) return false
     this.#queuedBytes += chunkLength(args[0], true)
     this.#queue.push({ method: 'write', args })
+    this.#started()
     this.#start(false)
     if (this.#queuedBytes < HIGH_WATER_MARK) return true
     this.#producerWaiting = true
@@ -207,6 +217,7 @@ class ResponseHold {
     }
     if (this.#endQueued) return
     this.#queue.push({ method: 'flushHeaders', args: [] })
+    this.#started()
     this.#start(false)
   }
 
@@ -237,6 +248,15 @@ class ResponseHold {
     if (headers.appendHeader) res.appendHeader = headers.appendHeader
   }
 
+  #started(): void {
+    if (!Object.hasOwn(this.#res, 'headersSent')) Object.defineProperty(this.#res, 'headersSent', STARTED)
+  }
+
+  /** Back to the response's own headersSent: on release, or when the commit failed before anything went out. */
+  #unstarted(): void {
+    delete (this.#res as { headersSent?: boolean }).headersSent
+  }
+
   #destroy(): void {
     this.#res.on('error', () => {})
     this.#res.destroy()
@@ -254,7 +274,14 @@ class ResponseHold {
   /** Sends what was held; false when it could not (the commit's headers failed, and the error was answered). */
   #release(applyHeaders: ApplyHeaders | undefined): boolean {
     const res = this.#res
+    this.#unstarted()
     this.#restoreHeaders()
+    if (res.destroyed) {
+      // Cut meanwhile (an error handler after the first write, or the client left): nothing to send.
+      this.#phase = 'done'
+      this.#queue.length = 0
+      return false
+    }
     try {
       applyHeaders?.()
     } catch (error) {
@@ -292,6 +319,7 @@ class ResponseHold {
   #fail(error: unknown): void {
     const res = this.#res
     this.#phase = 'done'
+    this.#unstarted()
     this.#restoreHeaders()
     const callbacks = this.#queue.flatMap((call) =>
       call.args.filter((arg): arg is AnyFunction => typeof arg === 'function'),
@@ -307,8 +335,21 @@ class ResponseHold {
     this.#onCommitError(error)
   }
 
-  /** end() after bytes went out: store changes made meanwhile, then end, or cut the connection. */
+  /**
+   * end() after bytes went out: store changes made meanwhile, then end, or cut the connection. With nothing
+   * changed, it ends at once: an error handler reached right after end() (a late next(err)) then finds the
+   * response complete, instead of cutting it short while a commit with nothing to store runs.
+   */
   #finishAfterCommit(args: unknown[]): void {
+    if (this.#commitNow?.(true)) {
+      this.#phase = 'done'
+      try {
+        this.#wire.end.apply(this.#res, args)
+      } catch {
+        this.#destroy()
+      }
+      return
+    }
     this.#phase = 'ending'
     this.#commit(true).then(
       () => {
@@ -344,9 +385,16 @@ function applyWriteHead(res: ServerResponse, args: unknown[]): void {
   res.statusCode = statusCode
   if (typeof second === 'string') res.statusMessage = second
   if (Array.isArray(fields)) {
-    // The raw form: [name, value, name, value, ...]; repeated names are kept, as Node does.
-    for (let i = 0; i + 1 < fields.length; i += 2) {
-      res.appendHeader(fields[i] as string, fields[i + 1] as string)
+    // The raw form [name, value, name, value, ...], as Node takes it: an odd length throws; each name replaces a
+    // header set before, and repeats within the array are all kept.
+    if (fields.length % 2 !== 0) {
+      throw Object.assign(new TypeError("The argument 'headers' must have an even number of entries"), {
+        code: 'ERR_INVALID_ARG_VALUE',
+      })
+    }
+    for (let i = 0; i < fields.length; i += 2) res.removeHeader(fields[i] as string)
+    for (let i = 0; i < fields.length; i += 2) {
+      if (fields[i]) res.appendHeader(fields[i] as string, fields[i + 1] as string)
     }
   } else if (fields && typeof fields === 'object') {
     for (const [name, value] of Object.entries(fields)) if (name) res.setHeader(name, value as string)
