@@ -193,7 +193,7 @@ export function createEngine(config: Config): Engine {
       closed = true
       // Requests in flight finish first: their writes are stored (or fail) before anything is closed.
       await session.drain(timeout)
-      await backend.close()
+      await backend.close(timeout)
       await locks?.releaseAll()
       await ring.close()
     },

@@ -185,6 +185,33 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect((await browser.send(app, 'GET', '/reload')).body.cart).toEqual(['apple'])
   })
 
+  it("merges a change made after reload() against the reloaded data, with resave: true too ('merge')", async () => {
+    const app = await shop({ resave: true, lockingMode: 'merge' })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/count') // views 1
+    const gates: Array<() => void> = []
+    app.beforeModify = () => new Promise<void>((resolve) => gates.push(resolve))
+    const slow = browser.send(app, 'POST', '/reload-then-key/late')
+    const until = async (count: number) => {
+      while (gates.length < count) await new Promise((resolve) => setTimeout(resolve, 5))
+    }
+    await until(1)
+    app.beforeModify = async () => {}
+    await browser.send(app, 'POST', '/count') // views 2, before the reload
+    gates[0]?.()
+    app.beforeModify = () => new Promise<void>((resolve) => gates.push(resolve))
+    await until(2)
+    app.beforeModify = async () => {}
+    await browser.send(app, 'POST', '/count') // views 3, after it
+    gates[1]?.()
+    expect((await slow).status).toBe(200)
+    // Diffed against the first load instead, the reloaded views (2) would count as this request's change.
+    const stored = await browser.send(app, 'GET', '/keys')
+    expect(stored.body.keys).toEqual(['k_late'])
+    expect((await browser.send(app, 'POST', '/count')).body.views).toBe(4)
+    expect(app.sessions.stats().mergeConflicts).toBe(0)
+  })
+
   it('leaves requests outside cookie.path without a session', async () => {
     const app = await shop({ cookie: { path: '/cart' } })
     expect((await new Browser().send(app, 'GET', '/elsewhere/cart')).body.hasSession).toBe(false)

@@ -191,6 +191,77 @@ describe('sticky mode', () => {
   })
 })
 
+describe('sticky mode in one process', () => {
+  afterEach(() => stopAllMemcached())
+
+  it('does not keep serving from memory a session logged out while a write of it was being stored', async () => {
+    const servers = await startCluster(2)
+    const shop = await startShop(express, {
+      secret: 'sticky-secret',
+      nodes: nodesOption(servers),
+      sticky: true,
+      route: 'a',
+    })
+    try {
+      for (let trial = 0; trial < 30; trial++) {
+        const browser = new Browser()
+        await browser.send(shop, 'POST', '/cart/apple')
+        const cookie = browser.cookie
+        const { primary, backup } = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+        const tab = new Browser()
+        tab.cookie = cookie
+        // The logout waits for the write in flight; that write must not put the session back in memory.
+        await Promise.all([tab.send(shop, 'POST', '/cart/pear'), browser.send(shop, 'POST', '/logout')])
+        const stored = (await Promise.all(servers.flatMap((s) => [s.has(primary), s.has(backup)]))).some(
+          Boolean,
+        )
+        const old = new Browser()
+        old.cookie = cookie
+        const served = ((await old.send(shop, 'GET', '/cart')).body.cart ?? []).length > 0
+        // Either the logout came last (gone everywhere), or the write came after it and is stored: never a
+        // session that only this instance's memory still holds.
+        expect({ trial, served, stored }).toEqual({ trial, served: stored, stored })
+      }
+    } finally {
+      await shop.close()
+    }
+  })
+
+  it.each([
+    false,
+    true,
+  ])('keeps its backup queue within localMaxSessions through an outage (backupAsync %s)', async (backupAsync) => {
+    const servers = await startCluster(2)
+    const engine = createEngine(
+      parseOptions({
+        secret: 'sticky-secret',
+        nodes: nodesOption(servers),
+        sticky: true,
+        route: 'a',
+        backupAsync,
+        localMaxSessions: 5,
+        operationTimeout: 200,
+        nodeProbeInterval: 60_000,
+        logger: { debug() {}, info() {}, warn() {}, error() {} },
+      }),
+    )
+    const cookie = { path: '/', httpOnly: true, originalMaxAge: null }
+    try {
+      await Promise.all(servers.map((server) => server.kill()))
+      for (let i = 0; i < 30; i++) {
+        const { state } = await engine.session.open(undefined)
+        const data = { user: `u${i}`, pad: 'x'.repeat(10_000), cookie }
+        await engine.session.save(state, engine.session.snapshot(data, cookie))
+        await engine.session.finish(state)
+      }
+      // Each queued backup holds a whole record: without a bound, all 30 would wait here.
+      expect(engine.sticky?.pendingBackups).toBeLessThanOrEqual(5)
+    } finally {
+      await engine.close({ timeout: 100 })
+    }
+  })
+})
+
 describe('failover nodes', () => {
   afterEach(() => stopAllMemcached())
 

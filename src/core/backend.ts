@@ -19,5 +19,6 @@ export interface SessionBackend {
   refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void>
   destroy(id: string): Promise<void>
   /** Finishes pending work (async backups); the ring is closed by its owner. */
-  close(): Promise<void>
+  /** `timeoutMs`: the longest to wait for writes still queued (sticky mode's backups). */
+  close(timeoutMs?: number): Promise<void>
 }

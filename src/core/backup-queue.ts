@@ -12,8 +12,15 @@ export interface BackupJob {
   readonly onlyIfNewer: boolean
 }
 
-/** written: stored (under `id`, which changes on relocation); not written: no node alive, the job stays queued. */
-export type JobOutcome = { readonly written: true; readonly id: string } | { readonly written: false }
+/**
+ * written: stored (under `id`, which changes on relocation); not written: no node alive, the job stays queued;
+ * withdrawn: the session was destroyed (or taken over) meanwhile, and this write must not be kept in memory.
+ */
+export type JobOutcome =
+  | { readonly written: true; readonly id: string }
+  | { readonly written: false; readonly withdrawn?: true }
+
+const WITHDRAWN: JobOutcome = { written: false, withdrawn: true }
 
 export interface BackupQueueOptions {
   /** Most sessions waiting; past it offer() refuses. */
@@ -27,6 +34,8 @@ export interface BackupQueueOptions {
   readonly onWritten: (key: string, job: BackupJob, id: string) => void
   /** The stored copy was newer than the job's: another instance owns the session now. */
   readonly onStale: (key: string, job: BackupJob) => void
+  /** No node alive, and the queue full: the job is not kept (the session has no stored copy of this version). */
+  readonly onDropped: (key: string, job: BackupJob) => void
   readonly logger: Logger
 }
 
@@ -113,7 +122,7 @@ export class BackupQueue {
   async withdraw(key: string): Promise<void> {
     const entry = this.#pending.get(key)
     this.#pending.delete(key)
-    for (const waiter of entry?.waiters ?? []) waiter.resolve({ written: false })
+    for (const waiter of entry?.waiters ?? []) waiter.resolve(WITHDRAWN)
     const running = this.#running.get(key)
     if (running) {
       running.withdrawn = true
@@ -164,13 +173,19 @@ export class BackupQueue {
     try {
       const id = await this.#options.run(entry.job)
       this.#options.onWritten(key, entry.job, id)
-      for (const waiter of entry.waiters) waiter.resolve({ written: true, id })
+      // Withdrawn while it ran: the destroy waiting for it comes next, and must find nothing to bring back.
+      const outcome: JobOutcome = running.withdrawn ? WITHDRAWN : { written: true, id }
+      for (const waiter of entry.waiters) waiter.resolve(outcome)
     } catch (error) {
       if (error instanceof AllNodesDownError) {
         // Degraded: keep the job (as a conditional write: others may write meanwhile) unless a newer one waits.
         for (const waiter of entry.waiters) waiter.resolve({ written: false })
         if (!running.withdrawn && !this.#pending.has(key)) {
-          this.#pending.set(key, { job: { ...entry.job, onlyIfNewer: true }, waiters: [], urgent: false })
+          // Bounded like offer(): through a long outage every session written would otherwise wait here,
+          // each with its whole record.
+          if (this.#pending.size >= this.#options.maxPending) this.#options.onDropped(key, entry.job)
+          else
+            this.#pending.set(key, { job: { ...entry.job, onlyIfNewer: true }, waiters: [], urgent: false })
         }
         this.#scheduleRetry()
       } else if (error instanceof StaleWriteError) {

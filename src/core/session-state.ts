@@ -62,11 +62,15 @@ export class SessionState {
   /** The primary copy's compare-and-set token as read (until this request writes). */
   cas: LoadedSession['cas'] = undefined
 
+  /** What a merge diffs against: the data this request last read (its load, a reload()) or wrote. */
+  #base: Buffer
+
   private constructor(cookieId: string | undefined, id: string, data: Buffer) {
     this.cookieId = cookieId
     this.id = id
     this.originalId = id
     this.originalData = data
+    this.#base = data
   }
 
   /** `empty`: the serializer's `{}`. */
@@ -86,6 +90,9 @@ export class SessionState {
     this.record = loaded.record
     this.cas = loaded.cas
     this.mustWrite = loaded.mustWrite
+    // Also with resave, where nothing counts as saved: a reload()'s data is what this request's changes are
+    // made against, not the first load's (whose differences would all look like this request's own).
+    this.#base = loaded.record.data
     if (!policy.resave) {
       this.savedId = loaded.id
       this.savedData = loaded.record.data
@@ -146,6 +153,7 @@ export class SessionState {
     this.id = id
     this.savedId = id
     this.savedData = view
+    this.#base = view
     this.record = record
     this.cas = undefined
     this.mustWrite = false
@@ -154,6 +162,6 @@ export class SessionState {
 
   /** What a merge diffs against: the data this request last read or wrote. */
   get baseData(): Buffer {
-    return this.savedData ?? this.originalData
+    return this.#base
   }
 }

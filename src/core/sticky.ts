@@ -75,6 +75,15 @@ export class StickyStore implements SessionBackend {
         const local = this.#local.peek(key)
         if (local && local.record === job.record) local.id = id
       },
+      onDropped: (key, job) => {
+        // Served from memory until a node is back; then its next load writes it (mustWrite), if still here.
+        const local = this.#local.peek(key)
+        if (local && local.record === job.record) local.backedUp = false
+        options.logger.warn(
+          { pending: this.#queue.size },
+          'session-failover: no node alive and the backup queue is full; sticky session kept in memory only',
+        )
+      },
       onStale: (key, job) => {
         // Another instance stored a newer copy while this one waited: it owns the session now.
         if (this.#local.peek(key)?.record === job.record) this.#local.delete(key)
@@ -177,6 +186,8 @@ export class StickyStore implements SessionBackend {
     }
     // Synchronous; a failure other than "no node" leaves memory as it was, so a rejected save is never served.
     const outcome = await this.#queue.submit(key, { id, record, expiresAt, onlyIfNewer: false })
+    // Destroyed meanwhile (a logout racing this write): it stays destroyed, in memory too.
+    if (!outcome.written && outcome.withdrawn) return id
     if (outcome.written) {
       this.#local.set(key, { id: outcome.id, record, expiresAt, backedUp: true })
       return outcome.id
@@ -215,9 +226,9 @@ export class StickyStore implements SessionBackend {
     }
   }
 
-  async close(): Promise<void> {
+  async close(timeoutMs = this.#options.flushTimeoutMs): Promise<void> {
     this.#unregisterSigterm?.()
-    const flushed = await this.#queue.flush(this.#options.flushTimeoutMs)
+    const flushed = await this.#queue.flush(timeoutMs)
     this.#queue.stop()
     if (!flushed) {
       this.#options.logger.error(

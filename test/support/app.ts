@@ -127,6 +127,20 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     ;(req as { session: unknown }).session = null
     res.json({ ok: true })
   })
+  app.post('/reload-then-key/:name', async (req, res, next) => {
+    // Waits (beforeModify), reloads, waits again, then sets a key: others may write at each wait.
+    try {
+      await shop.beforeModify()
+      await new Promise<void>((resolve, reject) =>
+        req.session.reload((error: unknown) => (error ? reject(error) : resolve())),
+      )
+      await shop.beforeModify()
+      ;(req.session as unknown as Record<string, unknown>)[`k_${req.params.name}`] = true
+      res.json({ views: req.session.views ?? 0 })
+    } catch (error) {
+      next(error)
+    }
+  })
   app.get('/reload', (req, res, next) => {
     req.session.reload((error: unknown) => (error ? next(error) : res.json({ cart: req.session.cart ?? [] })))
   })
