@@ -417,7 +417,8 @@ export class ReplicatedStore implements SessionBackend {
   /**
    * A copy that a touch found missing (its node restarted empty) is written again from the other copy, read now.
    * Not from the copy this request read when it began: a logout on another instance since then deleted both
-   * copies, and writing one back would undo it. Gone from both, the session stays gone. With `add`, not `set`:
+   * copies, and writing one back would undo it. Gone from both, the session stays gone, unless `fallback` (sticky
+   * mode: the owner's copy in memory) is given. With `add`, not `set`:
    * a newer version written meanwhile is never overwritten. Re-encoded, so a copy too large for the limit in force
    * now (lowered, or encryption turned on) is not written back. A logout whose two deletes land on either side of
    * this read and add can still leave one copy: a window of one round trip, not the whole request's life.
