@@ -168,6 +168,39 @@ describe('a frozen memcached (SIGSTOP)', () => {
   })
 })
 
+describe('a memcached node while the wall clock steps', () => {
+  it('times a request out after operationTimeout even when the clock steps back meanwhile', async () => {
+    const server = await startMemcached()
+    const node = memcachedNodeOn(server.port)
+    const now = Date.now.bind(Date)
+    try {
+      await node.set('k', Buffer.from('v'), 60)
+      await server.freeze()
+      const pending = node.get('k')
+      // NTP (or an operator) sets the clock a minute back while the request waits.
+      const stepped = vi.spyOn(Date, 'now').mockImplementation(() => now() - 60_000)
+      try {
+        // Deadlines on the wall clock would hold it for that minute; the check is a count of timeouts, not a
+        // stopwatch: it must have settled by the time ten operationTimeouts have passed.
+        const outcome = await Promise.race([
+          pending.then(
+            () => 'answered',
+            (error: unknown) => (error instanceof OperationTimeoutError ? 'timed out' : String(error)),
+          ),
+          new Promise((resolve) => setTimeout(resolve, 10 * 200, 'still waiting')),
+        ])
+        expect(outcome).toBe('timed out')
+      } finally {
+        stepped.mockRestore()
+      }
+    } finally {
+      server.thaw()
+      await node.close()
+      await stopAllMemcached()
+    }
+  })
+})
+
 /** Node n1 on a memcached at `port`, whose operations time out after 200 ms. */
 function memcachedNodeOn(port: number): MemcachedNode {
   return new MemcachedNode({ id: 'n1', host: '127.0.0.1', port, operationTimeoutMs: 200, probeKey: 'p' })

@@ -381,5 +381,13 @@ describe('memcached SASL authentication', () => {
     expect(refused.status).toBe(503)
     expect(refused.body.code).toBe('ESF_ALL_NODES_DOWN')
     expect(wrong.sessions.health().nodes[0]?.lastError).toMatch(/auth/i)
+
+    // No credentials at all (the server was restarted with SASL on): the node is down for us, not refusing one
+    // command, so sessions fail over instead of failing with a 500.
+    const unconfigured = await shop({ nodes: [node] })
+    const unauthenticated = await new Browser().send(unconfigured, 'POST', '/cart/apple')
+    expect(unauthenticated.status).toBe(503)
+    expect(unconfigured.sessions.health().nodes[0]).toMatchObject({ alive: false })
+    expect(unconfigured.sessions.health().nodes[0]?.lastError).toMatch(/authentication required/)
   })
 })

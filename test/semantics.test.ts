@@ -1,3 +1,4 @@
+import { connect } from 'node:net'
 import { sign } from 'cookie-signature'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
@@ -215,6 +216,26 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
   it('leaves requests outside cookie.path without a session', async () => {
     const app = await shop({ cookie: { path: '/cart' } })
     expect((await new Browser().send(app, 'GET', '/elsewhere/cart')).body.hasSession).toBe(false)
+  })
+
+  it('serves a session to a request whose target is in absolute form, as proxies send it', async () => {
+    const app = await shop()
+    const { port } = new URL(app.url)
+    const socket = connect(Number(port), '127.0.0.1')
+    const reply = await new Promise<string>((resolve) => {
+      let bytes = ''
+      socket.on('data', (chunk) => {
+        bytes += chunk.toString()
+      })
+      socket.on('close', () => resolve(bytes))
+      socket.write(
+        `POST http://127.0.0.1:${port}/cart/apple?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`,
+      )
+    })
+    // Express routes it by its path; without a session there, the route fails (500).
+    expect(reply.split('\r\n')[0]).toBe('HTTP/1.1 200 OK')
+    expect(reply).toContain('"cart":["apple"]')
+    expect(reply.toLowerCase()).toContain('set-cookie: connect.sid=')
   })
 
   it('falls back to the backup when the primary copy is corrupt, and a fresh session when both are', async () => {

@@ -132,8 +132,8 @@ export class SessionEngine {
 
   /** Resolves once no request is in flight, or after `timeoutMs`; whether they all finished. */
   async drain(timeoutMs: number): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs
-    while (this.#inFlight.size > 0 && Date.now() < deadline) {
+    const deadline = performance.now() + timeoutMs
+    while (this.#inFlight.size > 0 && performance.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 10))
     }
     return this.#inFlight.size === 0

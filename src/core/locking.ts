@@ -120,7 +120,8 @@ export class LockManager {
     besideFirstAdd?: () => void,
   ): Promise<SessionLock> {
     const turn = this.#queues.join(random)
-    const deadline = Date.now() + this.#options.lockTimeoutMs
+    // On the monotonic clock, as every wait below: a step of the wall clock must not stretch lockTimeout.
+    const deadline = performance.now() + this.#options.lockTimeoutMs
     const asked: LockRequest = { random, turn, primaryOf, lockKey, deadline, besideFirstAdd }
     // Most requests find no request of their session ahead in this process, and no lock left to them: they go
     // straight to the add, one async frame fewer on every locked request.
@@ -132,7 +133,8 @@ export class LockManager {
   async #afterTurn(asked: LockRequest): Promise<SessionLock> {
     const { random, turn, primaryOf, lockKey, deadline } = asked
     try {
-      if (turn.ready && !(await settlesWithin(turn.ready, deadline - Date.now()))) throw this.#timeout()
+      if (turn.ready && !(await settlesWithin(turn.ready, deadline - performance.now())))
+        throw this.#timeout()
       if (this.#closing) throw new ClosedError('session-failover was closed; no lock is taken')
       const inherited = this.#handoffs.get(random)
       if (inherited) {
@@ -198,11 +200,11 @@ export class LockManager {
           // The node is marked dead now; the next pass locks where the session moves to. The add may still have
           // been applied (a frozen node runs it when it resumes): that lock is removed before the node is back.
           this.#ring.deleteWhenBack(nodeId, lockKey, value)
-          if (Date.now() >= deadline) throw this.#timeout()
+          if (performance.now() >= deadline) throw this.#timeout()
           continue
         }
         const wait = pause * (0.5 + Math.random())
-        if (Date.now() + wait >= deadline) throw this.#timeout()
+        if (performance.now() + wait >= deadline) throw this.#timeout()
         await new Promise((resolve) => setTimeout(resolve, wait))
       }
     } catch (error) {

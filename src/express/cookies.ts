@@ -32,6 +32,17 @@ export function isSecure(
 
 export function requestPath(req: IncomingMessage & { originalUrl?: string }): string {
   const url = req.originalUrl ?? req.url ?? '/'
+  // The absolute form (`GET http://host/cart`, as proxies send it) has its path after the authority; Express
+  // routes it by that path, so the session must be there too.
+  if (url.charCodeAt(0) !== 47 /* / */) return absolutePath(url)
   const query = url.indexOf('?')
   return query === -1 ? url : url.slice(0, query)
+}
+
+function absolutePath(url: string): string {
+  try {
+    return new URL(url, 'http://localhost').pathname
+  } catch {
+    return '/'
+  }
 }

@@ -130,7 +130,9 @@ export class MemcachedConnection {
     const opaque = this.#opaque
     // Encoded first: a request that cannot be (no memory for its buffer) must not wait for a reply in the queue.
     const request = encodeRequest(opcode, key, extras, value, opaque, cas)
-    const deadline = Date.now() + this.#options.timeoutMs
+    // A monotonic clock: a step of the wall clock (NTP, an operator) must neither hold a request past its
+    // timeout nor time out a healthy node's requests.
+    const deadline = performance.now() + this.#options.timeoutMs
     this.#queue.push({ opaque, operation, deadline, resolve, reject })
     if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
     if (this.#outgoing.length === 0) sendAtEndOfTurn(() => this.#flush(socket))
@@ -211,6 +213,15 @@ export class MemcachedConnection {
   readonly #onReply = (reply: MemcachedReply): void => {
     const head = this.#queue[0]
     if (head?.opaque !== reply.opaque) throw new MalformedReplyError('reply out of step with the requests')
+    // A server that wants credentials this node was not given (restarted with SASL on) is unavailable to us, not
+    // refusing one command; it closes the connection after this reply anyway. Thrown: the connection drops.
+    const status = reply.status
+    if (
+      (status === STATUS.authError || status === STATUS.authContinue) &&
+      head.operation !== 'authenticate'
+    ) {
+      throw new Error('authentication required: configure a username and password for this node')
+    }
     this.#queue.shift()
     head.resolve(reply)
   }
@@ -224,7 +235,7 @@ export class MemcachedConnection {
     this.#timer = undefined
     const head = this.#queue[0]
     if (!head) return
-    const now = Date.now()
+    const now = performance.now()
     if (head.deadline > now) {
       this.#arm(head.deadline - now)
       return

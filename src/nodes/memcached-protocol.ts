@@ -12,7 +12,13 @@ export const OPCODE = {
   saslAuth: 0x21,
 } as const
 
-export const STATUS = { ok: 0x0000, notFound: 0x0001, exists: 0x0002 } as const
+export const STATUS = {
+  ok: 0x0000,
+  notFound: 0x0001,
+  exists: 0x0002,
+  authError: 0x0020,
+  authContinue: 0x0021,
+} as const
 
 const REQUEST_MAGIC = 0x80
 /** A reply starts with this byte; anything else means the stream is out of step. */
