@@ -13,7 +13,7 @@ import { MemoryNode } from './nodes/memory.js'
 import type { SessionNode } from './nodes/node.js'
 import { RedisNode } from './nodes/redis.js'
 import { NodeRing } from './nodes/ring.js'
-import { type Config, describe, type NodeConfig, parseNodes } from './options.js'
+import { type Config, describe, MAX_TIMER_MS, type NodeConfig, parseNodes } from './options.js'
 
 export interface Engine {
   readonly session: SessionEngine
@@ -132,6 +132,7 @@ export function createEngine(config: Config): Engine {
     concurrency,
   })
   let closed = false
+  let closing: Promise<void> | undefined
   const live = new Map<string, { spec: NodeConfig; node: SessionNode }>(
     specs?.map((spec, index) => [spec.id, { spec, node: nodes[index] as SessionNode }]),
   )
@@ -183,19 +184,23 @@ export function createEngine(config: Config): Engine {
       specs = next
       config.logger.info({ nodes: next.map((spec) => spec.id) }, 'session-failover: nodes replaced')
     },
-    async close({ timeout = FLUSH_TIMEOUT_MS } = {}) {
-      if (typeof timeout !== 'number' || !(timeout >= 0)) {
+    // Not async: a bad timeout throws before anything is closed, so the caller may call again with a good one.
+    close({ timeout = FLUSH_TIMEOUT_MS } = {}) {
+      if (typeof timeout !== 'number' || !(timeout >= 0 && timeout <= MAX_TIMER_MS)) {
         throw new ConfigError(
-          `Expected close()'s \`timeout\` to be milliseconds >= 0, got ${describe(timeout)}`,
+          `Expected close()'s \`timeout\` to be milliseconds from 0 to ${MAX_TIMER_MS}, got ${describe(timeout)}`,
         )
       }
-      if (closed) return
       closed = true
-      // Requests in flight finish first: their writes are stored (or fail) before anything is closed.
-      await session.drain(timeout)
-      await backend.close(timeout)
-      await locks?.releaseAll()
-      await ring.close()
+      // A second call waits for the same close: code that exits once close() resolves must not exit early.
+      closing ??= (async () => {
+        // Requests in flight finish first: their writes are stored (or fail) before anything is closed.
+        await session.drain(timeout)
+        await backend.close(timeout)
+        await locks?.releaseAll()
+        await ring.close()
+      })()
+      return closing
     },
   }
 }

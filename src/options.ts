@@ -218,9 +218,18 @@ const KNOWN_COOKIE_OPTIONS = new Set([
   'sameSite',
   'partitioned',
   'priority',
-  'signed',
-  'encode',
 ])
+
+/** Cookie options of express-session's type that this library does not honour: refused, not ignored. */
+const REFUSED_COOKIE_OPTIONS: Readonly<Record<string, string>> = {
+  signed: 'the session cookie is always signed with `secret`',
+  encode: 'the session cookie is always URL-encoded, as express-session writes it',
+}
+
+/** The `cookie` package's own test of a Domain attribute, applied at start-up instead of on every response. */
+const COOKIE_DOMAIN = /^([.]?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)([.][a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i
+const SAME_SITE = new Set<unknown>([true, false, 'lax', 'strict', 'none', 'auto'])
+const PRIORITY = new Set<unknown>(['low', 'medium', 'high'])
 
 /** Parses and validates user options into one frozen, fully-defaulted config. Throws ConfigError. */
 export function parseOptions(options: unknown, env: string | undefined = process.env.NODE_ENV): Config {
@@ -408,7 +417,7 @@ export function parseNodes(value: unknown): NodeConfig[] {
         const match = NODE_ENTRY.exec(entry)
         if (!match) {
           throw new ConfigError(
-            `Expected each entry of \`nodes\` to look like 'id:host:port' or 'id:redis://host:port', got '${entry}'`,
+            `Expected each entry of \`nodes\` to look like 'id:host:port' or 'id:redis://host:port', got '${withoutCredentials(entry)}'`,
           )
         }
         const [, id = '', host = '', port] = match
@@ -528,6 +537,11 @@ function memcachedNode(
   })
 }
 
+/** An entry as it may be echoed in an error: whatever sits between '//' and '@' (a password) hidden. */
+function withoutCredentials(entry: string): string {
+  return entry.replace(/\/\/[^/@\s]*@/, '//***@')
+}
+
 function redisUrl(id: string, url: unknown): string {
   let parsed: URL | undefined
   try {
@@ -576,7 +590,8 @@ function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfi
  * so a lock must outlive one second plus an operation timeout.
  */
 /** Node's longest timer: setTimeout() runs a longer delay after 1 ms. */
-const MAX_TIMER_MS = 2_147_483_647
+/** Node's longest timer: a longer one fires after 1 ms. */
+export const MAX_TIMER_MS = 2_147_483_647
 /** Ten minutes: a node that takes longer is down; and a lock (at most lockExpiration's 86 400 s) must outlive it. */
 const MAX_OPERATION_TIMEOUT_MS = 600_000
 
@@ -659,9 +674,40 @@ function parseCookie(value: unknown): Readonly<CookieOptions> {
     throw new ConfigError(`Expected \`cookie\` to be an object of cookie options, got ${describe(value)}`)
   }
   for (const key of Object.keys(value)) {
+    const refused = REFUSED_COOKIE_OPTIONS[key]
+    if (refused) throw new ConfigError(`\`cookie.${key}\` is not supported: ${refused}`)
     if (!KNOWN_COOKIE_OPTIONS.has(key)) throw new ConfigError(`Unknown cookie option \`cookie.${key}\``)
   }
   const cookie = value as CookieOptions
+  // Checked by the cookie package only when a response's cookie is written, that is on every request: here once.
+  const sameSite = typeof cookie.sameSite === 'string' ? cookie.sameSite.toLowerCase() : cookie.sameSite
+  if (cookie.sameSite !== undefined && !SAME_SITE.has(sameSite)) {
+    throw new ConfigError(
+      `Expected \`cookie.sameSite\` to be true, false, 'lax', 'strict', 'none' or 'auto', got ${describe(cookie.sameSite)}`,
+    )
+  }
+  const priority = typeof cookie.priority === 'string' ? cookie.priority.toLowerCase() : cookie.priority
+  if (cookie.priority !== undefined && !PRIORITY.has(priority)) {
+    throw new ConfigError(
+      `Expected \`cookie.priority\` to be 'low', 'medium' or 'high', got ${describe(cookie.priority)}`,
+    )
+  }
+  if (
+    cookie.domain !== undefined &&
+    !(typeof cookie.domain === 'string' && COOKIE_DOMAIN.test(cookie.domain))
+  ) {
+    throw new ConfigError(`Expected \`cookie.domain\` to be a domain name, got ${describe(cookie.domain)}`)
+  }
+  for (const flag of ['httpOnly', 'partitioned'] as const) {
+    if (cookie[flag] !== undefined && typeof cookie[flag] !== 'boolean') {
+      throw new ConfigError(`Expected \`cookie.${flag}\` to be a boolean, got ${describe(cookie[flag])}`)
+    }
+  }
+  if (cookie.secure !== undefined && typeof cookie.secure !== 'boolean' && cookie.secure !== 'auto') {
+    throw new ConfigError(
+      `Expected \`cookie.secure\` to be a boolean or 'auto', got ${describe(cookie.secure)}`,
+    )
+  }
   // Past 10^15 ms (about 31 700 years) the cookie's Expires is no date JavaScript can represent.
   if (
     cookie.maxAge != null &&

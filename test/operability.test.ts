@@ -281,6 +281,28 @@ describe('health()', () => {
     expect(app.sessions.health().ready).toBe(false)
   })
 
+  it('refuses a bad close() timeout without closing anything, and a second close() waits for the first', async () => {
+    servers = await startCluster(2)
+    const app = await shop()
+    for (const timeout of [-1, Number.POSITIVE_INFINITY]) {
+      await expect(app.sessions.close({ timeout })).rejects.toBeInstanceOf(ConfigError)
+    }
+    // Still open: a refused close() must not leave the middleware answering 503 with its nodes connected.
+    expect(app.sessions.health().ready).toBe(true)
+    expect((await new Browser().send(app, 'POST', '/cart/apple')).status).toBe(200)
+
+    let answered = false
+    const slow = fetch(`${app.url}/slow/answer`, { method: 'POST' }).then(() => {
+      answered = true
+    })
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    void app.sessions.close()
+    // A second shutdown path (SIGINT after SIGTERM, the app and a library) resolves with the first close only.
+    await app.sessions.close()
+    expect(answered).toBe(true)
+    await slow
+  })
+
   it('is ready while a node is alive, and not ready once none is', async () => {
     servers = await startCluster(2)
     const app = await shop()

@@ -101,6 +101,22 @@ describe('options', () => {
       { secret: 's', nodes: [{ id: 'c', cluster: [] }] },
       "Expected the cluster of node 'c' to be a non-empty array",
     ],
+    // Checked by the cookie package only when a cookie is written: every request would fail.
+    [
+      { secret: 's', nodes, cookie: { sameSite: 'bogus' } },
+      "Expected `cookie.sameSite` to be true, false, 'lax'",
+    ],
+    [
+      { secret: 's', nodes, cookie: { priority: 'urgent' } },
+      "Expected `cookie.priority` to be 'low', 'medium'",
+    ],
+    [
+      { secret: 's', nodes, cookie: { domain: 'bad domain;x' } },
+      'Expected `cookie.domain` to be a domain name',
+    ],
+    [{ secret: 's', nodes, cookie: { httpOnly: 'yes' } }, 'Expected `cookie.httpOnly` to be a boolean'],
+    [{ secret: 's', nodes, cookie: { encode: String } }, '`cookie.encode` is not supported'],
+    [{ secret: 's', nodes, cookie: { signed: true } }, '`cookie.signed` is not supported'],
     // A raw '%' passes URL parsing but not ioredis's decoding: a URIError at start-up, without this check.
     [
       { secret: 's', nodes: [{ id: 'r', url: 'redis://app:50%off@h:1' }] },
@@ -225,6 +241,12 @@ describe('options', () => {
     ['s', 'Expected options to be an object like { secret, nodes }'],
   ])('rejects %j with a message saying what was expected and given', (options, expected) => {
     expect(message(options)).toContain(expected)
+  })
+
+  it('never repeats a password from a malformed entry of `nodes` in its message', () => {
+    const text = message({ secret: 's', nodes: 'r1:valkey://app:s3cret@10.0.0.3:6380' })
+    expect(text).toContain("got 'r1:valkey://***@10.0.0.3:6380'")
+    expect(text).not.toContain('s3cret')
   })
 
   it('reads the sticky options with their defaults, and a random route when none is given', () => {

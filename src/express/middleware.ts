@@ -152,9 +152,11 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
 
   return Object.assign(
     middleware,
-    operationsOf(engine, (options) => {
+    // Async, so a bad timeout is a rejection; closed only once engine.close() accepted it.
+    operationsOf(engine, async (options) => {
+      const closing = engine.close(options)
       closed = true
-      return engine.close(options)
+      return closing
     }),
   )
 }
