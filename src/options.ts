@@ -1,10 +1,15 @@
 import { randomBytes } from 'node:crypto'
-import type { CookieOptions } from 'express-session'
+import type { CookieOptions as ExpressCookieOptions } from 'express-session'
 import type { LockingMode } from './core/locking-policy.js'
 import { type SerializerOption, SessionSerializer } from './core/serializer.js'
 import { ConfigError } from './errors.js'
 import { type Logger, silentLogger } from './logger.js'
 import { NODE_ID_PATTERN } from './session-id.js'
+
+/** express-session's cookie options, with the `sameSite: 'auto'` this library resolves per request, as `secure`. */
+export type CookieOptions = Omit<ExpressCookieOptions, 'sameSite'> & {
+  sameSite?: ExpressCookieOptions['sameSite'] | 'auto'
+}
 
 /**
  * A node in the array form of `nodes`: a memcached server `{ id, host, port }` (with `username` and `password`

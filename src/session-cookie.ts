@@ -2,6 +2,7 @@ import type { IncomingMessage } from 'node:http'
 import { serialize } from 'cookie'
 import session from 'express-session'
 import { signedValue } from './core/cookie-value.js'
+import type { CookieOptions } from './options.js'
 
 /** express-session's Cookie (maxAge, expires, options), which both adapters give their sessions. */
 export type SessionCookie = session.Cookie & { readonly data: Record<string, unknown> }
@@ -10,13 +11,10 @@ export type SessionCookie = session.Cookie & { readonly data: Record<string, unk
 const CookieClass = session.Cookie as unknown as new (options?: session.CookieOptions) => SessionCookie
 
 /** A new session's cookie from the `cookie` option; 'auto' secure and sameSite follow the connection. */
-export function newSessionCookie(
-  options: Readonly<session.CookieOptions>,
-  secureConnection: boolean,
-): SessionCookie {
-  const cookie = new CookieClass(options)
+export function newSessionCookie(options: Readonly<CookieOptions>, secureConnection: boolean): SessionCookie {
+  const cookie = new CookieClass(options as session.CookieOptions)
   if ((options.secure as unknown) === 'auto') cookie.secure = secureConnection
-  if ((options.sameSite as unknown) === 'auto') cookie.sameSite = secureConnection ? 'none' : 'lax'
+  if (options.sameSite === 'auto') cookie.sameSite = secureConnection ? 'none' : 'lax'
   return cookie
 }
 

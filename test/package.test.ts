@@ -102,7 +102,11 @@ await app.close()
       `import express from 'express'
 import { sessionFailover, parseSessionId, type SessionFailoverOptions } from 'session-failover'
 declare module 'express-session' { interface SessionData { cart: string[] } }
-const options: SessionFailoverOptions = { secret: ['a', 'b'], nodes: [{ id: 'n1', host: '127.0.0.1', port: 11211 }] }
+const options: SessionFailoverOptions = {
+  secret: ['a', 'b'],
+  nodes: [{ id: 'n1', host: '127.0.0.1', port: 11211 }],
+  cookie: { sameSite: 'auto', secure: 'auto' },
+}
 const sessions = sessionFailover(options)
 const app = express()
 app.use(sessions)
