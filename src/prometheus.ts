@@ -3,6 +3,7 @@ import type { SessionCounters } from './core/counters.js'
 import { LATENCY_BUCKETS, type LatencyName } from './core/metrics.js'
 import { ConfigError } from './errors.js'
 import { METRICS_SOURCE, type MetricsSource } from './operator.js'
+import { describe } from './options.js'
 
 export interface PrometheusOptions {
   /** Where the metrics are registered. Default: prom-client's global registry. */
@@ -130,6 +131,11 @@ export function registerSessionMetrics(
   const source = provider[METRICS_SOURCE]
   const registry = options.registry ?? register
   const prefix = options.prefix ?? 'session_failover_'
+  if (typeof prefix !== 'string' || !/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) {
+    throw new ConfigError(
+      `Expected \`prefix\` to start a Prometheus metric name (letters, digits, '_' and ':', no digit first), got ${describe(prefix)}`,
+    )
+  }
   const names = [
     ...COUNTERS.map((counter) => counter.name),
     'node_up',
@@ -203,8 +209,15 @@ export function registerSessionMetrics(
     histograms.get(latency)?.observe(seconds),
   )
 
+  // What this call registered: a later call that unregisters removes these objects only, and only once, never
+  // the metrics another registration made under the same names since.
+  const mine = names.map((name) => [name, registry.getSingleMetric(name)] as const)
+  let registered = true
   return () => {
+    if (!registered) return
+    registered = false
     stopObserving()
-    for (const name of names) registry.removeSingleMetric(name)
+    for (const [name, metric] of mine)
+      if (registry.getSingleMetric(name) === metric) registry.removeSingleMetric(name)
   }
 }

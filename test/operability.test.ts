@@ -367,6 +367,23 @@ describe('Prometheus metrics', () => {
     expect(await registry.metrics()).toContain('other_sessions_requests_total')
   })
 
+  it('unregisters only what one call registered, once, and refuses a prefix Prometheus cannot take', async () => {
+    servers = await startCluster(2)
+    const app = await shop()
+    const registry = new Registry()
+    const first = registerSessionMetrics(app.sessions, { registry })
+    first()
+    registerSessionMetrics(app.sessions, { registry })
+    const registered = (await registry.getMetricsAsJSON()).length
+    expect(registered).toBeGreaterThan(0)
+    // Called again (two shutdown paths), the first one's function must not remove the second's metrics.
+    first()
+    expect((await registry.getMetricsAsJSON()).length).toBe(registered)
+    expect(() => registerSessionMetrics(app.sessions, { registry, prefix: '9 sessions' })).toThrow(
+      ConfigError,
+    )
+  })
+
   it('takes a Fastify app the same way', async () => {
     servers = await startCluster(2)
     const app = await startFastifyShop({ secret: SECRET, nodes: nodesOption(servers) })
