@@ -131,7 +131,7 @@ export function createEngine(config: Config): Engine {
     logger: config.logger,
     concurrency,
   })
-  let closed = false
+  /** The first close(): every later call waits for it. */
   let closing: Promise<void> | undefined
   const live = new Map<string, { spec: NodeConfig; node: SessionNode }>(
     specs?.map((spec, index) => [spec.id, { spec, node: nodes[index] as SessionNode }]),
@@ -142,10 +142,10 @@ export function createEngine(config: Config): Engine {
     metrics,
     sticky,
     get closed() {
-      return closed
+      return closing !== undefined
     },
     setNodes(value) {
-      if (closed) throw new ClosedError('session-failover was closed; its nodes cannot change')
+      if (closing) throw new ClosedError('session-failover was closed; its nodes cannot change')
       if (!specs) {
         throw new ConfigError(
           'setNodes() needs `nodes` configured at start-up; the development store has none',
@@ -191,7 +191,6 @@ export function createEngine(config: Config): Engine {
           `Expected close()'s \`timeout\` to be milliseconds from 0 to ${MAX_TIMER_MS}, got ${describe(timeout)}`,
         )
       }
-      closed = true
       // A second call waits for the same close: code that exits once close() resolves must not exit early.
       closing ??= (async () => {
         // Requests in flight finish first: their writes are stored (or fail) before anything is closed.

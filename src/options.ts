@@ -595,7 +595,6 @@ function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfi
  * so a lock must outlive one second plus an operation timeout.
  */
 /** Node's longest timer: setTimeout() runs a longer delay after 1 ms. */
-/** Node's longest timer: a longer one fires after 1 ms. */
 export const MAX_TIMER_MS = 2_147_483_647
 /** Ten minutes: a node that takes longer is down; and a lock (at most lockExpiration's 86 400 s) must outlive it. */
 const MAX_OPERATION_TIMEOUT_MS = 600_000

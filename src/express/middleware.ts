@@ -28,15 +28,13 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
   const newCookie = (req: SessionRequest): SessionCookie =>
     newSessionCookie(config.cookie, isSecure(req, config.proxy))
 
-  let closed = false
-
   const middleware = (
     incoming: IncomingMessage,
     res: ServerResponse,
     next: (error?: unknown) => void,
   ): void => {
     const req = incoming as SessionRequest
-    if (closed) {
+    if (engine.closed) {
       next(new ClosedError('session-failover was closed; no session can be served'))
       return
     }
@@ -152,11 +150,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
 
   return Object.assign(
     middleware,
-    // Async, so a bad timeout is a rejection; closed only once engine.close() accepted it.
-    operationsOf(engine, async (options) => {
-      const closing = engine.close(options)
-      closed = true
-      return closing
-    }),
+    // Async, so a bad timeout is a rejection (engine.close() throws it before closing anything).
+    operationsOf(engine, async (options) => engine.close(options)),
   )
 }

@@ -67,6 +67,11 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     FastifySession.prototype.touch.call(session)
     return engine.session.snapshot(session, session.cookie)
   }
+  /** The request's session as it is now, or null when the application removed it (`request.session = null`). */
+  const currentSnapshot = (request: FastifyRequest) => {
+    const session: unknown = request.session
+    return session instanceof FastifySession ? snapshotOf(session) : null
+  }
   const cookieHeader = (request: FastifyRequest, state: SessionState, session: FastifySession) =>
     !session.cookie.secure || isSecure(request)
       ? sessionCookieHeader(config.name, state.id, config.secrets[0] as string, session.cookie)
@@ -80,7 +85,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const context = contexts.get(this.request) as RequestContext
     if (!context.committed) {
       const session: unknown = this.request.session
-      const snapshot = session instanceof FastifySession ? snapshotOf(session) : null
+      const snapshot = currentSnapshot(this.request)
       context.committed = true
       const setCookie = engine.session.commitDetached(context.state, snapshot, context.facts)
       const header =
@@ -183,15 +188,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const end = raw.end
     raw.end = ((...args: unknown[]) => {
       raw.end = end
-      const session: unknown = request.session
-      new Promise((resolve) =>
-        resolve(
-          engine.session.commit(
-            context.state,
-            session instanceof FastifySession ? snapshotOf(session) : null,
-          ),
-        ),
-      ).then(
+      new Promise((resolve) => resolve(engine.session.commit(context.state, currentSnapshot(request)))).then(
         () => (end as (...args: unknown[]) => unknown).apply(raw, args),
         () => {
           raw.on('error', () => {})
