@@ -14,8 +14,9 @@ export type CookieOptions = Omit<ExpressCookieOptions, 'sameSite'> & {
 /**
  * A node in the array form of `nodes`: a memcached server `{ id, host, port }` (with `username` and `password`
  * for SASL authentication), a Redis server
- * `{ id, url: 'redis://…' }` (`rediss://` for TLS; credentials in the URL), or a Redis Cluster counted as one
- * node `{ id, cluster: ['redis://…', …] }`.
+ * `{ id, url: 'redis://…' }` (`rediss://` for TLS; credentials in the URL), a Redis Cluster counted as one
+ * node `{ id, cluster: ['redis://…', …] }`, or a Sentinel-managed master `{ id, sentinels: ['redis://…', …], name }`
+ * (`masterUrl` for the master's credentials, TLS and database). Any other key is a ConfigError.
  */
 export type NodeSpec =
   | {
@@ -102,7 +103,10 @@ export interface SessionFailoverOptions {
   lockingMode?: LockingMode
   /** Non-sticky: milliseconds a request waits for its session's lock. Default 3000. */
   lockTimeout?: number
-  /** Non-sticky: seconds a lock lives, so a holder that died blocks the session at most this long. Default 10. */
+  /**
+   * Non-sticky: seconds a lock lives, so a holder that died blocks the session at most this long. Default
+   * max(10, floor((operationTimeout + 100) / 1000) + 2), which is 10 unless operationTimeout is 8900 ms or more.
+   */
   lockExpiration?: number
   /** Non-sticky: 'fail' (503) or 'proceed' (run, and merge the write) when the lock times out. Default 'fail'. */
   lockTimeoutAction?: 'fail' | 'proceed'
@@ -437,15 +441,23 @@ export function parseNodes(value: unknown): NodeConfig[] {
       const where = `nodes[${index}]`
       if (!isPlainObject(entry)) {
         throw new ConfigError(
-          `Expected \`${where}\` to be { id, host, port }, { id, url } or { id, cluster }, got ${describe(entry)}`,
+          `Expected \`${where}\` to be { id, host, port }, { id, url }, { id, cluster } or { id, sentinels, name }, got ${describe(entry)}`,
         )
       }
       const fields = entry as Record<string, unknown>
-      if (fields.cluster !== undefined) return clusterNode(fields.id, fields.cluster, where)
+      if (fields.cluster !== undefined) {
+        checkNodeKeys(fields, NODE_FORMS.cluster, where)
+        return clusterNode(fields.id, fields.cluster, where)
+      }
       if (fields.sentinels !== undefined) {
+        checkNodeKeys(fields, NODE_FORMS.sentinel, where)
         return sentinelNode(fields.id, fields.sentinels, fields.name, fields.masterUrl, where)
       }
-      if (fields.url !== undefined) return redisNode(fields.id, fields.url, where)
+      if (fields.url !== undefined) {
+        checkNodeKeys(fields, NODE_FORMS.redis, where)
+        return redisNode(fields.id, fields.url, where)
+      }
+      checkNodeKeys(fields, NODE_FORMS.memcached, where)
       return memcachedNode(
         {
           id: fields.id,
@@ -496,6 +508,39 @@ function sentinelNode(
     sentinels: Object.freeze(sentinels.map((url) => redisUrl(id, url))),
     masterUrl: masterUrl === undefined ? undefined : redisUrl(id, masterUrl),
   })
+}
+
+interface NodeForm {
+  readonly kind: string
+  readonly keys: readonly string[]
+}
+
+/** The keys of each object form of a node; the form is told by `cluster`, `sentinels` or `url`, else memcached. */
+const NODE_FORMS = {
+  memcached: {
+    kind: 'a memcached node (no `url`, `cluster` or `sentinels`)',
+    keys: ['id', 'host', 'port', 'username', 'password'],
+  },
+  redis: { kind: 'a Redis node', keys: ['id', 'url'] },
+  cluster: { kind: 'a Redis Cluster node', keys: ['id', 'cluster'] },
+  sentinel: { kind: 'a Sentinel node', keys: ['id', 'sentinels', 'name', 'masterUrl'] },
+} as const satisfies Record<string, NodeForm>
+
+/**
+ * Refuses a key the node's form does not read, as unknown options are refused: a typo (`hots`, `sentinel`) or a
+ * key of another form would otherwise be dropped and the node run with a default or fail on another key.
+ */
+function checkNodeKeys(fields: Record<string, unknown>, form: NodeForm, where: string): void {
+  const unknown = Object.keys(fields).find((key) => !form.keys.includes(key))
+  if (unknown === undefined) return
+  // Named by its id when it has a valid one (as every other message about a node), else by its place.
+  const node =
+    typeof fields.id === 'string' && NODE_ID_PATTERN.test(fields.id) ? `node '${fields.id}'` : `\`${where}\``
+  // Only the key is echoed, never a value (a value may be a password), and a key that looks like a URL is redacted.
+  const key = withoutCredentials(unknown.length > 60 ? `${unknown.slice(0, 60)}…` : unknown)
+  throw new ConfigError(
+    `Expected ${node}, ${form.kind}, to have only the keys ${form.keys.join(', ')}, got \`${key}\``,
+  )
 }
 
 function checkId(id: unknown, where: string): string {
@@ -590,15 +635,15 @@ function clusterNode(rawId: unknown, cluster: unknown, where: string): NodeConfi
   })
 }
 
-/**
- * A lock may lapse up to a second early (memcached counts whole seconds) and a write must end before it does,
- * so a lock must outlive one second plus an operation timeout.
- */
 /** Node's longest timer: setTimeout() runs a longer delay after 1 ms. */
 export const MAX_TIMER_MS = 2_147_483_647
 /** Ten minutes: a node that takes longer is down; and a lock (at most lockExpiration's 86 400 s) must outlive it. */
 const MAX_OPERATION_TIMEOUT_MS = 600_000
 
+/**
+ * A lock may lapse up to a second early (memcached counts whole seconds) and a write must end before it does,
+ * so a lock must outlive one second plus an operation timeout.
+ */
 function lockExpiration(o: Record<string, unknown>): number {
   const operationTimeoutMs =
     typeof o.operationTimeout === 'number' && o.operationTimeout <= MAX_OPERATION_TIMEOUT_MS

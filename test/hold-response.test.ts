@@ -8,6 +8,7 @@ import type { Express, NextFunction, Request, Response } from 'express'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverMiddleware, sessionFailover } from '../src/index.js'
+import type { Logger } from '../src/logger.js'
 import { Browser, expressVersions, firstBytes, type ShopApp } from './support/app.js'
 import { type MemcachedServer, startMemcached, stopAllMemcached } from './support/memcached.js'
 import { watchedNode } from './support/proxy.js'
@@ -434,5 +435,65 @@ describe.each(expressVersions)('holding the response until the session is stored
     const reply = await browser.send(shop, 'GET', '/steps')
     expect(reply.status).toBe(200)
     expect(reply.body.step).toEqual([])
+  })
+})
+
+describe('a held call that throws once the session is stored', () => {
+  let memcached: MemcachedServer
+  let server: Server | undefined
+  let sessions: SessionFailoverMiddleware | undefined
+  beforeAll(async () => {
+    memcached = await startMemcached()
+  })
+  afterAll(() => stopAllMemcached())
+  afterEach(async () => {
+    server?.closeAllConnections()
+    server?.close()
+    await sessions?.close()
+    server = sessions = undefined
+  })
+
+  const replayedCalls = ['write', 'end'] as const
+  // As a compression middleware mounted before the sessions would: its write or end throws only when the held
+  // call is sent, after the handler has returned, so nothing but this log says why the client's connection broke.
+  it.each(
+    replayedCalls,
+  )('cuts the connection and logs the error once when its %s throws', async (failing) => {
+    const logged: Array<{ fields: object; message: string | undefined }> = []
+    const ignore = () => {}
+    const logger: Logger = {
+      debug: ignore,
+      info: ignore,
+      warn: ignore,
+      error: (fields, message) => logged.push({ fields, message }),
+    }
+    const { express } = expressVersions[0] as (typeof expressVersions)[number]
+    const application = express()
+    application.use((_req: Request, res: Response, next: NextFunction) => {
+      res[failing] = (() => {
+        throw new Error(`${failing} failed`)
+      }) as never
+      next()
+    })
+    sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}`, logger })
+    application.use(sessions)
+    application.post('/write', (req, res) => {
+      req.session.step = ['written']
+      res.write('held')
+      res.end()
+    })
+    server = await new Promise<Server>((resolve) => {
+      const listening = application.listen(0, '127.0.0.1', () => resolve(listening))
+    })
+    const { port } = server.address() as AddressInfo
+    const sent = fetch(`http://127.0.0.1:${port}/write`, { method: 'POST' })
+    await expect(sent.then((response) => response.text())).rejects.toThrow()
+    expect(logged).toEqual([
+      {
+        fields: { err: `Error: ${failing} failed`, call: failing },
+        message:
+          'session-failover: a held response call threw when sent after the session was stored; connection cut',
+      },
+    ])
   })
 })

@@ -249,6 +249,52 @@ describe('options', () => {
     expect(text).not.toContain('s3cret')
   })
 
+  it.each([
+    [
+      { id: 'a', hots: '10.0.0.1', port: 11211 },
+      "Expected node 'a', a memcached node (no `url`, `cluster` or `sentinels`), to have only the keys id, host, port, username, password, got `hots`",
+    ],
+    // `sentinel` for `sentinels`: read as a memcached node without a host, which named the host, not the typo.
+    [
+      { id: 's1', sentinel: ['redis://10.0.0.6:26379'], name: 'main' },
+      "Expected node 's1', a memcached node (no `url`, `cluster` or `sentinels`), to have only the keys id, host, port, username, password, got `sentinel`",
+    ],
+    [
+      { id: 's1', sentinels: ['redis://10.0.0.6:26379'], name: 'main', masterURL: 'redis://:pw@m/1' },
+      "Expected node 's1', a Sentinel node, to have only the keys id, sentinels, name, masterUrl, got `masterURL`",
+    ],
+    [
+      { id: 'r', url: 'redis://h:1', host: 'h' },
+      "Expected node 'r', a Redis node, to have only the keys id, url, got `host`",
+    ],
+    [
+      { id: 'c', cluster: ['redis://h:7000'], url: 'redis://h:7000' },
+      "Expected node 'c', a Redis Cluster node, to have only the keys id, cluster, got `url`",
+    ],
+    // No valid id to name it by: its place in `nodes`.
+    [
+      { ID: 'a', host: 'h' },
+      'Expected `nodes[0]`, a memcached node (no `url`, `cluster` or `sentinels`), to have only the keys id, host, port, username, password, got `ID`',
+    ],
+  ])('refuses an unknown key in a node given as an object (%j), naming the node, the key and the accepted keys', (node, expected) => {
+    expect(message({ secret: 's', nodes: [node] })).toBe(expected)
+  })
+
+  it('never echoes the value of an unknown key in a node (it may be a password)', () => {
+    const text = message({
+      secret: 's',
+      nodes: [{ id: 'm', host: 'h', username: 'shop', passwd: 'hunter2' }],
+    })
+    expect(text).toContain('got `passwd`')
+    expect(text).not.toContain('hunter2')
+  })
+
+  it('lists every object form of a node, the Sentinel one too, when an entry of `nodes` is not an object', () => {
+    expect(message({ secret: 's', nodes: ['n1:h:1'] })).toBe(
+      "Expected `nodes[0]` to be { id, host, port }, { id, url }, { id, cluster } or { id, sentinels, name }, got `'n1:h:1'` (string)",
+    )
+  })
+
   it('reads the sticky options with their defaults, and a random route when none is given', () => {
     const a = parseOptions({ secret: 's', nodes, sticky: true })
     const b = parseOptions({ secret: 's', nodes, sticky: true })

@@ -1,5 +1,3 @@
-import { LRUCache } from 'lru-cache'
-
 /** How parallel requests of one session are kept from losing each other's changes (non-sticky mode). */
 export type LockingMode = 'none' | 'all' | 'auto' | 'merge' | RegExp | ((request: unknown) => boolean)
 
@@ -8,6 +6,11 @@ export interface RequestFacts {
   readonly path: string
   /** The framework's request object, for a function `lockingMode`. */
   readonly raw: unknown
+  /**
+   * "METHOD /path" with id segments as `:id`, once 'auto' mode has computed it: both shouldLock() and learn()
+   * need it. Adapters start it undefined, so every request object has the same shape.
+   */
+  route?: string | undefined
 }
 
 /** Routes remembered by 'auto' mode. */
@@ -30,7 +33,12 @@ const ID_SEGMENTS =
  */
 export class LockingPolicy {
   readonly #mode: LockingMode
-  readonly #readOnlyRoutes = new LRUCache<string, true>({ max: LEARNED_ROUTES })
+  /**
+   * Routes learned read-only, oldest first. A plain set, not an LRU: asked and told on every request, where an
+   * LRU's bookkeeping cost more than the lookup. Full, it forgets its oldest route, which locks once more and is
+   * learned again.
+   */
+  readonly #readOnlyRoutes = new Set<string>()
 
   constructor(mode: LockingMode) {
     // A global or sticky RegExp keeps state between test() calls; a copy without those flags does not.
@@ -54,20 +62,17 @@ export class LockingPolicy {
   learn(request: RequestFacts, modified: boolean): void {
     if (this.#mode !== 'auto') return
     const key = routeKey(request)
-    if (modified) this.#readOnlyRoutes.delete(key)
-    else this.#readOnlyRoutes.set(key, true)
+    const routes = this.#readOnlyRoutes
+    if (modified) routes.delete(key)
+    else if (!routes.has(key)) {
+      if (routes.size >= LEARNED_ROUTES) routes.delete(routes.values().next().value as string)
+      routes.add(key)
+    }
   }
 }
 
-/** Each request's route, computed once: both shouldLock() and learn() ask for it. */
-const routeKeys = new WeakMap<RequestFacts, string>()
-
-/** "METHOD /path" with id segments as `:id`. */
+/** The request's route, computed once per request. */
 function routeKey(request: RequestFacts): string {
-  let key = routeKeys.get(request)
-  if (key === undefined) {
-    key = `${request.method} ${request.path.replace(ID_SEGMENTS, ':id')}`
-    routeKeys.set(request, key)
-  }
-  return key
+  request.route ??= `${request.method} ${request.path.replace(ID_SEGMENTS, ':id')}`
+  return request.route
 }

@@ -1,5 +1,6 @@
 import type { ServerResponse } from 'node:http'
 import { answerAtEndOfTurn } from '../end-of-turn.js'
+import { type Logger, silentLogger } from '../logger.js'
 
 type AnyFunction = (...args: unknown[]) => unknown
 type WireMethod = 'writeHead' | 'write' | 'end' | 'flushHeaders'
@@ -63,11 +64,13 @@ export function holdResponse(
    * for a promise. Undefined when it cannot be; `commit` follows at once.
    */
   commitNow?: (final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined,
+  /** Told when a held call throws once replayed (the connection is then cut, with no other trace). */
+  logger: Logger = silentLogger,
 ): void {
   // Held twice (the middleware ran again for a request whose session was set to null): the inner hold releases
   // into the outer one, as nested wrappers would.
   const outer = holds.get(res)
-  holds.set(res, new ResponseHold(res, commit, onCommitError, commitNow, outer))
+  holds.set(res, new ResponseHold(res, commit, onCommitError, commitNow, logger, outer))
   res.writeHead = heldWriteHead as ServerResponse['writeHead']
   res.write = heldWrite as ServerResponse['write']
   res.end = heldEnd as ServerResponse['end']
@@ -104,6 +107,7 @@ class ResponseHold {
   readonly #commitNow:
     | ((final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined)
     | undefined
+  readonly #logger: Logger
   readonly #wire: Record<WireMethod, AnyFunction>
   /** Read when end() freezes the headers; set back when the response is released. */
   #headers: HeaderFunctions | undefined
@@ -121,12 +125,14 @@ class ResponseHold {
     commit: (final: boolean) => Promise<ApplyHeaders | undefined>,
     onCommitError: (error: unknown) => void,
     commitNow: ((final: boolean) => { applyHeaders: ApplyHeaders | undefined } | undefined) | undefined,
+    logger: Logger,
     outer: ResponseHold | undefined,
   ) {
     this.#res = res
     this.#commit = commit
     this.#onCommitError = onCommitError
     this.#commitNow = commitNow
+    this.#logger = logger
     this.#wire = outer
       ? {
           writeHead: (...args) => outer.writeHead(args),
@@ -262,6 +268,19 @@ class ResponseHold {
     this.#res.destroy()
   }
 
+  /**
+   * A held call threw when replayed after the commit (e.g. the write of a compression middleware mounted before
+   * this one): the handler that made it has returned, so nobody can catch it, and part of the response may be out.
+   * Cut the connection, and say why: otherwise the client's reset is the only trace.
+   */
+  #replayFailed(method: WireMethod, error: unknown): void {
+    this.#logger.error(
+      { err: String(error), call: method },
+      'session-failover: a held response call threw when sent after the session was stored; connection cut',
+    )
+    this.#destroy()
+  }
+
   #start(final: boolean): void {
     if (this.#phase !== 'open') return
     this.#phase = 'committing'
@@ -299,17 +318,17 @@ class ResponseHold {
     }
     this.#phase = endAt === 0 ? 'done' : 'streaming'
     let writable = true
-    try {
-      for (const call of calls) {
+    for (const call of calls) {
+      try {
         const result =
           call.method === 'writeHead'
             ? this.#wire.writeHead.call(res, res.statusCode)
             : this.#wire[call.method].apply(res, call.args)
         if (call.method === 'write') writable = result !== false
+      } catch (error) {
+        this.#replayFailed(call.method, error)
+        return false
       }
-    } catch {
-      this.#destroy()
-      return false
     }
     if (this.#producerWaiting && writable) res.emit('drain')
     if (lateEnd) this.#finishAfterCommit(lateEnd.args)
@@ -345,8 +364,8 @@ class ResponseHold {
       this.#phase = 'done'
       try {
         this.#wire.end.apply(this.#res, args)
-      } catch {
-        this.#destroy()
+      } catch (error) {
+        this.#replayFailed('end', error)
       }
       return
     }
@@ -356,8 +375,8 @@ class ResponseHold {
         this.#phase = 'done'
         try {
           this.#wire.end.apply(this.#res, args)
-        } catch {
-          this.#destroy()
+        } catch (error) {
+          this.#replayFailed('end', error)
         }
       },
       () => {

@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { CookieVerifier } from '../core/cookie-value.js'
 import type { OpenedSession } from '../core/engine.js'
+import type { RequestFacts } from '../core/locking-policy.js'
 import type { SessionSnapshot } from '../core/session-state.js'
 import { createEngine, type Engine } from '../create-engine.js'
 import { ClosedError } from '../errors.js'
@@ -38,12 +39,13 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
       next(new ClosedError('session-failover was closed; no session can be served'))
       return
     }
-    if (req.session || !requestPath(req).startsWith(cookiePath)) {
+    const path = requestPath(req)
+    if (req.session || !path.startsWith(cookiePath)) {
       next()
       return
     }
     const presented = readSessionId(req.headers.cookie, config.name, verifier)
-    const request = { method: req.method ?? 'GET', path: requestPath(req), raw: req }
+    const request: RequestFacts = { method: req.method ?? 'GET', path, raw: req, route: undefined }
 
     const begin = ({ state, content }: OpenedSession): void => {
       toDictionaryMode(req)
@@ -124,7 +126,7 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
           throw error
         }
       }
-      holdResponse(res, commit, next, commitNow)
+      holdResponse(res, commit, next, commitNow, config.logger)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
       res.once('close', () => void engine.session.finish(state))
     }

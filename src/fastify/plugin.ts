@@ -128,7 +128,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const raw =
       request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifier.idOf(raw)
-    const facts: RequestFacts = { method: request.method, path, raw: request }
+    const facts: RequestFacts = { method: request.method, path, raw: request, route: undefined }
     const { state, content } = await engine.session.open(presented, facts)
     // A client that left while this request waited for its lock closed the reply before there was anything to
     // release: release it now.

@@ -31,15 +31,40 @@ const BODY_ROOM = 64 * 1024
 export const NO_BYTES = Buffer.alloc(0)
 
 /**
- * One reply: its status, CAS unique (8 bytes, a view of the read buffer), value (also a view), and the connection
- * it came on (a CAS unique means something only on the connection that read it).
+ * One reply: its status, CAS unique (8 bytes), value, and the connection it came on (a CAS unique means something
+ * only on the connection that read it). The CAS and the value are cut out of the read buffer when asked for: most
+ * replies (to a set, a delete, a touch) are only looked at for their status, and every buffer is an object.
  */
-export interface Reply<Source = unknown> {
+export class Reply<Source = unknown> {
   readonly source: Source
   readonly status: number
   readonly opaque: number
-  readonly cas: Buffer
-  readonly value: Buffer
+  readonly #buffer: Buffer
+  /** Where the reply starts in #buffer, where its value starts and where the reply ends. */
+  readonly #at: number
+  readonly #valueAt: number
+  readonly #end: number
+
+  constructor(source: Source, buffer: Buffer, at: number, valueAt: number, end: number) {
+    this.source = source
+    this.status = buffer.readUInt16BE(at + 6)
+    this.opaque = buffer.readUInt32BE(at + 12)
+    this.#buffer = buffer
+    this.#at = at
+    this.#valueAt = valueAt
+    this.#end = end
+  }
+
+  /** The CAS unique, copied: a token kept past the reply must not hold the read buffer. */
+  copyCas(): Buffer {
+    const cas = Buffer.allocUnsafe(8)
+    this.#buffer.copy(cas, 0, this.#at + 16, this.#at + HEADER_BYTES)
+    return cas
+  }
+
+  get value(): Buffer {
+    return this.#buffer.subarray(this.#valueAt, this.#end)
+  }
 }
 
 /**
@@ -74,13 +99,23 @@ export function encodeRequest(
   return request
 }
 
-/** The extras of a set or add (flags 0, then the expiry); of a touch, the expiry alone. */
+/**
+ * The extras of a set or add (flags 0, then the expiry); of a touch, the expiry alone. Read-only: encodeRequest
+ * copies them. The last ones made of each kind are reused, as nearly every write of an app has the same expiry.
+ */
 export function expiryExtras(expiry: number, withFlags: boolean): Buffer {
-  const extras = Buffer.allocUnsafe(withFlags ? 8 : 4)
-  if (withFlags) extras.writeUInt32BE(0, 0)
+  const last = withFlags ? lastStoreExtras : lastTouchExtras
+  if (last.expiry === expiry) return last.extras
+  const extras = Buffer.alloc(withFlags ? 8 : 4)
   extras.writeUInt32BE(expiry, withFlags ? 4 : 0)
+  const made = { expiry, extras }
+  if (withFlags) lastStoreExtras = made
+  else lastTouchExtras = made
   return extras
 }
+
+let lastStoreExtras = { expiry: -1, extras: NO_BYTES }
+let lastTouchExtras = { expiry: -1, extras: NO_BYTES }
 
 /** SASL PLAIN: the mechanism is the key, `\0user\0password` the value. */
 export function saslPlainValue(username: string, password: string): Buffer {
@@ -126,13 +161,7 @@ export class ReplyParser<Source> {
       const extrasBytes = buffer[at + 4] as number
       const keyBytes = buffer.readUInt16BE(at + 2)
       if (extrasBytes + keyBytes > bodyBytes) throw new MalformedReplyError('malformed reply from memcached')
-      onReply({
-        source,
-        status: buffer.readUInt16BE(at + 6),
-        opaque: buffer.readUInt32BE(at + 12),
-        cas: buffer.subarray(at + 16, at + 24),
-        value: buffer.subarray(at + HEADER_BYTES + extrasBytes + keyBytes, end),
-      })
+      onReply(new Reply(source, buffer, at, at + HEADER_BYTES + extrasBytes + keyBytes, end))
       at = end
     }
     // Node never writes into a buffer it has handed to a 'data' listener, so views of it stay valid.

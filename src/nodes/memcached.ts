@@ -220,9 +220,9 @@ function casDisabled(unique: Buffer): boolean {
   return true
 }
 
-/** A reply's CAS (copied out of the read buffer), with the connection the reply came on. */
+/** A reply's CAS, with the connection the reply came on. */
 function casOf(reply: MemcachedReply): MemcachedCas {
-  return { unique: Buffer.from(reply.cas), socket: reply.source }
+  return { unique: reply.copyCas(), socket: reply.source }
 }
 
 function storeExtras(ttlSeconds: number): Buffer {
