@@ -361,6 +361,21 @@ describe('options', () => {
     expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)
   })
 
+  it("remembers at most 2000 read-only routes in 'auto' mode, forgetting the oldest first", async () => {
+    const { LockingPolicy } = await import('../src/core/locking-policy.js')
+    const policy = new LockingPolicy('auto')
+    const facts = (path: string) => ({ method: 'GET', path, raw: {}, route: undefined })
+    for (let i = 0; i < 2000; i++) policy.learn(facts(`/p/r${i}`), false)
+    // Learned again: neither a second entry nor a newer place for it.
+    policy.learn(facts('/p/r0'), false)
+    expect(policy.shouldLock(facts('/p/r0'))).toBe(false)
+    expect(policy.shouldLock(facts('/p/r1999'))).toBe(false)
+    policy.learn(facts('/one/more'), false)
+    expect(policy.shouldLock(facts('/p/r0'))).toBe(true)
+    expect(policy.shouldLock(facts('/p/r1'))).toBe(false)
+    expect(policy.shouldLock(facts('/one/more'))).toBe(false)
+  })
+
   it('refuses to start without nodes in production, naming what to configure', () => {
     expect(message({ secret: 's' }, 'production')).toContain('Set `nodes`')
     expect(parseOptions({ secret: 's' }, 'development').nodes).toBeUndefined()
