@@ -531,7 +531,8 @@ const NODE_FORMS = {
  * key of another form would otherwise be dropped and the node run with a default or fail on another key.
  */
 function checkNodeKeys(fields: Record<string, unknown>, form: NodeForm, where: string): void {
-  const unknown = Object.keys(fields).find((key) => !form.keys.includes(key))
+  // A key set to undefined is not given, as the form is told (`url: cfg.url` with no url is a memcached node).
+  const unknown = Object.keys(fields).find((key) => fields[key] !== undefined && !form.keys.includes(key))
   if (unknown === undefined) return
   // Named by its id when it has a valid one (as every other message about a node), else by its place.
   const node =

@@ -453,47 +453,103 @@ describe('a held call that throws once the session is stored', () => {
     server = sessions = undefined
   })
 
-  const replayedCalls = ['write', 'end'] as const
-  // As a compression middleware mounted before the sessions would: its write or end throws only when the held
-  // call is sent, after the handler has returned, so nothing but this log says why the client's connection broke.
-  it.each(
-    replayedCalls,
-  )('cuts the connection and logs the error once when its %s throws', async (failing) => {
-    const logged: Array<{ fields: object; message: string | undefined }> = []
-    const ignore = () => {}
-    const logger: Logger = {
-      debug: ignore,
-      info: ignore,
-      warn: ignore,
-      error: (fields, message) => logged.push({ fields, message }),
-    }
+  const failedReplay =
+    'session-failover: a held response call threw when sent after the session was stored; connection cut'
+
+  /**
+   * An app whose response calls in `failing` throw, as those of a compression middleware mounted before the
+   * sessions would: only once the held call is sent, after the handler has returned.
+   */
+  async function appWithFailing(
+    failing: ReadonlyArray<'write' | 'end'>,
+    logger: Logger,
+    handler: (req: Request, res: Response) => void,
+  ): Promise<string> {
     const { express } = expressVersions[0] as (typeof expressVersions)[number]
     const application = express()
     application.use((_req: Request, res: Response, next: NextFunction) => {
-      res[failing] = (() => {
-        throw new Error(`${failing} failed`)
-      }) as never
+      for (const method of failing) {
+        res[method] = (() => {
+          throw new Error(`${method} failed`)
+        }) as never
+      }
       next()
     })
     sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}`, logger })
     application.use(sessions)
-    application.post('/write', (req, res) => {
-      req.session.step = ['written']
-      res.write('held')
-      res.end()
-    })
+    application.post('/write', handler)
     server = await new Promise<Server>((resolve) => {
       const listening = application.listen(0, '127.0.0.1', () => resolve(listening))
     })
-    const { port } = server.address() as AddressInfo
-    const sent = fetch(`http://127.0.0.1:${port}/write`, { method: 'POST' })
+    return `http://127.0.0.1:${(server.address() as AddressInfo).port}/write`
+  }
+
+  function errorLog(error: Logger['error']): Logger {
+    const ignore = () => {}
+    return { debug: ignore, info: ignore, warn: ignore, error }
+  }
+
+  const replayedCalls = ['write', 'end'] as const
+  // Nothing but this log says why the client's connection broke.
+  it.each(
+    replayedCalls,
+  )('cuts the connection and logs the error once when its %s throws', async (failing) => {
+    const logged: Array<{ fields: object; message: string | undefined }> = []
+    const url = await appWithFailing(
+      [failing],
+      errorLog((fields, message) => logged.push({ fields, message })),
+      (req, res) => {
+        req.session.step = ['written']
+        res.write('held')
+        res.end()
+      },
+    )
+    const sent = fetch(url, { method: 'POST' })
     await expect(sent.then((response) => response.text())).rejects.toThrow()
     expect(logged).toEqual([
-      {
-        fields: { err: `Error: ${failing} failed`, call: failing },
-        message:
-          'session-failover: a held response call threw when sent after the session was stored; connection cut',
-      },
+      { fields: { err: `Error: ${failing} failed`, call: failing }, message: failedReplay },
     ])
+  })
+
+  it('logs once when the handler goes on calling the response after its connection was cut', async () => {
+    const logged: unknown[] = []
+    let ended!: () => void
+    const lateEnd = new Promise<void>((resolve) => {
+      ended = resolve
+    })
+    const url = await appWithFailing(
+      ['write', 'end'],
+      errorLog((fields) => logged.push(fields)),
+      (req, res) => {
+        req.session.step = ['written']
+        res.write('held')
+        setTimeout(() => {
+          req.session.step = ['written', 'later']
+          res.end()
+          ended()
+        }, 50)
+      },
+    )
+    const sent = fetch(url, { method: 'POST' })
+    await expect(sent.then((response) => response.text())).rejects.toThrow()
+    await lateEnd
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(logged).toEqual([{ err: 'Error: write failed', call: 'write' }])
+  })
+
+  it('cuts the connection, and the process goes on, when the logger itself throws', async () => {
+    const url = await appWithFailing(
+      ['end'],
+      errorLog(() => {
+        throw new Error('logger down')
+      }),
+      (req, res) => {
+        req.session.step = ['written']
+        res.end('held')
+      },
+    )
+    // An error escaping into the commit's promise would fail this file as an unhandled rejection.
+    const sent = fetch(url, { method: 'POST' })
+    await expect(sent.then((response) => response.text())).rejects.toThrow()
   })
 })

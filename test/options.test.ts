@@ -280,6 +280,21 @@ describe('options', () => {
     expect(message({ secret: 's', nodes: [node] })).toBe(expected)
   })
 
+  it('takes a key of another node form set to undefined as not given, as the form itself is told', () => {
+    const url: string | undefined = undefined
+    const parsed = parseOptions({
+      secret: 's',
+      nodes: [
+        { id: 'm1', host: '127.0.0.1', port: 11211, url },
+        { id: 's1', sentinels: ['redis://127.0.0.1:26379'], name: 'main', cluster: undefined },
+      ],
+    })
+    expect(parsed.nodes?.map((node) => [node.id, node.kind])).toEqual([
+      ['m1', 'memcached'],
+      ['s1', 'redis-sentinel'],
+    ])
+  })
+
   it('never echoes the value of an unknown key in a node (it may be a password)', () => {
     const text = message({
       secret: 's',
@@ -361,18 +376,18 @@ describe('options', () => {
     expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)
   })
 
-  it("remembers at most 2000 read-only routes in 'auto' mode, forgetting the oldest first", async () => {
+  it("remembers at most 2000 read-only routes in 'auto' mode, forgetting the one seen longest ago", async () => {
     const { LockingPolicy } = await import('../src/core/locking-policy.js')
     const policy = new LockingPolicy('auto')
     const facts = (path: string) => ({ method: 'GET', path, raw: {}, route: undefined })
     for (let i = 0; i < 2000; i++) policy.learn(facts(`/p/r${i}`), false)
-    // Learned again: neither a second entry nor a newer place for it.
+    // Seen again: the most recent now, so the next route learned pushes out the one after it.
     policy.learn(facts('/p/r0'), false)
-    expect(policy.shouldLock(facts('/p/r0'))).toBe(false)
-    expect(policy.shouldLock(facts('/p/r1999'))).toBe(false)
     policy.learn(facts('/one/more'), false)
-    expect(policy.shouldLock(facts('/p/r0'))).toBe(true)
-    expect(policy.shouldLock(facts('/p/r1'))).toBe(false)
+    expect(policy.shouldLock(facts('/p/r0'))).toBe(false)
+    expect(policy.shouldLock(facts('/p/r1'))).toBe(true)
+    expect(policy.shouldLock(facts('/p/r2'))).toBe(false)
+    expect(policy.shouldLock(facts('/p/r1999'))).toBe(false)
     expect(policy.shouldLock(facts('/one/more'))).toBe(false)
   })
 

@@ -34,9 +34,9 @@ const ID_SEGMENTS =
 export class LockingPolicy {
   readonly #mode: LockingMode
   /**
-   * Routes learned read-only, oldest first. A plain set, not an LRU: asked and told on every request, where an
-   * LRU's bookkeeping cost more than the lookup. Full, it forgets its oldest route, which locks once more and is
-   * learned again.
+   * Routes learned read-only, least recently seen first: each read-only request moves its route to the end. A
+   * plain set, not an LRU cache: asked and told on every request, where the cache's bookkeeping cost more than
+   * the lookup. Full, it forgets the route seen longest ago, which locks once more and is learned again.
    */
   readonly #readOnlyRoutes = new Set<string>()
 
@@ -63,11 +63,11 @@ export class LockingPolicy {
     if (this.#mode !== 'auto') return
     const key = routeKey(request)
     const routes = this.#readOnlyRoutes
-    if (modified) routes.delete(key)
-    else if (!routes.has(key)) {
-      if (routes.size >= LEARNED_ROUTES) routes.delete(routes.values().next().value as string)
-      routes.add(key)
-    }
+    // Taken out either way; a read-only route goes back in at the end, as the one seen last.
+    const known = routes.delete(key)
+    if (modified) return
+    if (!known && routes.size >= LEARNED_ROUTES) routes.delete(routes.values().next().value as string)
+    routes.add(key)
   }
 }
 

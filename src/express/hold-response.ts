@@ -271,14 +271,21 @@ class ResponseHold {
   /**
    * A held call threw when replayed after the commit (e.g. the write of a compression middleware mounted before
    * this one): the handler that made it has returned, so nobody can catch it, and part of the response may be out.
-   * Cut the connection, and say why: otherwise the client's reset is the only trace.
+   * Cut the connection, and say why: otherwise the client's reset is the only trace. Later calls go nowhere, as on
+   * the destroyed socket, so a response logs this once. Cut first: a logger that throws (or an error that cannot
+   * be made a string) must neither leave the connection open nor escape into the commit's promise.
    */
   #replayFailed(method: WireMethod, error: unknown): void {
-    this.#logger.error(
-      { err: String(error), call: method },
-      'session-failover: a held response call threw when sent after the session was stored; connection cut',
-    )
+    this.#phase = 'sent'
     this.#destroy()
+    try {
+      this.#logger.error(
+        { err: String(error), call: method },
+        'session-failover: a held response call threw when sent after the session was stored; connection cut',
+      )
+    } catch {
+      // Nothing is left to tell: the connection is already cut.
+    }
   }
 
   #start(final: boolean): void {
