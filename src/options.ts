@@ -16,7 +16,7 @@ export type CookieOptions = Omit<ExpressCookieOptions, 'sameSite'> & {
  * for SASL authentication), a Redis server
  * `{ id, url: 'redis://…' }` (`rediss://` for TLS; credentials in the URL), a Redis Cluster counted as one
  * node `{ id, cluster: ['redis://…', …] }`, or a Sentinel-managed master `{ id, sentinels: ['redis://…', …], name }`
- * (`masterUrl` for the master's credentials, TLS and database). Any other key is a ConfigError.
+ * (`masterUrl` for the master's credentials, TLS and database). Any other key, unless undefined, is a ConfigError.
  */
 export type NodeSpec =
   | {
