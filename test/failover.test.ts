@@ -169,6 +169,41 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       { timeout: 5000, interval: 20 },
     )
 
+  // Ten seconds is how long an earlier version kept the move its read chose; a slow handler (an upload) outran it.
+  it.runIf(start === onExpress4)(
+    'follows a move whose request ran longer than ten seconds between its read and its write',
+    async () => {
+      const slow = await start({ ...optionsFor(), lockingMode: 'none' })
+      try {
+        const id = await fillCart()
+        const oldCookie = browser.cookie
+        const primary = serverOf(id)
+        await primary.freeze()
+        slow.beforeModify = async () => {
+          await sleep(10_500)
+        }
+        try {
+          expect((await browser.send(slow, 'POST', '/slow/plum')).body.cart).toEqual([
+            'apple',
+            'pear',
+            'plum',
+          ])
+        } finally {
+          slow.beforeModify = async () => {}
+          primary.thaw()
+        }
+        await backOn(slow, primary)
+        const stale = new Browser()
+        stale.cookie = oldCookie
+        expect((await stale.send(slow, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum'])
+        expect(slow.sessions.stats().movesFollowed).toBe(1)
+      } finally {
+        await slow.close()
+      }
+    },
+    30_000,
+  )
+
   it('deletes the copy from before a move on the old primary once it is back, so no other instance reads it', async () => {
     const { id, oldCookie, primary } = await moveOffFrozenPrimary(appB)
     await backOn(appB, primary)

@@ -132,8 +132,12 @@ export class ReplicatedStore implements SessionBackend {
     max: MOVES_REMEMBERED,
     ttl: MOVES_TTL_MS,
   })
-  /** Moves a load chose and its request has not written yet (it may never: aborted, failed). */
-  readonly #moving = new LRUCache<string, ChosenMove>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
+  /**
+   * Moves a load chose and its request has not written yet (it may never: aborted, failed). Kept as long as the
+   * moves they lead to (#movedTo): a request may run long between its read and its write (an upload, a slow
+   * handler), and a move forgotten meanwhile is neither followed nor cleaned off its old node.
+   */
+  readonly #moving = new LRUCache<string, ChosenMove>({ max: MOVES_REMEMBERED, ttl: MOVES_TTL_MS })
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
