@@ -141,6 +141,14 @@ export class UnreadableFormatError extends ForeignRecordError {
   override readonly code = 'ESF_UNREADABLE_FORMAT'
 }
 
+/**
+ * Asked of `req.sessionStore` what it does not do: it reads and writes the request's own session only, and in
+ * sticky mode destroys only sessions this instance serves (another instance would write one back from memory).
+ */
+export class UnsupportedOperationError extends SessionFailoverError {
+  override readonly code = 'ESF_UNSUPPORTED'
+}
+
 /** The middleware was used after close(). */
 export class ClosedError extends SessionFailoverError {
   override readonly code = 'ESF_CLOSED'

@@ -21,6 +21,7 @@ export {
   SessionFailoverError,
   SessionTooLargeError,
   UnserializableSessionError,
+  UnsupportedOperationError,
 } from './errors.js'
 export { type SessionFailoverMiddleware, sessionFailover } from './express/middleware.js'
 export type { Logger } from './logger.js'

@@ -74,6 +74,13 @@ async function shop(options: Partial<SessionFailoverOptions> = {}): Promise<Test
       big: typeof big === 'bigint' ? big.toString() : null,
     })
   })
+  // An admin's "log this user out" and a "log out my other devices" page, through express-session's store API.
+  app.post('/logout-other/:id', (req, res, next) => {
+    req.sessionStore.destroy(String(req.params.id), (error) => (error ? next(error) : res.json({ ok: true })))
+  })
+  app.get('/peek/:id', (req, res, next) => {
+    req.sessionStore.get(String(req.params.id), (error, other) => (error ? next(error) : res.json({ other })))
+  })
   app.use(
     (
       error: { status?: number; code?: string; message: string },
@@ -389,5 +396,51 @@ describe('memcached SASL authentication', () => {
     expect(unauthenticated.status).toBe(503)
     expect(unconfigured.sessions.health().nodes[0]).toMatchObject({ alive: false })
     expect(unconfigured.sessions.health().nodes[0]?.lastError).toMatch(/authentication required/)
+  })
+})
+
+describe('another session through req.sessionStore', () => {
+  it("destroys another session by its id, logging that user out, and leaves the caller's own", async () => {
+    servers = await startCluster(2)
+    const app = await shop()
+    const [alice, bob] = [new Browser(), new Browser()]
+    await alice.send(app, 'POST', '/cart/apple')
+    await bob.send(app, 'POST', '/cart/pear')
+    const bobId = bob.sessionId as string
+    expect((await alice.send(app, 'POST', `/logout-other/${encodeURIComponent(bobId)}`)).status).toBe(200)
+    expect(await copiesOf(bobId)).toEqual([])
+    expect((await bob.send(app, 'GET', '/cart')).body.cart).toEqual([])
+    expect((await alice.send(app, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect(await copiesOf(alice.sessionId)).toHaveLength(2)
+  })
+
+  it("refuses to read another session's id as if it were the caller's own", async () => {
+    servers = await startCluster(2)
+    const app = await shop()
+    const [alice, bob] = [new Browser(), new Browser()]
+    await alice.send(app, 'POST', '/cart/apple')
+    await bob.send(app, 'POST', '/cart/pear')
+    const peek = await alice.send(app, 'GET', `/peek/${encodeURIComponent(bob.sessionId as string)}`)
+    expect(peek.status).toBe(500)
+    expect(peek.body.code).toBe('ESF_UNSUPPORTED')
+    expect(peek.body.message).toContain("this request's session only")
+    const own = await alice.send(app, 'GET', `/peek/${encodeURIComponent(alice.sessionId as string)}`)
+    expect(own.body.other).toMatchObject({ cart: ['apple'] })
+  })
+
+  it('destroys in sticky mode only a session this instance serves, as another would write it back', async () => {
+    servers = await startCluster(2)
+    const [a, b] = [await shop({ sticky: true, route: 'a' }), await shop({ sticky: true, route: 'b' })]
+    const [onA, onB, alsoOnB] = [new Browser(), new Browser(), new Browser()]
+    await onA.send(a, 'POST', '/cart/apple')
+    await onB.send(b, 'POST', '/cart/pear')
+    await alsoOnB.send(b, 'POST', '/cart/fig')
+    const refused = await onA.send(a, 'POST', `/logout-other/${encodeURIComponent(onB.sessionId as string)}`)
+    expect(refused.status).toBe(500)
+    expect(refused.body.code).toBe('ESF_UNSUPPORTED')
+    expect((await onB.send(b, 'GET', '/cart')).body.cart).toEqual(['pear'])
+    const done = await alsoOnB.send(b, 'POST', `/logout-other/${encodeURIComponent(onB.sessionId as string)}`)
+    expect(done.status).toBe(200)
+    expect((await onB.send(b, 'GET', '/cart')).body.cart).toEqual([])
   })
 })

@@ -18,6 +18,11 @@ export interface SessionBackend {
   /** Keeps an unchanged session alive; never rejects. */
   refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void>
   destroy(id: string): Promise<void>
+  /**
+   * Whether destroy() from this instance ends the session everywhere. Not in sticky mode for a session another
+   * instance serves: that one still holds it in memory and would write it back.
+   */
+  destroysEverywhere(parsed: ParsedSessionId): boolean
   /** Finishes pending work (async backups); the ring is closed by its owner. */
   /** `timeoutMs`: the longest to wait for writes still queued (sticky mode's backups). */
   close(timeoutMs?: number): Promise<void>

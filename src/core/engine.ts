@@ -6,6 +6,7 @@ import {
   SessionTooLargeError,
   StaleWriteError,
   UnserializableSessionError,
+  UnsupportedOperationError,
 } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { ParsedSessionId } from '../session-id.js'
@@ -432,6 +433,21 @@ export class SessionEngine {
   async destroy(state: SessionState): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     await this.#destroy(state)
+  }
+
+  /**
+   * Destroys a session other than the request's own, by its id (an admin's "log this user out", or "log out my
+   * other devices"). An id this store did not issue names no session: nothing to do.
+   */
+  async destroyById(id: string): Promise<void> {
+    const parsed = this.store.recognize(id)
+    if (!parsed) return
+    if (!this.store.destroysEverywhere(parsed)) {
+      throw new UnsupportedOperationError(
+        "In sticky mode a session is destroyed by the instance that serves it (its route names it); this one would be written back from that instance's memory",
+      )
+    }
+    await this.store.destroy(id)
   }
 
   async #destroy(state: SessionState): Promise<void> {

@@ -211,6 +211,10 @@ export class StickyStore implements SessionBackend {
     return this.#remote.refresh(id, record, ttlSeconds, { verifyPrimary: true })
   }
 
+  destroysEverywhere(parsed: ParsedSessionId): boolean {
+    return parsed.route === this.#options.route
+  }
+
   async destroy(id: string): Promise<void> {
     const key = parseSessionId(id)?.random
     if (!key) return

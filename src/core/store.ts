@@ -583,6 +583,10 @@ export class ReplicatedStore implements SessionBackend {
    * the session before a relocation must not bring a destroyed session back), and on a node that is down, as
    * soon as it is back.
    */
+  destroysEverywhere(): boolean {
+    return true
+  }
+
   async destroy(id: string): Promise<void> {
     const parsed = parseSessionId(id)
     if (!parsed) return

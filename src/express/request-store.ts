@@ -3,7 +3,9 @@ import session from 'express-session'
 import type { SessionEngine } from '../core/engine.js'
 import type { SessionContent } from '../core/serializer.js'
 import type { SessionState } from '../core/session-state.js'
+import { UnsupportedOperationError } from '../errors.js'
 import type { SessionCookie } from '../session-cookie.js'
+import { parseSessionId } from '../session-id.js'
 
 export type SessionRequest = IncomingMessage & {
   session?: session.Session & Partial<session.SessionData>
@@ -27,7 +29,9 @@ export const SessionClass = session.Session as unknown as new (
 
 /**
  * What express-session's Session methods (save, reload, destroy, regenerate) call through `req.sessionStore`,
- * bound to one request's SessionState. Translation only: each method delegates to the engine.
+ * bound to one request's SessionState. Translation only: each method delegates to the engine. Applications call
+ * it too, with other sessions' ids: destroy() takes any id (logging another user or device out); get() and set()
+ * of another session call back with UnsupportedOperationError rather than act on this request's session.
  */
 export class RequestStore {
   readonly #req: SessionRequest
@@ -68,7 +72,8 @@ export class RequestStore {
     )
   }
 
-  set(_id: string, sess: session.Session, callback: Callback = () => {}): void {
+  set(id: string, sess: session.Session, callback: Callback = () => {}): void {
+    if (this.#other(id, 'set', callback)) return
     // In a promise: a session that cannot be serialized reaches the callback, not the caller's stack.
     new Promise<void>((resolve) =>
       resolve(this.#engine.save(this.#state, this.#engine.snapshot(sess, sess.cookie))),
@@ -88,7 +93,8 @@ export class RequestStore {
     )
   }
 
-  get(_id: string, callback: (error: unknown, sess?: session.SessionData | null) => void): void {
+  get(id: string, callback: (error: unknown, sess?: session.SessionData | null) => void): void {
+    if (this.#other(id, 'get', callback)) return
     this.#engine.reload(this.#state).then(
       (content) => {
         const sess =
@@ -100,8 +106,9 @@ export class RequestStore {
     )
   }
 
-  destroy(_id: string, callback: Callback = () => {}): void {
-    this.#engine.destroy(this.#state).then(
+  destroy(id: string, callback: Callback = () => {}): void {
+    const destroying = this.#isOwn(id) ? this.#engine.destroy(this.#state) : this.#engine.destroyById(id)
+    destroying.then(
       () => later(callback),
       (error: unknown) => later(callback, error),
     )
@@ -123,5 +130,28 @@ export class RequestStore {
 
   touch(_id: string, _sess: unknown, callback: Callback = () => {}): void {
     later(callback)
+  }
+
+  /**
+   * Whether `id` is this request's session: the id express-session's Session methods pass. A session moved to
+   * another node (or taken over, in sticky mode) keeps its random part under a new id, while a Session object
+   * keeps the id it was built with.
+   */
+  #isOwn(id: string): boolean {
+    if (id === this.#req.sessionID || id === this.#state.id) return true
+    const random = parseSessionId(id)?.random
+    return random !== undefined && random === parseSessionId(this.#state.id)?.random
+  }
+
+  /** For another session's id, calls back with UnsupportedOperationError and says so. */
+  #other(id: string, method: 'get' | 'set', callback: Callback): boolean {
+    if (this.#isOwn(id)) return false
+    later(
+      callback,
+      new UnsupportedOperationError(
+        `req.sessionStore.${method}() reads and writes this request's session only; another session's id was given (destroy() takes any id)`,
+      ),
+    )
+    return true
   }
 }
