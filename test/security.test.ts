@@ -400,12 +400,18 @@ describe('memcached SASL authentication', () => {
 })
 
 describe('another session through req.sessionStore', () => {
-  it("destroys another session by its id, logging that user out, and leaves the caller's own", async () => {
+  /** Two users of one app, each with a session holding a cart. */
+  async function aliceAndBob() {
     servers = await startCluster(2)
     const app = await shop()
     const [alice, bob] = [new Browser(), new Browser()]
     await alice.send(app, 'POST', '/cart/apple')
     await bob.send(app, 'POST', '/cart/pear')
+    return { app, alice, bob }
+  }
+
+  it("destroys another session by its id, logging that user out, and leaves the caller's own", async () => {
+    const { app, alice, bob } = await aliceAndBob()
     const bobId = bob.sessionId as string
     expect((await alice.send(app, 'POST', `/logout-other/${encodeURIComponent(bobId)}`)).status).toBe(200)
     expect(await copiesOf(bobId)).toEqual([])
@@ -415,11 +421,7 @@ describe('another session through req.sessionStore', () => {
   })
 
   it("refuses to read another session's id as if it were the caller's own", async () => {
-    servers = await startCluster(2)
-    const app = await shop()
-    const [alice, bob] = [new Browser(), new Browser()]
-    await alice.send(app, 'POST', '/cart/apple')
-    await bob.send(app, 'POST', '/cart/pear')
+    const { app, alice, bob } = await aliceAndBob()
     const peek = await alice.send(app, 'GET', `/peek/${encodeURIComponent(bob.sessionId as string)}`)
     expect(peek.status).toBe(500)
     expect(peek.body.code).toBe('ESF_UNSUPPORTED')
