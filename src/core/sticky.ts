@@ -211,6 +211,7 @@ export class StickyStore implements SessionBackend {
     return this.#remote.refresh(id, record, ttlSeconds, { verifyPrimary: true })
   }
 
+  /** Only a session this instance serves: another instance holds its own in memory. */
   destroysEverywhere(parsed: ParsedSessionId): boolean {
     return parsed.route === this.#options.route
   }

@@ -578,15 +578,16 @@ export class ReplicatedStore implements SessionBackend {
     )
   }
 
+  /** Every instance reads the nodes, so a destroy from any of them ends the session everywhere. */
+  destroysEverywhere(): boolean {
+    return true
+  }
+
   /**
    * Removes every copy: both keys on every node, not only on the current primary and backup (a node that held
    * the session before a relocation must not bring a destroyed session back), and on a node that is down, as
    * soon as it is back.
    */
-  destroysEverywhere(): boolean {
-    return true
-  }
-
   async destroy(id: string): Promise<void> {
     const parsed = parseSessionId(id)
     if (!parsed) return
