@@ -253,6 +253,61 @@ describe('the Fastify plugin', () => {
     expect((await browser.send(onFastify, 'GET', '/cart')).body.cart).toEqual([])
   })
 
+  it('gives a new id and empty data on a regenerate() whose old copies cannot be deleted (no fixation)', async () => {
+    const servers = await startCluster(1)
+    const app = Fastify()
+    await app.register(fastifySessionFailover, {
+      secret: 's',
+      nodes: nodesOption(servers),
+      operationTimeout: 250,
+    })
+    let loaded!: () => void
+    const loading = new Promise<void>((resolve) => {
+      loaded = resolve
+    })
+    let nodeGone!: () => void
+    const killed = new Promise<void>((resolve) => {
+      nodeGone = resolve
+    })
+    const seen: Array<{ before: string; after: string; code: unknown; cart: unknown }> = []
+    app.post('/cart', async (request) => {
+      request.session.set('cart', ['apple'])
+      return { ok: true }
+    })
+    app.post('/login', async (request) => {
+      const before = request.session.sessionId
+      loaded()
+      await killed
+      const error = await request.session.regenerate().then(
+        () => undefined,
+        (failure: { code?: string }) => failure,
+      )
+      request.session.set('user', 'alice')
+      seen.push({
+        before,
+        after: request.session.sessionId,
+        code: error?.code,
+        cart: request.session.get('cart'),
+      })
+      return { ok: true }
+    })
+    try {
+      const first = await app.inject({ method: 'POST', url: '/cart' })
+      const cookie = String(first.headers['set-cookie']).split(';')[0] as string
+      const login = app.inject({ method: 'POST', url: '/login', headers: { cookie } })
+      await loading
+      await (servers[0] as MemcachedServer).kill()
+      nodeGone()
+      expect((await login).statusCode).toBe(503)
+      const [{ before, after, code, cart }] = seen as [(typeof seen)[number]]
+      expect(code).toBe('ESF_ALL_NODES_DOWN')
+      expect(parseSessionId(after)?.random).not.toBe(parseSessionId(before)?.random)
+      expect(cart).toBeUndefined()
+    } finally {
+      await app.close()
+    }
+  })
+
   it("removes both copies when request.session is set to null with unset: 'destroy', keeps them with 'keep'", async () => {
     for (const unset of ['destroy', 'keep'] as const) {
       const { servers, onFastify } = await both({ unset })

@@ -2,7 +2,7 @@ import type { Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { sign } from 'cookie-signature'
 import express, { type NextFunction, type Request, type Response } from 'express'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterEach, describe, expect, it, vi } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { UnknownStoreKeyError } from '../src/errors.js'
 import {
@@ -444,5 +444,57 @@ describe('another session through req.sessionStore', () => {
     const done = await alsoOnB.send(b, 'POST', `/logout-other/${encodeURIComponent(onB.sessionId as string)}`)
     expect(done.status).toBe(200)
     expect((await onB.send(b, 'GET', '/cart')).body.cart).toEqual([])
+  })
+})
+
+describe('regenerate() when the old session cannot be deleted', () => {
+  it('still gives the request a new id, so a login that ignores the error is not stored under the old one', async () => {
+    servers = await startCluster(1)
+    const app = express()
+    const sessions = sessionFailover({ secret: SECRET, nodes: nodesOption(servers), operationTimeout: 250 })
+    app.use(sessions)
+    let nodeGone!: () => void
+    const killed = new Promise<void>((resolve) => {
+      nodeGone = resolve
+    })
+    const seen: Array<{ before: string; after: string; code: string | undefined; user: unknown }> = []
+    app.post('/cart/:item', (req, res) => {
+      req.session.cart = [String(req.params.item)]
+      res.json({ ok: true })
+    })
+    // A login as many tutorials write it: the error of regenerate() is not looked at.
+    app.post('/login', async (req, res) => {
+      const before = req.sessionID
+      await killed
+      req.session.regenerate((error: { code?: string } | undefined) => {
+        ;(req.session as { user?: string }).user = 'alice'
+        seen.push({ before, after: req.sessionID, code: error?.code, user: req.session.cart })
+        res.json({ ok: true })
+      })
+    })
+    const server: Server = await new Promise((resolve) => {
+      const listening = app.listen(0, '127.0.0.1', () => resolve(listening))
+    })
+    apps.push({
+      async close() {
+        server.closeAllConnections()
+        await new Promise<void>((resolve) => server.close(() => resolve()))
+        await sessions.close()
+      },
+    })
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+    const browser = new Browser()
+    await browser.send({ url }, 'POST', '/cart/apple')
+    const login = browser.send({ url }, 'POST', '/login')
+    await vi.waitFor(() => expect(sessions.stats().requestsWithSession).toBeGreaterThan(0))
+    await (servers[0] as MemcachedServer).kill()
+    nodeGone()
+    expect((await login).status).toBe(503)
+    expect(seen).toHaveLength(1)
+    const [{ before, after, code, user }] = seen as [(typeof seen)[number]]
+    expect(code).toBe('ESF_ALL_NODES_DOWN')
+    expect(parseSessionId(after)?.random).not.toBe(parseSessionId(before)?.random)
+    // The new session starts empty, as after a regenerate() that succeeded.
+    expect(user).toBeUndefined()
   })
 })

@@ -473,8 +473,13 @@ export class SessionEngine {
   async regenerate(state: SessionState): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     state.wrote = true
-    await this.store.destroy(state.id)
-    state.renew(this.store.newSessionId())
+    try {
+      await this.store.destroy(state.id)
+    } finally {
+      // Renewed even when the old copies could not be deleted, as express-session does: a login made by code
+      // that ignores the error must not be stored under the id the client had before it (session fixation).
+      state.renew(this.store.newSessionId())
+    }
   }
 
   /** reload(): re-reads the stored session; null when it no longer exists (or cannot be read). */

@@ -115,12 +115,17 @@ export class RequestStore {
   }
 
   regenerate(_req: unknown, callback: Callback = () => {}): void {
+    const before = this.#state.id
     this.#engine.regenerate(this.#state).then(
       () => {
         this.generate()
         later(callback)
       },
-      (error: unknown) => later(callback, error),
+      (error: unknown) => {
+        // The old copies could not be deleted, but the session was renewed all the same (see the engine).
+        if (this.#state.id !== before) this.generate()
+        later(callback, error)
+      },
     )
   }
 

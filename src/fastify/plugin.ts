@@ -105,9 +105,16 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       const kept = Object.fromEntries(
         keep.filter((key) => Object.hasOwn(session, key)).map((key) => [key, session[key]]),
       )
-      await engine.session.regenerate(context.state)
-      session.replaceData(kept)
-      session.cookie = newCookie(request)
+      const before = context.state.id
+      try {
+        await engine.session.regenerate(context.state)
+      } finally {
+        // Renewed even when the old copies could not be deleted (see the engine): the data goes with the old id.
+        if (context.state.id !== before) {
+          session.replaceData(kept)
+          session.cookie = newCookie(request)
+        }
+      }
     },
     async destroy() {
       await engine.session.destroy(context.state)
