@@ -588,6 +588,17 @@ function memcachedNode(
   })
 }
 
+/** A cookie option that takes one of a few values, in any case as the cookie package reads it. */
+function checkCookieChoice(
+  name: string,
+  value: unknown,
+  allowed: ReadonlySet<unknown>,
+  expected: string,
+): void {
+  if (value === undefined || allowed.has(typeof value === 'string' ? value.toLowerCase() : value)) return
+  throw new ConfigError(`Expected \`cookie.${name}\` to be ${expected}, got ${describe(value)}`)
+}
+
 /** An entry as it may be echoed in an error: whatever sits between '//' and '@' (a password) hidden. */
 function withoutCredentials(entry: string): string {
   return entry.replace(/\/\/[^/@\s]*@/, '//***@')
@@ -730,18 +741,8 @@ function parseCookie(value: unknown): Readonly<CookieOptions> {
   }
   const cookie = value as CookieOptions
   // Checked by the cookie package only when a response's cookie is written, that is on every request: here once.
-  const sameSite = typeof cookie.sameSite === 'string' ? cookie.sameSite.toLowerCase() : cookie.sameSite
-  if (cookie.sameSite !== undefined && !SAME_SITE.has(sameSite)) {
-    throw new ConfigError(
-      `Expected \`cookie.sameSite\` to be true, false, 'lax', 'strict', 'none' or 'auto', got ${describe(cookie.sameSite)}`,
-    )
-  }
-  const priority = typeof cookie.priority === 'string' ? cookie.priority.toLowerCase() : cookie.priority
-  if (cookie.priority !== undefined && !PRIORITY.has(priority)) {
-    throw new ConfigError(
-      `Expected \`cookie.priority\` to be 'low', 'medium' or 'high', got ${describe(cookie.priority)}`,
-    )
-  }
+  checkCookieChoice('sameSite', cookie.sameSite, SAME_SITE, "true, false, 'lax', 'strict', 'none' or 'auto'")
+  checkCookieChoice('priority', cookie.priority, PRIORITY, "'low', 'medium' or 'high'")
   if (
     cookie.domain !== undefined &&
     !(typeof cookie.domain === 'string' && COOKIE_DOMAIN.test(cookie.domain))
