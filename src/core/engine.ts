@@ -322,19 +322,24 @@ export class SessionEngine {
 
   /**
    * The commit of a request whose response the application has taken over (Fastify's `reply.hijack()`, for
-   * server-sent events or a websocket): nothing waits for it. The session is stored in the background and the
-   * lock released after it; a failure is logged, as nothing can answer it. Says at once whether to send the
-   * session's cookie with the id it has now. A write that must move the session (its node died) gives it a new
-   * id that this response can no longer carry; the old id still finds it, through failover.
+   * server-sent events or a websocket, or socket.io's WebSocket upgrade): nothing waits for it. The session is
+   * stored in the background and the lock released after it; a failure goes to `onFailure`, by default logged,
+   * as nothing can answer it. Says at once whether to send the session's cookie with the id it has now. A write
+   * that must move the session (its node died) gives it a new id that this response can no longer carry; the
+   * old id still finds it, through failover.
    */
-  commitDetached(state: SessionState, snapshot: SessionSnapshot | null, request: RequestFacts): boolean {
-    const setCookie = snapshot !== null && state.shouldSetCookie(snapshot, this.policy)
-    this.commit(state, snapshot).catch((error: unknown) => {
+  commitDetached(
+    state: SessionState,
+    snapshot: SessionSnapshot | null,
+    request: RequestFacts,
+    onFailure: (error: unknown) => void = (error) =>
       this.#options.logger.warn(
         { session: logIdOf(this.store.recognize(state.id)?.random ?? ''), err: String(error) },
         'session-failover: the session of a taken-over response was not stored',
-      )
-    })
+      ),
+  ): boolean {
+    const setCookie = snapshot !== null && state.shouldSetCookie(snapshot, this.policy)
+    this.commit(state, snapshot).catch(onFailure)
     void this.finish(state, request)
     return setCookie
   }

@@ -12,6 +12,7 @@ import { appendSessionCookie, isSecure, readSessionId, requestPath } from './coo
 import { toDictionaryMode } from './dictionary-mode.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
+import { commitOnUpgrade, isUpgradeStandIn } from './upgrade-response.js'
 
 export interface SessionFailoverMiddleware extends SessionOperations {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
@@ -126,7 +127,9 @@ export function sessionFailover(options: SessionFailoverOptions): SessionFailove
           throw error
         }
       }
-      holdResponse(res, commit, next, commitNow, config.logger)
+      if (isUpgradeStandIn(req, res)) {
+        commitOnUpgrade(res, engine.session, state, request, () => req.session, cookieHeaders, config.logger)
+      } else holdResponse(res, commit, next, commitNow, config.logger)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
       res.once('close', () => void engine.session.finish(state))
     }

@@ -1,0 +1,84 @@
+import { type IncomingMessage, ServerResponse } from 'node:http'
+import type { SessionEngine } from '../core/engine.js'
+import type { RequestFacts } from '../core/locking-policy.js'
+import type { SessionSnapshot, SessionState } from '../core/session-state.js'
+import type { Logger } from '../logger.js'
+import type { ApplyHeaders } from './hold-response.js'
+import type { SessionRequest } from './request-store.js'
+
+type AnyFunction = (...args: unknown[]) => unknown
+type ExpressSession = NonNullable<SessionRequest['session']>
+
+/**
+ * Whether `res` is the stand-in response socket.io (engine.io) passes to middleware on a WebSocket upgrade
+ * (`io.engine.use(sessions)`): an object with setHeader, writeHead and end, through which nothing is sent. Its
+ * writeHead() takes no status and marks the moment ws writes the 101, synchronously, with the headers set so far.
+ * A real response to an upgrade request (a server with no 'upgrade' listener) is held as any other.
+ */
+export function isUpgradeStandIn(req: IncomingMessage, res: ServerResponse): boolean {
+  return req.headers.upgrade !== undefined && !(res instanceof ServerResponse)
+}
+
+/**
+ * Commits the upgrade's session once, when the stand-in's writeHead() (or end(): a middleware refusing the
+ * upgrade) is called. Nothing can be held back there, as ws writes the 101 right after writeHead() returns: the
+ * cookie is decided at once and goes with the 101, the session is stored in the background, and a lock the
+ * upgrade took is released after that, not when the WebSocket closes hours later. A store that fails cuts the
+ * WebSocket, as a held response's connection is cut, so the client reconnects rather than go on with a change
+ * that was not stored. Nothing here may throw: socket.io calls writeHead() in a promise chain, where an error
+ * would go unhandled.
+ */
+export function commitOnUpgrade(
+  res: ServerResponse,
+  engine: SessionEngine,
+  state: SessionState,
+  request: RequestFacts,
+  session: () => ExpressSession | undefined,
+  cookieHeaders: (setCookie: boolean, session: ExpressSession) => ApplyHeaders | undefined,
+  logger: Logger,
+): void {
+  const cut = (error: unknown): void => {
+    res.socket?.destroy()
+    try {
+      logger.error(
+        { err: String(error) },
+        'session-failover: the session of a WebSocket upgrade could not be stored; connection cut',
+      )
+    } catch {
+      // Nothing is left to tell: the connection is already cut.
+    }
+  }
+  let committed = false
+  const commitOnce = (): void => {
+    if (committed) return
+    committed = true
+    const current = session()
+    let snapshot: SessionSnapshot | null = null
+    try {
+      if (current) {
+        current.touch()
+        snapshot = engine.snapshot(current, current.cookie)
+      }
+    } catch (error) {
+      // Unserializable. The cut closes the stand-in, whose 'close' releases the lock (the middleware's listener).
+      cut(error)
+      return
+    }
+    const setCookie = engine.commitDetached(state, snapshot, request, cut)
+    try {
+      if (current) cookieHeaders(setCookie, current)?.()
+    } catch (error) {
+      logger.warn({ err: String(error) }, 'session-failover: no session cookie on a WebSocket upgrade')
+    }
+  }
+  const writeHead = res.writeHead as AnyFunction
+  const end = res.end as AnyFunction
+  res.writeHead = function writeHeadAfterCommit(this: ServerResponse, ...args: unknown[]) {
+    commitOnce()
+    return writeHead.apply(this, args)
+  } as ServerResponse['writeHead']
+  res.end = function endAfterCommit(this: ServerResponse, ...args: unknown[]) {
+    commitOnce()
+    return end.apply(this, args)
+  } as ServerResponse['end']
+}
