@@ -41,6 +41,12 @@ export interface SessionOperations {
    * address; sessions on a removed node move to the others, from their backups, as they are used.
    */
   setNodes(nodes: string | readonly NodeSpec[]): void
+  /**
+   * Destroys a session by its id, both copies on every node: an admin's "log this user out", a user's "log out my
+   * other devices". An id this store did not issue names no session: nothing to do. In sticky mode only a session
+   * this instance serves (UnsupportedOperationError otherwise: its instance would write it back from memory).
+   */
+  destroySession(id: string): Promise<void>
   on<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => unknown): void
   off<K extends SessionEventName>(event: K, listener: (payload: SessionEvents[K]) => unknown): void
   readonly [METRICS_SOURCE]: MetricsSource
@@ -70,6 +76,12 @@ export function operationsOf(
     localStatus: () =>
       engine.sticky && { ...engine.sticky.localSize, pendingBackups: engine.sticky.pendingBackups },
     setNodes: (nodes) => engine.setNodes(nodes),
+    destroySession: async (id) => {
+      if (typeof id !== 'string') {
+        throw new TypeError(`destroySession(id) takes a session id (a string), got ${typeof id}`)
+      }
+      await engine.session.destroyById(id)
+    },
     on: (event, listener) => metrics.on(event, listener),
     off: (event, listener) => metrics.off(event, listener),
     [METRICS_SOURCE]: { metrics, nodes: () => ring.health() },

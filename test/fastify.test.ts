@@ -1,5 +1,5 @@
 import express from 'express'
-import Fastify from 'fastify'
+import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from 'fastify'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { fastifySessionFailover } from '../src/fastify.js'
@@ -429,6 +429,114 @@ describe('the Fastify plugin with unusual setups', () => {
     })
     await fastify.close()
   })
+
+  it("gives the new session after destroy() a new cookie: the old one's remember-me lifetime stays behind", async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+      a.post('/remember', async (request: FastifyRequest) => {
+        request.session.cookie.maxAge = 30 * 24 * 3600 * 1000
+        request.session.set('user', 'ann')
+        return {}
+      })
+    })
+    const remembered = await fastify.inject({ method: 'POST', url: '/remember' })
+    expect(String(remembered.headers['set-cookie'])).toMatch(/; Expires=/)
+    const reset = await fastify.inject({
+      method: 'POST',
+      url: '/reset',
+      headers: { cookie: cookieOf(remembered) },
+    })
+    const fresh = [reset.headers['set-cookie']].flat().find((c) => String(c).startsWith('connect.sid='))
+    expect(fresh).toBeDefined()
+    expect(String(fresh)).not.toMatch(/Expires=|Max-Age=/)
+    await fastify.close()
+  })
+
+  it("learns a read-only route in 'auto' mode as Fastify names it: '/users/:name', not each user's path", async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+      a.get('/users/:name', async (request: FastifyRequest) => ({ visits: request.session.get('visits') }))
+    })
+    const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+    const locks = () => fastify.sessionFailover.stats().locksAcquired
+    const read = (name: string) => fastify.inject({ url: `/users/${name}`, headers: { cookie } })
+    // Learned once a request of the route has finished without a change (its lock's release answered).
+    let learned = false
+    for (let tries = 0; tries < 20 && !learned; tries++) {
+      const before = locks()
+      await read('alice')
+      learned = locks() === before
+    }
+    expect(learned).toBe(true)
+    const before = locks()
+    for (const name of ['bob', 'carol', 'dave']) expect((await read(name)).json()).toEqual({ visits: 1 })
+    expect(locks()).toBe(before)
+    await fastify.close()
+  })
+
+  it('destroys another session by its id through app.sessionFailover (log out my other devices)', async () => {
+    const servers = await startCluster(2)
+    const fastify = await app(async (a) => {
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+      a.post('/logout-other', async (request: FastifyRequest) => {
+        await a.sessionFailover.destroySession(String(request.session.get('other')))
+        return { ok: true }
+      })
+      a.post('/remember-other', async (request: FastifyRequest) => {
+        request.session.set('other', (request.query as { id: string }).id)
+        return {}
+      })
+      a.get('/id', async (request: FastifyRequest) => ({ id: request.session.sessionId }))
+    })
+    const phone = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+    const laptop = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+    const phoneId = (await fastify.inject({ url: '/id', headers: { cookie: phone } })).json().id
+    const visit = (cookie: string | undefined) =>
+      fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } }).then((reply) => reply.json())
+    await fastify.inject({
+      method: 'POST',
+      url: `/remember-other?id=${encodeURIComponent(phoneId)}`,
+      headers: { cookie: laptop },
+    })
+    expect(
+      (await fastify.inject({ method: 'POST', url: '/logout-other', headers: { cookie: laptop } }))
+        .statusCode,
+    ).toBe(200)
+    expect(await visit(phone)).toEqual({ visits: 1 })
+    expect(await visit(laptop)).toEqual({ visits: 2 })
+    await expect(fastify.sessionFailover.destroySession(42 as unknown as string)).rejects.toThrow(TypeError)
+    await fastify.close()
+  })
+
+  for (const handler of ["Fastify's own", 'an application'] as const) {
+    it(`answers a session it could not store with an error status, not the route's, and without its cookies or redirect (${handler} error handler)`, async () => {
+      const servers = await startCluster(1)
+      const fastify = await app(async (a) => {
+        await a.register(fastifySessionFailover, {
+          secret: 's',
+          nodes: nodesOption(servers),
+          maxSessionBytes: 4096,
+        })
+        if (handler === 'an application')
+          a.setErrorHandler((error: FastifyError, _request: FastifyRequest, reply: FastifyReply) =>
+            reply.send({ failed: error.code }),
+          )
+        a.post('/created', async (request: FastifyRequest, reply: FastifyReply) => {
+          reply.code(201).setCookie('remember', 'yes').header('location', '/next')
+          request.session.set('blob', 'x'.repeat(8192))
+          return { ok: true }
+        })
+      })
+      const reply = await fastify.inject({ method: 'POST', url: '/created' })
+      expect(reply.statusCode).toBe(500)
+      expect(String(reply.headers['set-cookie'] ?? '')).not.toContain('remember=')
+      expect(reply.headers.location).toBeUndefined()
+      expect(reply.body).toContain('ESF_SESSION_TOO_LARGE')
+      await fastify.close()
+    })
+  }
 
   it('refuses session keys that would shadow its API, and survives a shadowing assignment', async () => {
     const servers = await startCluster(1)

@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -96,7 +96,7 @@ await app.close()
     expect(run('node', ['cjs.cjs'], app).trim()).toBe('n2')
   })
 
-  it('has type declarations that type req.session like express-session', () => {
+  it('has type declarations that type req.session like express-session, and request.session like @fastify/session', () => {
     writeFileSync(
       join(app, 'typed.ts'),
       `import express from 'express'
@@ -126,6 +126,29 @@ void sessions.close()
       'es2022',
     ]
     expect(() => run('node', [tsc, ...args, 'typed.ts'], app)).not.toThrow()
+    writeFileSync(
+      join(app, 'typed-fastify.ts'),
+      `import Fastify from 'fastify'
+import { fastifySessionFailover } from 'session-failover/fastify'
+declare module 'fastify' { interface Session { user: { name: string } } }
+const app = Fastify()
+void app.register(fastifySessionFailover, { secret: 's', nodes: 'n1:127.0.0.1:1' })
+app.get('/', async (request) => {
+  request.session.user = { name: 'ann' }
+  const name: string | undefined = request.session.get('user')?.name
+  const cart: string[] | undefined = request.session.get<string[]>('cart')
+  await app.sessionFailover.destroySession(request.session.sessionId)
+  return { name, cart }
+})
+`,
+    )
+    expect(() => run('node', [tsc, ...args, 'typed-fastify.ts'], app)).not.toThrow()
+    // The declared type is enforced, so it is the declaration that types the session, not an index signature.
+    writeFileSync(
+      join(app, 'wrong-fastify.ts'),
+      readFileSync(join(app, 'typed-fastify.ts'), 'utf8').replace("{ name: 'ann' }", '42'),
+    )
+    expect(() => run('node', [tsc, ...args, 'wrong-fastify.ts'], app)).toThrow()
     writeFileSync(
       join(app, 'wrong.ts'),
       `import { sessionFailover } from 'session-failover'\nsessionFailover({ nodes: 1 })\n`,

@@ -8,7 +8,8 @@ export interface RequestFacts {
   readonly raw: unknown
   /**
    * "METHOD /path" with id segments as `:id`, once 'auto' mode has computed it: both shouldLock() and learn()
-   * need it. Adapters start it undefined, so every request object has the same shape.
+   * need it. Adapters start it undefined, so every request object has the same shape, or with the framework's
+   * route when it knows it before the session is opened (Fastify's "METHOD /users/:name").
    */
   route?: string | undefined
 }

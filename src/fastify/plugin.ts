@@ -21,9 +21,15 @@ import {
 import { FastifySession, type SessionControl } from './session.js'
 
 declare module 'fastify' {
+  /**
+   * Your session's data, declared by merging as with @fastify/session:
+   * `declare module 'fastify' { interface Session { user: User } }` types `request.session.user` and
+   * `request.session.get('user')`.
+   */
+  interface Session {}
   interface FastifyRequest {
     /** The session (null outside the cookie path). */
-    session: FastifySession
+    session: FastifySession & Session
   }
   interface FastifyInstance {
     /** Health, statistics, events and live node changes of the session layer (close() runs on app close). */
@@ -116,9 +122,11 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
         }
       }
     },
-    async destroy() {
+    async destroy(session) {
       await engine.session.destroy(context.state)
       context.state = engine.session.startOver(context.state)
+      // The old session's cookie (a remember-me maxAge) does not carry over to the new, anonymous one.
+      session.cookie = newCookie(request)
     },
     async reload(session) {
       const content = await engine.session.reload(context.state)
@@ -135,7 +143,10 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     const raw =
       request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifier.idOf(raw)
-    const facts: RequestFacts = { method: request.method, path, raw: request, route: undefined }
+    // 'auto' learns by Fastify's route ('/users/:name'), not by each path it serves ('/users/alice').
+    const pattern = request.routeOptions.url
+    const route = pattern === undefined ? undefined : `${request.method} ${pattern}`
+    const facts: RequestFacts = { method: request.method, path, raw: request, route }
     const { state, content } = await engine.session.open(presented, facts)
     // A client that left while this request waited for its lock closed the reply before there was anything to
     // release: release it now.
@@ -180,6 +191,7 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     } catch (error) {
       // The error reply, too, leaves after the lock's release.
       await engine.session.answered(state)
+      failedReply(reply, error)
       throw error
     }
     const header = setCookie ? cookieHeader(request, state, session) : undefined
@@ -213,6 +225,18 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
       reply.headers(headers)
   })
   fastify.addHook('onClose', () => engine.close())
+}
+
+/**
+ * A reply whose session was not stored becomes an error reply, as in Express: never with the status the route
+ * set (Fastify's error handlers, its default included, keep a 201 or 302 the route chose), nor with its cookies
+ * (@fastify/cookie's are set by now) or its redirect. Fastify drops the content headers itself.
+ */
+function failedReply(reply: FastifyReply, error: unknown): void {
+  const status = (error as { status?: unknown }).status
+  reply.code(typeof status === 'number' && status >= 500 && status <= 599 ? status : 500)
+  reply.removeHeader('set-cookie')
+  reply.removeHeader('location')
 }
 
 /** A body Fastify sends after onSend, piece by piece: a Node stream, a web stream, or a fetch Response. */

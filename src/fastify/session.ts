@@ -1,3 +1,4 @@
+import type { Session } from 'fastify'
 import type { SessionCookie } from '../session-cookie.js'
 
 /** Names of the session's own API: never stored as data, and refused by set(). */
@@ -20,7 +21,7 @@ export interface SessionControl {
   save(session: FastifySession): Promise<void>
   /** `keep`: names of keys that the new session keeps. */
   regenerate(session: FastifySession, keep: readonly string[]): Promise<void>
-  destroy(): Promise<void>
+  destroy(session: FastifySession): Promise<void>
   reload(session: FastifySession): Promise<void>
 }
 
@@ -49,8 +50,11 @@ export class FastifySession {
     return this.#control.id()
   }
 
-  get<T = unknown>(key: string): T | undefined {
-    return (Object.hasOwn(this, key) ? this[key] : undefined) as T | undefined
+  /** A key of your `Session` declaration comes typed; any other, as you say (`get<string[]>('cart')`). */
+  get<K extends keyof Session>(key: K): Session[K] | undefined
+  get<T = unknown>(key: string): T | undefined
+  get(key: string): unknown {
+    return Object.hasOwn(this, key) ? this[key] : undefined
   }
 
   set(key: string, value: unknown): void {
@@ -90,7 +94,7 @@ export class FastifySession {
   destroy(callback: SessionCallback): void
   destroy(callback?: SessionCallback): Promise<void> | undefined {
     return settle(
-      this.#control.destroy().then(() => this.replaceData({})),
+      this.#control.destroy(this).then(() => this.replaceData({})),
       callback,
     )
   }
