@@ -617,6 +617,14 @@ function redisUrl(id: string, url: unknown): string {
       `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? 'another URL' : describe(url)}`,
     )
   }
+  // ioredis reads a query string as client options, which would override the node's own (its offline queue, its
+  // retries) on a server and be dropped on a cluster or Sentinel; a fragment is no part of an address.
+  const extra = /[?#]/.exec(url as string)
+  if (extra) {
+    throw new ConfigError(
+      `Expected the url of node '${id}' to be redis://host:port[/db] or rediss://host:port[/db] with no query string or fragment (ioredis would read '?…' as client options), got ${urlWithExtra(url as string, extra.index)}`,
+    )
+  }
   try {
     decodeURIComponent(parsed.username)
     decodeURIComponent(parsed.password)
@@ -626,6 +634,21 @@ function redisUrl(id: string, url: unknown): string {
     )
   }
   return url as string
+}
+
+/**
+ * A URL with a query string or fragment as it may be echoed: credentials hidden, parameter names without values.
+ * An '@' after the '?' or '#' means an unencoded password may straddle it: then nothing of the URL is echoed.
+ */
+function urlWithExtra(url: string, index: number): string {
+  const tail = url.slice(index)
+  if (tail.includes('@')) return `a URL with a ${tail.startsWith('?') ? 'query string' : 'fragment'}`
+  const [query = '', fragment] = tail.slice(1).split('#')
+  const names = tail.startsWith('?')
+    ? `?${[...new URLSearchParams(query).keys()].map((name) => `${name}=…`).join('&')}`
+    : ''
+  const echoed = `${withoutCredentials(url.slice(0, index))}${names}${fragment !== undefined || tail.startsWith('#') ? '#…' : ''}`
+  return `'${echoed.length > 120 ? `${echoed.slice(0, 120)}…` : echoed}'`
 }
 
 function redisNode(rawId: unknown, url: unknown, where: string): NodeConfig {

@@ -130,7 +130,11 @@ describe('a Redis node that can be read but not written', () => {
 describe('a Sentinel-managed Redis master as one node', () => {
   afterEach(() => stopAllServers())
 
-  it('holds sessions, keeps them through a master failure, and is used again once Sentinel has promoted the replica', async () => {
+  // Frozen, not killed: the connection stays open, and only its reset after a timeout has ioredis ask Sentinel again.
+  it.each([
+    'killed',
+    'frozen',
+  ] as const)('holds sessions, keeps them through a master failure, and is used again once Sentinel has promoted the replica (master %s)', async (failure) => {
     const { master, sentinelUrl } = await startRedisSentinel('sessions')
     const memcached = await startMemcached()
     const shop = await startShop(express, {
@@ -148,13 +152,13 @@ describe('a Sentinel-managed Redis master as one node', () => {
         await browser.send(shop, 'POST', `/cart/item${index}`)
       expect(browsers.filter((b) => parseSessionId(b.sessionId)?.nodeId === 's1')).toHaveLength(3)
 
-      await master.kill()
+      await (failure === 'killed' ? master.kill() : master.freeze())
       for (const [index, browser] of browsers.entries()) {
         const reply = await browser.send(shop, 'POST', '/cart/after')
         expect(reply.status).toBe(200)
         expect(reply.body.cart).toEqual([`item${index}`, 'after'])
       }
-      // Sentinel promotes the replica; the node answers again through it.
+      // Sentinel promotes the replica; the node answers again through it (a frozen master is still frozen).
       const deadline = Date.now() + 20_000
       while (!shop.sessions.health().nodes.find((node) => node.id === 's1')?.alive && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 200))
@@ -203,6 +207,8 @@ describe('a password-protected Redis node', () => {
       }
       const r1 = bad.sessions.health().nodes.find((node) => node.id === 'r1')
       expect(r1?.alive).toBe(false)
+      // Why it is down, not only that it timed out: ioredis reports a refused password as an event.
+      expect(r1?.lastError).toMatch(/WRONGPASS|NOAUTH/)
       expect(JSON.stringify(r1)).not.toContain('wrong')
     } finally {
       await good.close()

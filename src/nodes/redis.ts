@@ -1,26 +1,11 @@
-import { Cluster, Redis, type RedisOptions, ReplyError } from 'ioredis'
-import { NodeOperationError, NodeRejectedError } from '../errors.js'
+import { TLSSocket } from 'node:tls'
+import { Cluster, Redis, ReplyError } from 'ioredis'
+import { ClosedError, NodeOperationError, NodeRejectedError, OperationTimeoutError } from '../errors.js'
 import type { CasOutcome, CasToken, OwnedToken, SessionNode } from './node.js'
+import { type RedisNodeConfig, redisClientSettings, withoutCredentials } from './redis-settings.js'
 import { withTimeout } from './timeout.js'
 
-export interface RedisNodeConfig {
-  readonly id: string
-  /** `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. */
-  readonly url?: string
-  /** The seed URLs of a Redis Cluster, which counts as one node. */
-  readonly cluster?: readonly string[]
-  /**
-   * Sentinels (`redis://[user:password@]host:port`, credentials for the sentinels) watching the master `name`,
-   * which counts as one node; `masterUrl` credentials, TLS and database apply to the master.
-   */
-  readonly sentinel?: {
-    readonly sentinels: readonly string[]
-    readonly name: string
-    readonly masterUrl?: string
-  }
-  readonly operationTimeoutMs: number
-  readonly probeKey: string
-}
+export type { RedisNodeConfig } from './redis-settings.js'
 
 /** Compare-and-set on a value: 0 missing, 1 changed since it was read, 2 stored. */
 const COMPARE_AND_SET = `
@@ -65,6 +50,9 @@ type ScriptedClient = (Redis | Cluster) & {
   compareAndDelete(key: string, expected: Buffer): Promise<number>
 }
 
+/** What ioredis's own `commandTimeout` rejects a command with. */
+const IOREDIS_COMMAND_TIMEOUT = 'Command timed out'
+
 /**
  * One ioredis client (or Cluster) as one node. Redis's own primitives stand in for memcached's: SET PX for
  * expiry, SET NX PX for add, PEXPIRE for touch, and Lua scripts for compare-and-set and compare-and-delete,
@@ -73,7 +61,8 @@ type ScriptedClient = (Redis | Cluster) & {
  * ioredis would queue commands while disconnected and retry them without end, so a request could wait on a
  * dead server and a stale write could run long after it was given up on. The offline queue is off (a command on
  * a down server fails at once) and no command is retried; ioredis keeps reconnecting in the background, and
- * the ring's probe notices when the server is back.
+ * the ring's probe notices when the server is back. A command that times out resets the connection, as the
+ * memcached connection does (see #reset).
  */
 export class RedisNode implements SessionNode {
   readonly id: string
@@ -84,61 +73,43 @@ export class RedisNode implements SessionNode {
   readonly #timeoutMs: number
   readonly #probeKey: string
   #closed = false
-  /** Commands waiting for the connection; one 'ready' listener wakes them, a timed-out one removes itself. */
-  readonly #waiting = new Set<() => void>()
+  /**
+   * Commands waiting for the connection; one 'ready' listener wakes them, close() fails them, a timed-out one
+   * removes itself.
+   */
+  readonly #waiting = new Set<(closed?: ClosedError) => void>()
+  /**
+   * Why the client cannot connect (a refused password, a TLS failure, no sentinel answering): ioredis reports it
+   * only as an event, and a command waiting for the connection would otherwise say no more than that it timed out.
+   */
+  #connectionError: string | undefined
 
   constructor(config: RedisNodeConfig) {
     this.id = config.id
     this.#timeoutMs = config.operationTimeoutMs
     this.#probeKey = config.probeKey
     this.ordered = !config.cluster
-    const options: RedisOptions = {
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      connectTimeout: config.operationTimeoutMs,
-      commandTimeout: config.operationTimeoutMs,
-      retryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
-    }
-    if (config.cluster) {
-      this.address = `redis cluster ${config.cluster.map(withoutCredentials).join(',')}`
-      this.#client = new Cluster([...config.cluster], {
-        enableOfflineQueue: false,
-        clusterRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
-        // Its own retries would run a write after we gave up on it (a stale write landing late).
-        retryDelayOnClusterDown: 0,
-        retryDelayOnFailover: 0,
-        retryDelayOnTryAgain: 0,
-        slotsRefreshTimeout: config.operationTimeoutMs,
-        // Nodes found through the slot map get only these: credentials and TLS must be here, not just in the URLs.
-        redisOptions: { ...options, ...connectionSettings(config.cluster[0] ?? '') },
-      }) as ScriptedClient
-    } else if (config.sentinel) {
-      const { sentinels, name, masterUrl } = config.sentinel
-      this.address = `redis sentinel ${name} via ${sentinels.map(withoutCredentials).join(',')}`
-      const sentinel = connectionSettings(sentinels[0] ?? '')
-      this.#client = new Redis({
-        ...options,
-        ...(masterUrl ? connectionSettings(masterUrl) : {}),
-        name,
-        sentinels: sentinels.map((url) => {
-          const parsed = new URL(url)
-          return { host: parsed.hostname.replace(/^\[|\]$/g, ''), port: Number(parsed.port || 26379) }
-        }),
-        sentinelUsername: sentinel.username,
-        sentinelPassword: sentinel.password,
-        ...(sentinel.tls ? { sentinelTLS: sentinel.tls, enableTLSForSentinelMode: true } : {}),
-        sentinelRetryStrategy: (attempt: number) => Math.min(10 * attempt, 500),
-      }) as ScriptedClient
+    const settings = redisClientSettings(config)
+    if (settings.kind === 'cluster') {
+      this.address = `redis cluster ${(config.cluster ?? []).map(withoutCredentials).join(',')}`
+      this.#client = new Cluster(settings.seeds, settings.options) as ScriptedClient
     } else {
-      const url = config.url ?? ''
-      this.address = `redis ${withoutCredentials(url)}`
-      this.#client = new Redis(url, options) as ScriptedClient
+      this.address = config.sentinel
+        ? `redis sentinel ${config.sentinel.name} via ${config.sentinel.sentinels.map(withoutCredentials).join(',')}`
+        : `redis ${withoutCredentials(config.url ?? '')}`
+      this.#client = new Redis(settings.options) as ScriptedClient
     }
     this.#client.defineCommand('compareAndSet', { numberOfKeys: 1, lua: COMPARE_AND_SET })
     this.#client.defineCommand('compareAndDelete', { numberOfKeys: 1, lua: COMPARE_AND_DELETE })
-    // ioredis reports connection trouble as 'error' events; the ring learns of it from failed commands.
-    this.#client.on('error', () => {})
+    // The ring learns of trouble from failed commands; these say why a command could not even be sent.
+    const remember = (error: unknown): void => {
+      this.#connectionError = error instanceof Error ? error.message : String(error)
+    }
+    this.#client.on('error', remember)
+    this.#client.on('sentinelError', remember)
+    this.#client.on('node error', remember)
     this.#client.on('ready', () => {
+      this.#connectionError = undefined
       for (const wake of this.#waiting) wake()
       this.#waiting.clear()
     })
@@ -200,75 +171,80 @@ export class RedisNode implements SessionNode {
     await this.#run('ping', () => this.#client.set(this.#probeKey, '1', 'PX', this.#timeoutMs))
   }
 
+  /** Fails at once the commands waiting for the connection: their timers would hold the process until they fire. */
   async close(): Promise<void> {
     this.#closed = true
+    const closed = new ClosedError(`${this.address} was closed`)
+    for (const wake of this.#waiting) wake(closed)
+    this.#waiting.clear()
     this.#client.disconnect()
   }
 
   #run<T>(operation: string, start: () => Promise<T>): Promise<T> {
-    if (this.#closed) return Promise.reject(new NodeOperationError(`${this.address} is closed`))
+    if (this.#closed) return Promise.reject(new ClosedError(`${this.address} was closed`))
     // While (re)connecting, a command waits for the connection, within the timeout: a server that just restarted
     // is back in milliseconds. A command whose request gave up is dropped; it must not run (a stale write)
     // whenever the server comes back.
     let abandoned = false
-    let wake: (() => void) | undefined
+    let wake: ((closed?: ClosedError) => void) | undefined
     const begin =
       this.#client.status === 'ready'
         ? start()
-        : new Promise<void>((resolve) => {
-            wake = resolve
-            this.#waiting.add(resolve)
+        : new Promise<void>((resolve, reject) => {
+            wake = (closed) => (closed ? reject(closed) : resolve())
+            this.#waiting.add(wake)
           }).then(() => {
             if (abandoned) throw new Error('abandoned before the connection was ready')
             return start()
           })
+    const describe = () => this.#describe(operation)
     const pending = begin.catch((cause: unknown) => {
-      const message = `${this.address} failed ${operation}: ${cause instanceof Error ? cause.message : String(cause)}`
-      if (cause instanceof ReplyError && !isUnavailableReply((cause as Error).message)) {
-        throw new NodeRejectedError(message, { cause })
+      if (cause instanceof ClosedError) throw cause
+      const message = cause instanceof Error ? cause.message : String(cause)
+      if (message === IOREDIS_COMMAND_TIMEOUT) {
+        this.#reset()
+        throw new OperationTimeoutError(`${describe()} did not answer within ${this.#timeoutMs} ms`)
       }
-      throw new NodeOperationError(message, { cause })
+      const failed = `${this.address} failed ${operation}: ${message}`
+      if (cause instanceof ReplyError && !isUnavailableReply(message)) {
+        throw new NodeRejectedError(failed, { cause })
+      }
+      throw new NodeOperationError(failed, { cause })
     })
-    return withTimeout(
-      pending,
-      this.#timeoutMs,
-      () => `${this.address} (${operation})`,
-      () => {
-        abandoned = true
-        if (wake) this.#waiting.delete(wake)
-      },
-    )
+    return withTimeout(pending, this.#timeoutMs, describe, () => {
+      abandoned = true
+      if (wake) this.#waiting.delete(wake)
+      this.#reset()
+    })
+  }
+
+  /** The node and operation, with why it is not connected when it is not: a timeout alone would hide that. */
+  #describe(operation: string): string {
+    const why = this.#connectionError
+    return why === undefined ? `${this.address} (${operation})` : `${this.address} (${operation}; ${why})`
+  }
+
+  /**
+   * Drops a connection on which a command went unanswered, as the memcached connection does: ioredis's command
+   * timeout only fails the command, and the socket would stay open to a frozen server, or to a Sentinel master
+   * that froze while a replica was promoted (ioredis asks Sentinel again only when the connection closes).
+   * Reset, not closed: a close lets the kernel go on sending what is still queued, and waits for the frozen server
+   * to answer it. Only a ready connection: one being made is bounded by ioredis's connect and command timeouts.
+   */
+  #reset(): void {
+    const client = this.#client
+    if (this.#closed || client.status !== 'ready') return
+    if (client instanceof Cluster) {
+      client.disconnect(true)
+      return
+    }
+    // resetAndDestroy() sends a TCP RST; a TLS socket's handle cannot, so it is destroyed (FIN) instead.
+    if (client.stream instanceof TLSSocket) client.stream.destroy()
+    else client.stream.resetAndDestroy()
   }
 }
 
 /** Redis takes milliseconds; a session's TTL is whole seconds. */
 function toMs(ttlSeconds: number): number {
   return Math.max(1, Math.ceil(ttlSeconds)) * 1000
-}
-
-/** Never put a password in a log line or in health output: protocol, host and path only. */
-function withoutCredentials(url: string): string {
-  try {
-    const parsed = new URL(url)
-    return `${parsed.protocol}//${parsed.host}${parsed.pathname === '/' ? '' : parsed.pathname}`
-  } catch {
-    return 'redis (unparsable address)'
-  }
-}
-
-/** Credentials, TLS and database of a redis:// or rediss:// URL, as ioredis options. */
-function connectionSettings(url: string): {
-  username?: string
-  password?: string
-  tls?: object
-  db?: number
-} {
-  const parsed = new URL(url)
-  const settings: { username?: string; password?: string; tls?: object; db?: number } = {}
-  if (parsed.username) settings.username = decodeURIComponent(parsed.username)
-  if (parsed.password) settings.password = decodeURIComponent(parsed.password)
-  if (parsed.protocol === 'rediss:') settings.tls = {}
-  const db = Number(parsed.pathname.slice(1))
-  if (parsed.pathname.length > 1 && Number.isInteger(db)) settings.db = db
-  return settings
 }

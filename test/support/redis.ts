@@ -1,18 +1,11 @@
 import { execFileSync, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { connect, createServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import {
-  freePort,
-  installed,
-  type ServerProcess,
-  startServerProcess,
-  stopAll,
-  track,
-  waitUntilListening,
-} from './process.js'
+import { freePort, installed, type ServerProcess, startServerProcess, stopAll } from './process.js'
 
 /** A real redis-server on a free loopback port, killed, frozen and restarted empty like the memcached ones. */
 export interface RedisServer extends ServerProcess {
@@ -111,15 +104,23 @@ export async function startRedisCluster(
 }
 
 /**
- * A master with one replica, watched by one sentinel (quorum 1, down after 1 s), for Sentinel-managed nodes.
- * Resolves once the replica is in sync.
+ * A master with one replica, watched by `sentinelCount` sentinels (quorum 1, down after 1 s), for Sentinel-managed
+ * nodes. Resolves once the replica is in sync. The sentinels can be frozen and killed like the servers.
  */
 export async function startRedisSentinel(
   name: string,
-): Promise<{ master: RedisServer; replica: RedisServer; sentinelUrl: string }> {
+  sentinelCount = 1,
+): Promise<{
+  master: RedisServer
+  replica: RedisServer
+  sentinelUrl: string
+  sentinels: ServerProcess[]
+  sentinelUrls: string[]
+}> {
   const dir = mkdtempSync(join(tmpdir(), 'sf-redis-sentinel-'))
   tempDirs.add(dir)
-  const master = await startRedis([], dir)
+  // Diskless sync without its default 5 s wait for more replicas to join: the replica is in sync at once.
+  const master = await startRedis(['--repl-diskless-sync-delay', '0'], dir)
   const replica = await startRedis(['--replicaof', '127.0.0.1', String(master.port)], dir)
   const deadline = Date.now() + 15_000
   while (
@@ -128,20 +129,62 @@ export async function startRedisSentinel(
     if (Date.now() > deadline) throw new Error('the replica did not sync within 15 s')
     await new Promise((resolve) => setTimeout(resolve, 100))
   }
-  const port = await freePort()
-  const conf = join(dir, `sentinel-${port}.conf`)
-  writeFileSync(
-    conf,
-    [
-      `port ${port}`,
-      'bind 127.0.0.1',
-      `sentinel monitor ${name} 127.0.0.1 ${master.port} 1`,
-      `sentinel down-after-milliseconds ${name} 1000`,
-      `sentinel failover-timeout ${name} 5000`,
-      '',
-    ].join('\n'),
+  const sentinels = await Promise.all(
+    Array.from({ length: sentinelCount }, () =>
+      startServerProcess('redis', (port) => {
+        const conf = join(dir, `sentinel-${port}.conf`)
+        writeFileSync(
+          conf,
+          [
+            `port ${port}`,
+            'bind 127.0.0.1',
+            `sentinel monitor ${name} 127.0.0.1 ${master.port} 1`,
+            `sentinel down-after-milliseconds ${name} 1000`,
+            `sentinel failover-timeout ${name} 5000`,
+            '',
+          ].join('\n'),
+        )
+        return spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore', cwd: dir })
+      }),
+    ),
   )
-  const sentinel = track('redis', spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore', cwd: dir }))
-  await waitUntilListening(port, sentinel)
-  return { master, replica, sentinelUrl: `redis://127.0.0.1:${port}` }
+  const sentinelUrls = sentinels.map((sentinel) => `redis://127.0.0.1:${sentinel.port}`)
+  return { master, replica, sentinelUrl: sentinelUrls[0] as string, sentinels, sentinelUrls }
+}
+
+/**
+ * A loopback address whose server can be changed, as a DNS name or a virtual IP that a managed failover moves to
+ * the new master: connections made after moveTo() reach the new server, those already open stay with the old one.
+ * It only forwards bytes between the client and a real redis-server.
+ */
+export async function startMovableAddress(
+  targetPort: number,
+): Promise<{ port: number; moveTo(port: number): void; close(): Promise<void> }> {
+  let target = targetPort
+  const sockets = new Set<Socket>()
+  const keep = (socket: Socket) => {
+    sockets.add(socket)
+    socket.once('close', () => sockets.delete(socket))
+    socket.on('error', () => {})
+  }
+  const server = createServer((client) => {
+    keep(client)
+    const upstream = connect(target, '127.0.0.1')
+    keep(upstream)
+    client.pipe(upstream).pipe(client)
+    client.once('close', () => upstream.destroy())
+    upstream.once('close', () => client.destroy())
+  })
+  const port = await freePort()
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+  return {
+    port,
+    moveTo(port: number) {
+      target = port
+    },
+    close() {
+      for (const socket of sockets) socket.destroy()
+      return new Promise<void>((resolve) => server.close(() => resolve()))
+    },
+  }
 }
