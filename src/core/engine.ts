@@ -220,6 +220,9 @@ export class SessionEngine {
 
   async #finish(state: SessionState, request: RequestFacts | undefined): Promise<void> {
     await state.committing?.catch(ignore)
+    // Learned before the release is answered: the client's next request, which the response (leaving after the
+    // release is sent) lets in, already finds its route read-only.
+    this.#learn(state, request)
     await state.lock?.release()
     this.#settle(state, request)
   }
@@ -275,6 +278,11 @@ export class SessionEngine {
       state.tallied = true
       if (!state.wrote) this.counters.writesSkipped++
     }
+    this.#learn(state, request)
+  }
+
+  /** 'auto' mode learns, once per answered request of a stored session, whether its route wrote the session. */
+  #learn(state: SessionState, request: RequestFacts | undefined): void {
     if (request && !state.finished && state.record !== undefined) {
       state.finished = true
       this.#concurrency?.policy.learn(request, state.wrote)
