@@ -1,12 +1,15 @@
+import express from 'express'
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
 import { Metrics } from '../src/core/metrics.js'
 import { NodeRejectedError, OperationTimeoutError } from '../src/errors.js'
+import { parseSessionId } from '../src/index.js'
 import { type Logger, silentLogger } from '../src/logger.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { MemoryNode } from '../src/nodes/memory.js'
 import type { SessionNode } from '../src/nodes/node.js'
 import { RedisNode } from '../src/nodes/redis.js'
 import { NodeRing } from '../src/nodes/ring.js'
+import { Browser, startShop } from './support/app.js'
 import { startMemcached, stopAllMemcached } from './support/memcached.js'
 import { startRedis, stopAllRedis } from './support/redis.js'
 
@@ -271,6 +274,53 @@ describe('a node that sessions were moved off while it was frozen', () => {
     } finally {
       await ring.close()
       await stopAllMemcached()
+    }
+  })
+})
+
+describe('a memcached out of memory, with eviction off (-M)', () => {
+  afterAll(stopAllMemcached)
+
+  it('counts as down when it refuses a write: its sessions fail over instead of failing', async () => {
+    const full = await startMemcached(['-M', '-m', '2'])
+    const other = await startMemcached()
+    const shop = await startShop(express, {
+      secret: 'out-of-memory',
+      nodes: `n1:127.0.0.1:${full.port} n2:127.0.0.1:${other.port}`,
+      nodeProbeInterval: 60_000,
+    })
+    const filler = memcachedNodeOn(full.port)
+    try {
+      const browsers = Array.from({ length: 4 }, () => new Browser())
+      for (const browser of browsers) await browser.send(shop, 'POST', '/cart/apple')
+      const onFull = browsers.filter((browser) => parseSessionId(browser.sessionId)?.nodeId === 'n1')
+      expect(onFull.length).toBeGreaterThan(0)
+      // Filled until memcached refuses values of every size a session may have: each slab class's pages are then
+      // full, and no page is left to give one.
+      let refused: unknown
+      for (let size = 1; size <= 4096; size = Math.ceil(size * 1.25)) {
+        const value = Buffer.alloc(size, 'x')
+        let refusedHere = false
+        for (let i = 0; i < 40_000 && !refusedHere; i += 250) {
+          await Promise.all(
+            Array.from({ length: 250 }, (_, j) => filler.set(`fill${size}:${i + j}`, value, 600)),
+          ).catch((error: unknown) => {
+            refused = error
+            refusedHere = true
+          })
+        }
+      }
+      expect(String(refused)).toMatch(/out of memory/)
+
+      for (const browser of onFull) {
+        const reply = await browser.send(shop, 'POST', '/cart/pear')
+        expect(reply.status).toBe(200)
+        expect(reply.body.cart).toEqual(['apple', 'pear'])
+        expect(parseSessionId(browser.sessionId)?.nodeId).toBe('n2')
+      }
+    } finally {
+      await filler.close()
+      await shop.close()
     }
   })
 })

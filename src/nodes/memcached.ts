@@ -1,5 +1,5 @@
 import type { Socket } from 'node:net'
-import { NodeRejectedError } from '../errors.js'
+import { NodeOperationError, NodeRejectedError } from '../errors.js'
 import { MemcachedConnection, type MemcachedReply } from './memcached-connection.js'
 import { expiryExtras, NO_BYTES, OPCODE, STATUS } from './memcached-protocol.js'
 import { type CasOutcome, type CasToken, memcachedExpiry, type OwnedToken, type SessionNode } from './node.js'
@@ -17,6 +17,8 @@ export interface MemcachedNodeConfig {
 }
 
 /** What a few refusals mean, for the error message. */
+const OUT_OF_MEMORY = 0x82
+
 const STATUS_NAMES: Record<number, string> = {
   3: 'value too large',
   4: 'invalid arguments',
@@ -189,11 +191,12 @@ export class MemcachedNode implements SessionNode {
     throw this.#rejected(operation, status)
   }
 
-  #rejected(operation: string, status: number): NodeRejectedError {
+  #rejected(operation: string, status: number): NodeRejectedError | NodeOperationError {
     const meaning = STATUS_NAMES[status]
-    return new NodeRejectedError(
-      `${this.address} refused ${operation}: status 0x${status.toString(16)}${meaning ? ` (${meaning})` : ''}`,
-    )
+    const message = `${this.address} refused ${operation}: status 0x${status.toString(16)}${meaning ? ` (${meaning})` : ''}`
+    // Out of memory (a full memcached that may not evict, `-M`) refuses every write, not this one: the node is
+    // unavailable, so its sessions fail over rather than fail, as a Redis node's OOM does.
+    return status === OUT_OF_MEMORY ? new NodeOperationError(message) : new NodeRejectedError(message)
   }
 }
 
