@@ -505,7 +505,7 @@ function sentinelNode(
     kind: 'redis-sentinel',
     id,
     name,
-    sentinels: Object.freeze(sentinels.map((url) => redisUrl(id, url))),
+    sentinels: Object.freeze(sentinels.map((url) => redisUrl(id, url, { sentinel: true }))),
     masterUrl: masterUrl === undefined ? undefined : redisUrl(id, masterUrl),
   })
 }
@@ -599,12 +599,24 @@ function checkCookieChoice(
   throw new ConfigError(`Expected \`cookie.${name}\` to be ${expected}, got ${describe(value)}`)
 }
 
-/** An entry as it may be echoed in an error: whatever sits between '//' and '@' (a password) hidden. */
+/**
+ * An entry as it may be echoed in an error: everything between '//' and the last '@' hidden. A password may hold
+ * an '@' or a '/' that was not percent-encoded, so neither the first '@' nor the end of the host says where it ends.
+ */
 function withoutCredentials(entry: string): string {
-  return entry.replace(/\/\/[^/@\s]*@/, '//***@')
+  const start = entry.indexOf('//')
+  const at = entry.lastIndexOf('@')
+  return start === -1 || at < start ? entry : `${entry.slice(0, start + 2)}***${entry.slice(at)}`
 }
 
-function redisUrl(id: string, url: unknown): string {
+/** The one query parameter a Redis URL may carry: how its host name resolves (IPv6-only private networks). */
+const ADDRESS_FAMILIES = new Set(['0', '4', '6'])
+
+/**
+ * `sentinel`: a sentinel's own URL, which takes credentials and TLS only. Nothing of a URL is echoed in these
+ * messages but the names of its query parameters: it may hold a password, percent-encoded or not.
+ */
+function redisUrl(id: string, url: unknown, { sentinel = false } = {}): string {
   let parsed: URL | undefined
   try {
     parsed = typeof url === 'string' ? new URL(url) : undefined
@@ -612,17 +624,27 @@ function redisUrl(id: string, url: unknown): string {
     parsed = undefined
   }
   if (!parsed || (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') || !parsed.hostname) {
-    // Never echo the URL: it may hold a password.
     throw new ConfigError(
       `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? 'another URL' : describe(url)}`,
     )
   }
   // ioredis reads a query string as client options, which would override the node's own (its offline queue, its
-  // retries) on a server and be dropped on a cluster or Sentinel; a fragment is no part of an address.
-  const extra = /[?#]/.exec(url as string)
-  if (extra) {
+  // retries); only the address family is taken, by this library, and a fragment is no part of an address.
+  const names = [...parsed.searchParams.keys()]
+  const family = parsed.searchParams.get('family')
+  if (
+    parsed.hash ||
+    names.some((name) => name !== 'family') ||
+    names.length > 1 ||
+    (family !== null && (sentinel || !ADDRESS_FAMILIES.has(family)))
+  ) {
     throw new ConfigError(
-      `Expected the url of node '${id}' to be redis://host:port[/db] or rediss://host:port[/db] with no query string or fragment (ioredis would read '?…' as client options), got ${urlWithExtra(url as string, extra.index)}`,
+      `Expected the url of node '${id}' to have no query string but ${sentinel ? 'none (a sentinel URL)' : "?family=0, 4 or 6 (ioredis would read others as client options overriding this node's own)"} and no fragment, got ${parsed.hash ? 'a fragment' : `?${names.map((name) => `${name}=…`).join('&')}`}`,
+    )
+  }
+  if (!/^\/?(?:\d+)?$/.test(parsed.pathname) || (sentinel && parsed.pathname.length > 1)) {
+    throw new ConfigError(
+      `Expected the url of node '${id}' to end with ${sentinel ? 'its port (a sentinel has no database)' : 'a database number (/0, /1, …) or with its port'}, got another path`,
     )
   }
   try {
@@ -634,21 +656,6 @@ function redisUrl(id: string, url: unknown): string {
     )
   }
   return url as string
-}
-
-/**
- * A URL with a query string or fragment as it may be echoed: credentials hidden, parameter names without values.
- * An '@' after the '?' or '#' means an unencoded password may straddle it: then nothing of the URL is echoed.
- */
-function urlWithExtra(url: string, index: number): string {
-  const tail = url.slice(index)
-  if (tail.includes('@')) return `a URL with a ${tail.startsWith('?') ? 'query string' : 'fragment'}`
-  const [query = '', fragment] = tail.slice(1).split('#')
-  const names = tail.startsWith('?')
-    ? `?${[...new URLSearchParams(query).keys()].map((name) => `${name}=…`).join('&')}`
-    : ''
-  const echoed = `${withoutCredentials(url.slice(0, index))}${names}${fragment !== undefined || tail.startsWith('#') ? '#…' : ''}`
-  return `'${echoed.length > 120 ? `${echoed.slice(0, 120)}…` : echoed}'`
 }
 
 function redisNode(rawId: unknown, url: unknown, where: string): NodeConfig {

@@ -118,6 +118,7 @@ describe('the URLs of Redis nodes', () => {
   it.each([
     ['a server', { id: 'r1', url: 'redis://:hunter2@127.0.0.1:6379?enableOfflineQueue=1' }],
     ['a server, with a fragment', { id: 'r1', url: 'redis://:hunter2@127.0.0.1:6379/1#main' }],
+    ['a server, with an address family Node has not', { id: 'r1', url: 'redis://:hunter2@h:6379?family=5' }],
     ['a cluster', { id: 'r1', cluster: ['redis://:hunter2@10.0.0.4:7000?maxRetriesPerRequest=20'] }],
     [
       'a Sentinel master',
@@ -128,19 +129,47 @@ describe('the URLs of Redis nodes', () => {
         masterUrl: 'rediss://:hunter2@master/2?tls=0',
       },
     ],
-  ])('refuses a query string or fragment at start-up, for %s, without echoing the password', (_, node) => {
+    ['a sentinel', { id: 'r1', sentinels: ['redis://:hunter2@10.0.0.7:26379?family=6'], name: 'main' }],
+  ])('refuses a query string (but family) or a fragment at start-up, for %s, without echoing the URL', (_, node) => {
     const start = () => sessionFailover({ secret: 's', nodes: [node] })
     expect(start).toThrow(ConfigError)
-    expect(start).toThrow(/node 'r1' .*no query string or fragment.*, got '.*(\?[a-zA-Z]+=…|#…)'/)
-    expect(start).not.toThrow(/hunter2/)
+    expect(start).toThrow(/node 'r1' .*no query string .*, got (\?[a-zA-Z]+=…|a fragment)$/)
+    expect(start).not.toThrow(/hunter2|10\.0\.0|127\.0\.0|master/)
   })
 
-  it('reads the string form the same way', () => {
-    const start = () =>
-      sessionFailover({ secret: 's', nodes: 'r1:redis://:hunter2@127.0.0.1:6379?enableOfflineQueue=1' })
-    expect(start).toThrow(
-      "Expected the url of node 'r1' to be redis://host:port[/db] or rediss://host:port[/db] with no query string or fragment (ioredis would read '?…' as client options), got 'redis://***@127.0.0.1:6379?enableOfflineQueue=…'",
+  it('takes ?family=6 (a host name that resolves to IPv6 only) and passes it to the client', () => {
+    expect(() =>
+      sessionFailover({ secret: 's', nodes: 'r1:redis://cache.internal:6379?family=6' }),
+    ).not.toThrow()
+    const built = redisClientSettings({
+      id: 'r1',
+      url: 'redis://cache.internal:6379/2?family=6',
+      operationTimeoutMs: 500,
+      probeKey: 'probe',
+    })
+    expect(built.kind === 'redis' && built.options).toMatchObject({
+      host: 'cache.internal',
+      db: 2,
+      family: 6,
+    })
+  })
+
+  it('refuses a path that is not a database number', () => {
+    expect(() => sessionFailover({ secret: 's', nodes: 'r1:redis://127.0.0.1:6379/abc' })).toThrow(
+      "Expected the url of node 'r1' to end with a database number (/0, /1, …) or with its port, got another path",
     )
+  })
+
+  it.each([
+    ['an @', 'redis://user:p@ss-word@127.0.0.1:6379?x=1', 'ss-word'],
+    ['a / after digits', 'redis://u:12/34secret@127.0.0.1:6379?x=1', '34secret'],
+  ])('hides a password with %s that was not percent-encoded, in every message', (_, url, secret) => {
+    // As a string entry, as an object, and as a malformed entry (no id), whose message echoes the entry.
+    for (const nodes of [`r1:${url}`, [{ id: 'r1', url }], url]) {
+      const start = () => sessionFailover({ secret: 's', nodes })
+      expect(start).toThrow(ConfigError)
+      expect(start).not.toThrow(new RegExp(secret))
+    }
   })
 })
 
@@ -159,7 +188,7 @@ describe('the TLS of a Sentinel-managed master', () => {
   it("follows masterUrl's scheme, not the sentinels': no password to a rediss:// master in cleartext", () => {
     const tlsMaster = settings(['redis://10.0.0.7:26379'], 'rediss://app:pw@master/2')
     expect(tlsMaster.enableTLSForSentinelMode).toBe(true)
-    expect(tlsMaster.tls).toEqual({})
+    expect(tlsMaster.tls).toEqual({ servername: 'master' })
     expect(tlsMaster.sentinelTLS).toBeUndefined()
     expect(tlsMaster.password).toBe('pw')
 
@@ -169,5 +198,12 @@ describe('the TLS of a Sentinel-managed master', () => {
     expect(tlsSentinels.sentinelTLS).toEqual({})
 
     expect(settings(['rediss://10.0.0.7:26379']).enableTLSForSentinelMode).toBe(false)
+  })
+
+  it("checks the master's certificate against masterUrl's host name, not the address Sentinel gives", () => {
+    expect(settings(['redis://10.0.0.7:26379'], 'rediss://app:pw@redis.example.com/2').tls).toEqual({
+      servername: 'redis.example.com',
+    })
+    expect(settings(['redis://10.0.0.7:26379'], 'rediss://app:pw@10.0.0.9/2').tls).toEqual({})
   })
 })

@@ -1,3 +1,4 @@
+import { isIP } from 'node:net'
 import type { ClusterOptions, RedisOptions } from 'ioredis'
 
 export interface RedisNodeConfig {
@@ -74,6 +75,10 @@ export function redisClientSettings(config: RedisNodeConfig): RedisClientSetting
     const { sentinels, name, masterUrl } = config.sentinel
     const sentinel = connectionSettings(sentinels[0] ?? '')
     const master = masterUrl ? connectionSettings(masterUrl) : {}
+    // Sentinel names the master by address; the certificate is checked against masterUrl's host instead (an IP
+    // there is checked as given: Node takes no IP as a TLS server name).
+    const host = masterUrl ? endpoint(masterUrl, 6379).host : ''
+    if (master.tls && host && isIP(host) === 0) master.tls = { servername: host }
     return {
       kind: 'redis',
       options: {
@@ -112,19 +117,23 @@ function endpoint(url: string, defaultPort: number): { host: string; port: numbe
   return { host: parsed.hostname.replace(/^\[|\]$/g, ''), port: Number(parsed.port || defaultPort) }
 }
 
-/** Credentials, TLS and database of a redis:// or rediss:// URL, as ioredis options. */
+/** Credentials, TLS, database and address family of a redis:// or rediss:// URL, as ioredis options. */
 function connectionSettings(url: string): {
   username?: string
   password?: string
   tls?: object
   db?: number
+  family?: number
 } {
   const parsed = new URL(url)
-  const settings: { username?: string; password?: string; tls?: object; db?: number } = {}
+  const settings: { username?: string; password?: string; tls?: object; db?: number; family?: number } = {}
   if (parsed.username) settings.username = decodeURIComponent(parsed.username)
   if (parsed.password) settings.password = decodeURIComponent(parsed.password)
   if (parsed.protocol === 'rediss:') settings.tls = {}
   const db = Number(parsed.pathname.slice(1))
   if (parsed.pathname.length > 1 && Number.isInteger(db)) settings.db = db
+  // The only query parameter the options let through (0, 4 or 6): how the host name resolves.
+  const family = parsed.searchParams.get('family')
+  if (family !== null) settings.family = Number(family)
   return settings
 }
