@@ -22,9 +22,23 @@ export type JobOutcome =
 
 const WITHDRAWN: JobOutcome = { written: false, withdrawn: true }
 
+/**
+ * What a session's record is charged in memory, in the local cache and in this queue alike: its data, its cookie
+ * text (UTF-16), and the entry around them.
+ */
+export function recordBytes(record: SessionRecord | null): number {
+  return 200 + (record ? record.data.length + 2 * record.cookieJson.length : 0)
+}
+
+function jobBytes(job: BackupJob): number {
+  return recordBytes(job.record)
+}
+
 export interface BackupQueueOptions {
   /** Most sessions waiting; past it offer() refuses. */
   readonly maxPending: number
+  /** Most bytes of records waiting (as `recordBytes` counts them); past it offer() refuses. */
+  readonly maxPendingBytes: number
   /** Background (offered) writes running at once; submitted writes are not limited by it. */
   readonly concurrency: number
   /** Wait before retrying while no node is alive. */
@@ -67,6 +81,8 @@ interface Running {
 export class BackupQueue {
   readonly #options: BackupQueueOptions
   readonly #pending = new Map<string, Entry>()
+  /** jobBytes of every pending job: through an outage the count alone would let 10 000 large sessions wait. */
+  #pendingBytes = 0
   readonly #running = new Map<string, Running>()
   #backgroundRunning = 0
   #retryTimer: NodeJS.Timeout | undefined
@@ -93,9 +109,9 @@ export class BackupQueue {
   /** Queues (or replaces) a background write; false when the queue is full. */
   offer(key: string, job: BackupJob): boolean {
     const entry = this.#pending.get(key)
-    if (entry) entry.job = job
-    else if (this.#pending.size >= this.#options.maxPending) return false
-    else this.#pending.set(key, { job, waiters: [], urgent: false })
+    if (entry) this.#replace(entry, job)
+    else if (!this.#fits(job)) return false
+    else this.#add(key, { job, waiters: [], urgent: false })
     this.#pump()
     return true
   }
@@ -105,11 +121,11 @@ export class BackupQueue {
     return new Promise((resolve, reject) => {
       const entry = this.#pending.get(key)
       if (entry) {
-        entry.job = job
+        this.#replace(entry, job)
         entry.urgent = true
         entry.waiters.push({ resolve, reject })
       } else {
-        this.#pending.set(key, { job, waiters: [{ resolve, reject }], urgent: true })
+        this.#add(key, { job, waiters: [{ resolve, reject }], urgent: true })
       }
       this.#pump()
     })
@@ -121,7 +137,7 @@ export class BackupQueue {
    */
   async withdraw(key: string): Promise<void> {
     const entry = this.#pending.get(key)
-    this.#pending.delete(key)
+    if (entry) this.#remove(key, entry)
     for (const waiter of entry?.waiters ?? []) waiter.resolve(WITHDRAWN)
     const running = this.#running.get(key)
     if (running) {
@@ -159,7 +175,7 @@ export class BackupQueue {
       // Background writes wait while no node is alive (the retry timer) or when enough are running.
       if (!entry.urgent && (this.#retryTimer || this.#backgroundRunning >= this.#options.concurrency))
         continue
-      this.#pending.delete(key)
+      this.#remove(key, entry)
       if (!entry.urgent) this.#backgroundRunning++
       const running: Running = { entry, done: Promise.resolve(), withdrawn: false }
       this.#running.set(key, running)
@@ -183,9 +199,8 @@ export class BackupQueue {
         if (!running.withdrawn && !this.#pending.has(key)) {
           // Bounded like offer(): through a long outage every session written would otherwise wait here,
           // each with its whole record.
-          if (this.#pending.size >= this.#options.maxPending) this.#options.onDropped(key, entry.job)
-          else
-            this.#pending.set(key, { job: { ...entry.job, onlyIfNewer: true }, waiters: [], urgent: false })
+          if (!this.#fits(entry.job)) this.#options.onDropped(key, entry.job)
+          else this.#add(key, { job: { ...entry.job, onlyIfNewer: true }, waiters: [], urgent: false })
         }
         this.#scheduleRetry()
       } else if (error instanceof StaleWriteError) {
@@ -203,6 +218,28 @@ export class BackupQueue {
       // A finished write may unblock a newer version of the same session.
       queueMicrotask(() => this.#pump())
     }
+  }
+
+  #fits(job: BackupJob): boolean {
+    return (
+      this.#pending.size < this.#options.maxPending &&
+      this.#pendingBytes + jobBytes(job) <= this.#options.maxPendingBytes
+    )
+  }
+
+  #add(key: string, entry: Entry): void {
+    this.#pending.set(key, entry)
+    this.#pendingBytes += jobBytes(entry.job)
+  }
+
+  #replace(entry: Entry, job: BackupJob): void {
+    this.#pendingBytes += jobBytes(job) - jobBytes(entry.job)
+    entry.job = job
+  }
+
+  #remove(key: string, entry: Entry): void {
+    this.#pending.delete(key)
+    this.#pendingBytes -= jobBytes(entry.job)
   }
 
   #scheduleRetry(): void {

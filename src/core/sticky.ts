@@ -4,7 +4,7 @@ import type { Logger } from '../logger.js'
 import type { NodeRing } from '../nodes/ring.js'
 import { formatSessionId, type ParsedSessionId, parseSessionId } from '../session-id.js'
 import type { SessionBackend } from './backend.js'
-import { type BackupJob, BackupQueue } from './backup-queue.js'
+import { type BackupJob, BackupQueue, recordBytes } from './backup-queue.js'
 import type { SessionRecord } from './codec.js'
 import { logIdOf } from './keys.js'
 import type { Metrics } from './metrics.js'
@@ -36,8 +36,8 @@ interface LocalSession {
   backedUp: boolean
 }
 
-/** Bytes a local session is charged for in the memory bound: its data, its cookie text (UTF-16), the entry's overhead. */
-const ENTRY_OVERHEAD = 200
+/** Sessions this instance destroyed, remembered so that a request that loaded one before cannot store it again. */
+const REMEMBERED_DESTROYS = 10_000
 
 /**
  * Sticky mode: sessions live in this instance's memory and are served from it without a remote read while this
@@ -53,6 +53,12 @@ export class StickyStore implements SessionBackend {
   readonly #local: LRUCache<string, LocalSession>
   readonly #queue: BackupQueue
   readonly #unregisterSigterm: (() => void) | undefined
+  /**
+   * Keys of sessions destroyed here, oldest first. A destroyed key is never issued again (a new session, or a
+   * regenerated one, gets a new random part), so a save of one comes from a request that loaded the session before
+   * its logout: it must not bring the session back, as a merge onto nothing does not in non-sticky mode.
+   */
+  readonly #destroyed = new Set<string>()
 
   constructor(remote: ReplicatedStore, ring: NodeRing, options: StickyOptions) {
     this.#remote = remote
@@ -61,12 +67,12 @@ export class StickyStore implements SessionBackend {
     this.#local = new LRUCache<string, LocalSession>({
       max: options.localMaxSessions,
       maxSize: options.localMaxBytes,
-      sizeCalculation: (entry) =>
-        ENTRY_OVERHEAD + entry.record.data.length + 2 * entry.record.cookieJson.length,
+      sizeCalculation: (entry) => recordBytes(entry.record),
     })
     this.#queue = new BackupQueue({
       // Bounded like the cache: at most one queued copy per session this instance can hold.
       maxPending: options.localMaxSessions,
+      maxPendingBytes: options.localMaxBytes,
       concurrency: 8,
       retryDelayMs: options.retryDelayMs,
       run: (job) => this.#perform(job),
@@ -173,6 +179,8 @@ export class StickyStore implements SessionBackend {
   async save(id: string, record: SessionRecord, ttlSeconds: number): Promise<string> {
     const key = parseSessionId(id)?.random
     if (!key) throw new TypeError('save() needs an id issued by this store')
+    // Logged out (or regenerated) meanwhile by another request on this instance: it stays destroyed.
+    if (this.#destroyed.has(key)) return id
     const expiresAt = Date.now() + ttlSeconds * 1000
     // Refused now, not when the backup runs: a session that can never be stored must not be acknowledged.
     this.#remote.assertFits(record)
@@ -220,6 +228,10 @@ export class StickyStore implements SessionBackend {
     const key = parseSessionId(id)?.random
     if (!key) return
     this.#local.delete(key)
+    this.#destroyed.add(key)
+    if (this.#destroyed.size > REMEMBERED_DESTROYS) {
+      this.#destroyed.delete(this.#destroyed.values().next().value as string)
+    }
     // A backup still queued or being written must not bring the session back after the delete.
     await this.#queue.withdraw(key)
     try {
