@@ -93,6 +93,7 @@ export function createEngine(config: Config): Engine {
         ...config.sticky,
         flushTimeoutMs: FLUSH_TIMEOUT_MS,
         defaultTtlSeconds: config.ttlSeconds,
+        backupCheckIntervalMs: config.backupCheckIntervalMs,
         retryDelayMs: config.nodeProbeIntervalMs,
         logger: config.logger,
         metrics,

@@ -106,6 +106,28 @@ describe('sticky mode', () => {
     expect((await old.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
   })
 
+  it('does not write back from the memory of the instance it was taken over from a session logged out on the new one', async () => {
+    const { a, b } = await cluster({ backupCheckInterval: 100 })
+    const browser = new Browser()
+    await fill(browser, a, ['apple'])
+    const cookieForA = browser.cookie
+    // b takes the session over, then the user logs out there; a still holds ['apple'] in memory.
+    expect((await browser.send(b, 'POST', '/cart/pear')).body.cart).toEqual(['apple', 'pear'])
+    expect((await browser.send(b, 'POST', '/logout')).status).toBe(200)
+    // The old cookie on a: each request past backupCheckInterval has a check its stored copies, which are gone.
+    const old = new Browser()
+    old.cookie = cookieForA
+    for (let i = 0; i < 4; i++) {
+      await old.send(a, 'GET', '/cart')
+      await sleep(150)
+    }
+    expect((await old.send(a, 'GET', '/cart')).body.cart).toEqual([])
+    // Nor written back to the nodes, where any instance would find it.
+    const elsewhere = new Browser()
+    elsewhere.cookie = cookieForA
+    expect((await elsewhere.send(b, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
   it('relocates the session when its primary node dies, without failing the request', async () => {
     const { a } = await cluster()
     const browser = new Browser()

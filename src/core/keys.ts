@@ -7,6 +7,8 @@ export interface StorageKeys {
   readonly backup: string
   /** The session's lock (non-sticky locking modes). */
   readonly lock: string
+  /** A mark left by a sticky logout: an instance still holding the session in memory must not write it back. */
+  readonly gone: string
 }
 
 /** Keys computed lately: a request asks for its session's keys several times (read, lock, write, release). */
@@ -28,6 +30,7 @@ export function storageKeys(prefix: string, random: string): StorageKeys {
       primary: `${prefix}${digest}`,
       backup: `${prefix}bak:${digest}`,
       lock: `${prefix}lock:${digest}`,
+      gone: `${prefix}gone:${digest}`,
     }
     if (recentKeys.size >= RECENT_KEYS) recentKeys.clear()
     recentKeys.set(cacheKey, keys)

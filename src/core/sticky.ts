@@ -21,6 +21,8 @@ export interface StickyOptions {
   readonly flushTimeoutMs: number
   /** Idle lifetime given to a session taken over from the nodes, until its request sets the exact one. */
   readonly defaultTtlSeconds: number
+  /** How often an owner checks the stored copies of a session it serves from memory. */
+  readonly backupCheckIntervalMs: number
   readonly retryDelayMs: number
   readonly logger: Logger
   readonly metrics: Metrics
@@ -212,11 +214,16 @@ export class StickyStore implements SessionBackend {
     return id
   }
 
-  refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
-    const local = this.#local.peek(parseSessionId(id)?.random ?? '')
+  async refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
+    const key = parseSessionId(id)?.random ?? ''
+    const local = this.#local.peek(key)
     if (local) local.expiresAt = Date.now() + ttlSeconds * 1000
     // Served from memory, so neither copy is read: both are verified, not only the backup.
-    return this.#remote.refresh(id, record, ttlSeconds, { verifyPrimary: true })
+    if ((await this.#remote.verifyHeld(id, record, ttlSeconds)) === 'gone') {
+      // Logged out on the instance that took it over from this one: no longer served from memory either.
+      this.#local.delete(key)
+      this.#forget(key)
+    }
   }
 
   /** Only a session this instance serves: another instance holds its own in memory. */
@@ -227,19 +234,33 @@ export class StickyStore implements SessionBackend {
   async destroy(id: string): Promise<void> {
     const key = parseSessionId(id)?.random
     if (!key) return
+    const local = this.#local.peek(key)
     this.#local.delete(key)
-    this.#destroyed.add(key)
-    if (this.#destroyed.size > REMEMBERED_DESTROYS) {
-      this.#destroyed.delete(this.#destroyed.values().next().value as string)
-    }
+    this.#forget(key)
     // A backup still queued or being written must not bring the session back after the delete.
     await this.#queue.withdraw(key)
     try {
-      await this.#remote.destroy(id)
+      // Another instance that served this session before this one took it over may hold it in memory: the mark
+      // keeps its checks from writing it back, for as long as its copy could live (and one check more).
+      await this.#remote.destroy(id, { markGoneForSeconds: this.#markGoneFor(local?.expiresAt) })
     } catch (error) {
       if (!(error instanceof AllNodesDownError)) throw error
       // Degraded: the delete is queued like a write, so the old copies go once a node is back.
       this.#queue.offer(key, { id, record: null, expiresAt: 0, onlyIfNewer: false })
+    }
+  }
+
+  /** Seconds a logout's mark must last: as long as another instance's copy in memory could, and one check more. */
+  #markGoneFor(expiresAt: number | undefined): number {
+    const lifetimeMs = Math.max((expiresAt ?? 0) - Date.now(), this.#options.defaultTtlSeconds * 1000)
+    return Math.ceil((lifetimeMs + this.#options.backupCheckIntervalMs) / 1000)
+  }
+
+  /** A destroyed key is never issued again: a later save of it is a request's that loaded it before. */
+  #forget(key: string): void {
+    this.#destroyed.add(key)
+    if (this.#destroyed.size > REMEMBERED_DESTROYS) {
+      this.#destroyed.delete(this.#destroyed.values().next().value as string)
     }
   }
 
@@ -271,7 +292,11 @@ export class StickyStore implements SessionBackend {
   }
 
   #perform(job: BackupJob): Promise<string> {
-    if (job.record === null) return this.#remote.destroy(job.id).then(() => job.id)
+    if (job.record === null) {
+      return this.#remote
+        .destroy(job.id, { markGoneForSeconds: this.#markGoneFor(undefined) })
+        .then(() => job.id)
+    }
     const ttlSeconds = Math.ceil((job.expiresAt - Date.now()) / 1000)
     // Expired while it waited: storing it now would only bring it back.
     if (!(ttlSeconds > 0)) return Promise.resolve(job.id)

@@ -56,6 +56,8 @@ export interface LoadedSession {
   readonly cas?: { readonly nodeId: string; readonly token: CasToken }
 }
 
+/** The value of a sticky logout's mark (StorageKeys.gone): its presence is what counts. */
+const GONE_MARK = Buffer.from('1')
 /** Rounds of read-apply-write a merge tries before giving up under contention. */
 const MAX_MERGE_ATTEMPTS = 12
 
@@ -370,12 +372,24 @@ export class ReplicatedStore implements SessionBackend {
    * copy is written again from the other copy (see #restore). Never throws: a failed touch only costs node
    * health.
    */
-  async refresh(
+  async refresh(id: string, record: SessionRecord, ttlSeconds: number): Promise<void> {
+    await this.#refresh(id, record, ttlSeconds, false)
+  }
+
+  /**
+   * refresh() for sticky mode, whose owner holds the session in memory: 'gone' when that copy was not written
+   * back because the session was logged out on another instance (which took it over from this one).
+   */
+  verifyHeld(id: string, record: SessionRecord, ttlSeconds: number): Promise<'gone' | undefined> {
+    return this.#refresh(id, record, ttlSeconds, true)
+  }
+
+  async #refresh(
     id: string,
     record: SessionRecord,
     ttlSeconds: number,
-    { verifyPrimary = false }: { verifyPrimary?: boolean } = {},
-  ): Promise<void> {
+    verifyPrimary: boolean,
+  ): Promise<'gone' | undefined> {
     const parsed = parseSessionId(id)
     if (!parsed) return
     const now = Date.now()
@@ -396,10 +410,10 @@ export class ReplicatedStore implements SessionBackend {
     // found on neither node (both restarted), it is written again from there.
     const fallback = verifyPrimary ? record : undefined
     const keep = async (nodeId: string, key: string, ttl: number, from: CopyAt | undefined) => {
-      if (await this.#ring.call(nodeId, (node) => node.touch(key, ttl))) return
-      await this.#restore(keys, { nodeId, key }, ttl, from, fallback)
+      if (await this.#ring.call(nodeId, (node) => node.touch(key, ttl))) return undefined
+      return this.#restore(keys, { nodeId, key }, ttl, from, fallback)
     }
-    await Promise.allSettled([
+    const kept = await Promise.allSettled([
       primaryAlive &&
         (touchDue || verifyPrimary) &&
         keep(
@@ -416,13 +430,17 @@ export class ReplicatedStore implements SessionBackend {
           primaryAlive ? { nodeId: primary, key: keys.primary } : undefined,
         ),
     ])
+    return kept.some((outcome) => outcome.status === 'fulfilled' && outcome.value === 'gone')
+      ? 'gone'
+      : undefined
   }
 
   /**
    * A copy that a touch found missing (its node restarted empty) is written again from the other copy, read now.
    * Not from the copy this request read when it began: a logout on another instance since then deleted both
    * copies, and writing one back would undo it. Gone from both, the session stays gone, unless `fallback` (sticky
-   * mode: the owner's copy in memory) is given. With `add`, not `set`:
+   * mode: the owner's copy in memory) is given and no logout marked it gone (a logout on the instance that took
+   * it over from this one). With `add`, not `set`:
    * a newer version written meanwhile is never overwritten. Re-encoded, so a copy too large for the limit in force
    * now (lowered, or encryption turned on) is not written back. A logout whose two deletes land on either side of
    * this read and add can still leave one copy: a window of one round trip, not the whole request's life.
@@ -433,13 +451,19 @@ export class ReplicatedStore implements SessionBackend {
     ttl: number,
     from: CopyAt | undefined,
     fallback: SessionRecord | undefined,
-  ): Promise<void> {
+  ): Promise<'gone' | undefined> {
     const blob = from && (await this.#ring.call(from.nodeId, (node) => node.get(from.key)))
-    const record = (blob && this.#decode(blob, from.nodeId, keys, from.key)) || fallback
-    if (!record || this.#options.codec.encodedLength(record) > this.#options.maxSessionBytes) return
+    let record = blob && this.#decode(blob, from.nodeId, keys, from.key)
+    if (!record && fallback) {
+      // Logged out on another instance, which took the session over from this one: not written back.
+      if (await this.#ring.call(missing.nodeId, (node) => node.get(keys.gone))) return 'gone'
+      record = fallback
+    }
+    if (!record || this.#options.codec.encodedLength(record) > this.#options.maxSessionBytes) return undefined
     await this.#ring.call(missing.nodeId, (node) =>
       node.add(missing.key, this.#options.codec.encode(record, keys.digest), ttl),
     )
+    return undefined
   }
 
   async close(): Promise<void> {}
@@ -586,12 +610,16 @@ export class ReplicatedStore implements SessionBackend {
   /**
    * Removes every copy: both keys on every node, not only on the current primary and backup (a node that held
    * the session before a relocation must not bring a destroyed session back), and on a node that is down, as
-   * soon as it is back.
+   * soon as it is back. `markGoneForSeconds` (sticky mode) first leaves the logout's mark on every node alive.
    */
-  async destroy(id: string): Promise<void> {
+  async destroy(id: string, { markGoneForSeconds }: { markGoneForSeconds?: number } = {}): Promise<void> {
     const parsed = parseSessionId(id)
     if (!parsed) return
     const keys = storageKeys(this.#options.prefix, parsed.random)
+    // Sticky mode: marked gone on every node before the copies go, so a check that finds them gone finds the mark.
+    if (markGoneForSeconds !== undefined) {
+      await this.#ring.writeEverywhere(keys.gone, GONE_MARK, markGoneForSeconds)
+    }
     this.#lastRefresh.delete(parsed.random)
     this.#lastBackupCheck.delete(parsed.random)
     this.#movedTo.delete(parsed.random)

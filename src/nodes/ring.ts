@@ -259,6 +259,15 @@ export class NodeRing {
    * so that a node that was down (or frozen) cannot bring a destroyed session back. Resolves whether any node
    * took the delete now.
    */
+  /** Sets `key` on every node alive now; a node that fails is marked dead, as by any call. */
+  async writeEverywhere(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
+    await Promise.allSettled(
+      this.#members
+        .filter((member) => !member.retired && member.alive)
+        .map((member) => this.call(member.node.id, (node) => node.set(key, value, ttlSeconds))),
+    )
+  }
+
   async deleteEverywhere(keys: readonly string[]): Promise<boolean> {
     const results = await Promise.all(
       this.#members
