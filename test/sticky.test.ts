@@ -216,7 +216,7 @@ describe('sticky mode', () => {
 describe('sticky mode in one process', () => {
   afterEach(() => stopAllMemcached())
 
-  it('does not bring back a session logged out while a write of it was being stored', async () => {
+  async function stickyShop() {
     const servers = await startCluster(2)
     const shop = await startShop(express, {
       secret: 'sticky-secret',
@@ -224,6 +224,11 @@ describe('sticky mode in one process', () => {
       sticky: true,
       route: 'a',
     })
+    return { servers, shop }
+  }
+
+  it('does not bring back a session logged out while a write of it was being stored', async () => {
+    const { servers, shop } = await stickyShop()
     try {
       for (let trial = 0; trial < 30; trial++) {
         const browser = new Browser()
@@ -250,13 +255,7 @@ describe('sticky mode in one process', () => {
   })
 
   it('does not let a request that loaded the session before its logout store it again', async () => {
-    const servers = await startCluster(2)
-    const shop = await startShop(express, {
-      secret: 'sticky-secret',
-      nodes: nodesOption(servers),
-      sticky: true,
-      route: 'a',
-    })
+    const { servers, shop } = await stickyShop()
     try {
       const browser = new Browser()
       await browser.send(shop, 'POST', '/cart/apple')
