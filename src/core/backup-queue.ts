@@ -30,10 +30,6 @@ export function recordBytes(record: SessionRecord | null): number {
   return 200 + (record ? record.data.length + 2 * record.cookieJson.length : 0)
 }
 
-function jobBytes(job: BackupJob): number {
-  return recordBytes(job.record)
-}
-
 export interface BackupQueueOptions {
   /** Most sessions waiting; past it offer() refuses. */
   readonly maxPending: number
@@ -81,7 +77,7 @@ interface Running {
 export class BackupQueue {
   readonly #options: BackupQueueOptions
   readonly #pending = new Map<string, Entry>()
-  /** jobBytes of every pending job: through an outage the count alone would let 10 000 large sessions wait. */
+  /** recordBytes of every pending job's record: through an outage the count alone would let 10 000 large sessions wait. */
   #pendingBytes = 0
   readonly #running = new Map<string, Running>()
   #backgroundRunning = 0
@@ -223,23 +219,23 @@ export class BackupQueue {
   #fits(job: BackupJob): boolean {
     return (
       this.#pending.size < this.#options.maxPending &&
-      this.#pendingBytes + jobBytes(job) <= this.#options.maxPendingBytes
+      this.#pendingBytes + recordBytes(job.record) <= this.#options.maxPendingBytes
     )
   }
 
   #add(key: string, entry: Entry): void {
     this.#pending.set(key, entry)
-    this.#pendingBytes += jobBytes(entry.job)
+    this.#pendingBytes += recordBytes(entry.job.record)
   }
 
   #replace(entry: Entry, job: BackupJob): void {
-    this.#pendingBytes += jobBytes(job) - jobBytes(entry.job)
+    this.#pendingBytes += recordBytes(job.record) - recordBytes(entry.job.record)
     entry.job = job
   }
 
   #remove(key: string, entry: Entry): void {
     this.#pending.delete(key)
-    this.#pendingBytes -= jobBytes(entry.job)
+    this.#pendingBytes -= recordBytes(entry.job.record)
   }
 
   #scheduleRetry(): void {
