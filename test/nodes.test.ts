@@ -139,6 +139,46 @@ describe('a memcached with a larger item size (-I)', () => {
   })
 })
 
+describe('a memcached with a smaller item size (-I)', () => {
+  it("refuses a value over the server's item size unsent, even as a new connection's first request", async () => {
+    // memcached refuses such a write and deletes what the key held: the last good copy of a session.
+    const server = await startMemcached(['-I', '512k'])
+    const common = { id: 'n1', host: '127.0.0.1', port: server.port, operationTimeoutMs: 5000, probeKey: 'p' }
+    const writer = new MemcachedNode(common)
+    const fresh = new MemcachedNode(common)
+    const again = new MemcachedNode(common)
+    try {
+      await writer.set('k', Buffer.from('kept'), 60)
+      expect(fresh.largestValue('k'.length)).toBeUndefined()
+      // The fresh node's first request: it waits for the connection to learn the limit, then refuses.
+      await expect(fresh.set('k', Buffer.alloc(600_000), 60)).rejects.toThrow(
+        /stores values of at most 524\d{3} bytes under this key .*was not sent/,
+      )
+      await expect(fresh.set('k', Buffer.alloc(600_000), 60)).rejects.toBeInstanceOf(NodeRejectedError)
+      expect(fresh.largestValue('k'.length)).toBeLessThan(512 * 1024)
+      expect(fresh.largestValue('k'.length)).toBeGreaterThan(512 * 1024 - 100)
+      const read = await writer.gets('k')
+      expect(read?.value.toString()).toBe('kept')
+      // A compare-and-set too, on a connection that learned the limit with its read.
+      const token = (await again.gets('k'))?.cas
+      if (!token) throw new Error('the value was read')
+      await expect(again.setIfUnchanged('k', Buffer.alloc(600_000), 60, token)).rejects.toThrow(
+        /was not sent/,
+      )
+      expect((await writer.get('k'))?.toString()).toBe('kept')
+      // Up to the limit is stored.
+      const largest = Buffer.alloc(fresh.largestValue('k'.length) ?? 0, 7)
+      await fresh.set('k', largest, 60)
+      expect((await writer.get('k'))?.equals(largest)).toBe(true)
+    } finally {
+      await writer.close()
+      await fresh.close()
+      await again.close()
+      await stopAllMemcached()
+    }
+  })
+})
+
 describe('a frozen memcached (SIGSTOP)', () => {
   it('fails every pending operation with a timeout, then works on a new connection once it resumes', async () => {
     const server = await startMemcached()

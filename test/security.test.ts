@@ -16,6 +16,7 @@ import {
   type MemcachedServer,
   nodesOption,
   startCluster,
+  startMemcached,
   startSaslMemcached,
   stopAllMemcached,
 } from './support/memcached.js'
@@ -291,6 +292,34 @@ describe('session size', () => {
     expect(copies).toHaveLength(2)
     for (const copy of copies)
       expect(recordsOf(SECRET).dataOf(browser.sessionId, copy)).toEqual({ cart: ['apple'] })
+  })
+
+  it.each([
+    ['non-sticky', {}],
+    ['sticky', { sticky: true }],
+  ] as const)("refuses a session larger than the nodes' item size (-I) and keeps both copies (%s)", async (_name, mode) => {
+    // memcached deletes what a key holds when a write of it is too large: with both copies written at once, a
+    // session that outgrew -I (under the default maxSessionBytes of just under 1 MiB) lost both.
+    servers = await Promise.all([startMemcached(['-I', '512k']), startMemcached(['-I', '512k'])])
+    const app = await shop(mode)
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    await until(async () => (await copiesOf(browser.sessionId)).length === 2)
+    const tooLarge = await browser.send(app, 'POST', '/big/600')
+    expect(tooLarge.status).toBe(500)
+    expect(tooLarge.body.code).toBe('ESF_SESSION_TOO_LARGE')
+    expect(tooLarge.body.message).toMatch(
+      /more than a node stores \(524\d{3} bytes under its key: memcached -I\)/,
+    )
+    // Under the limit still stores.
+    expect((await browser.send(app, 'POST', '/big/500')).status).toBe(200)
+    expect((await browser.send(app, 'POST', '/cart/pear')).body.cart).toEqual(['apple', 'pear'])
+    expect((await browser.send(app, 'POST', '/big/600')).body.code).toBe('ESF_SESSION_TOO_LARGE')
+    const copies = await copiesOf(browser.sessionId)
+    expect(copies).toHaveLength(2)
+    for (const copy of copies) {
+      expect(recordsOf(SECRET).dataOf(browser.sessionId, copy)).toMatchObject({ cart: ['apple', 'pear'] })
+    }
   })
 })
 

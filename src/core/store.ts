@@ -143,10 +143,13 @@ export class ReplicatedStore implements SessionBackend {
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
+  /** The bytes of the longest key a session's record is stored under (its backup's). */
+  readonly #longestKeyBytes: number
 
   constructor(ring: NodeRing, options: StoreOptions) {
     this.#ring = ring
     this.#options = options
+    this.#longestKeyBytes = Buffer.byteLength(storageKeys(options.prefix, '').backup)
   }
 
   /**
@@ -866,6 +869,16 @@ export class ReplicatedStore implements SessionBackend {
       throw new SessionTooLargeError(
         `The session is ${length} bytes stored, more than maxSessionBytes (${limit}). ` +
           'It was not written; the stored copy is unchanged.',
+      )
+    }
+    // A node's own limit below maxSessionBytes (memcached started with a smaller -I). The node would refuse the
+    // write unsent in any case; this refuses it before either copy is written, with the error for it.
+    const largest = this.#ring.largestValue(this.#longestKeyBytes)
+    if (length > largest) {
+      throw new SessionTooLargeError(
+        `The session is ${length} bytes stored, more than a node stores (${largest} bytes under its key: ` +
+          'memcached -I). It was not written; the stored copy is unchanged. Lower maxSessionBytes to match, ' +
+          "or raise the node's -I.",
       )
     }
   }

@@ -32,12 +32,19 @@ interface Pending {
   readonly deadline: number
   readonly resolve: (reply: MemcachedReply) => void
   readonly reject: (error: Error) => void
+  /** A stat request's: takes each statistic's reply; the last reply, with no key, resolves. */
+  readonly onStat: ((reply: MemcachedReply) => void) | undefined
 }
 
 /** Milliseconds of idleness before TCP keep-alive probes a connection. */
 const KEEP_ALIVE_MS = 10_000
 /** A turn's requests up to this many bytes in all are joined into one buffer before they are written. */
 const JOIN_BYTES = 16 * 1024
+/**
+ * What an item takes beyond its key and value, at most: memcached 1.6 refuses a value once value, key and 58
+ * bytes pass its item_size_max (measured at -I 512k and 1m); rounded up.
+ */
+const ITEM_HEADER_BYTES = 64
 
 /**
  * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
@@ -64,6 +71,12 @@ export class MemcachedConnection {
   #outgoing: Buffer[] = []
   #outgoingBytes = 0
   #closed = false
+  /** The server's item_size_max, as the open connection learned it; undefined until it has. */
+  #itemSizeMax: number | undefined
+  /** Settles once the open connection has learned #itemSizeMax, or failed before. */
+  #itemSizeLearned: Promise<void> = Promise.resolve()
+  /** The item_size_max learned last, on any connection. */
+  #lastItemSizeMax: number | undefined
 
   constructor(options: MemcachedConnectionOptions) {
     this.#options = options
@@ -109,6 +122,23 @@ export class MemcachedConnection {
     this.#reject = reject
   }
 
+  /**
+   * The largest value the server stores under a key of `keyBytes` (memcached refuses a larger one, and deletes
+   * the value stored under that key). A promise while the connection, opened now if need be, has not learned
+   * it yet; Infinity for a server that does not say (it has no `stat settings`, or the connection failed first).
+   */
+  largestValue(keyBytes: number): number | Promise<void> {
+    if (!this.#closed && this.#socket === undefined) this.#connect()
+    if (this.#itemSizeMax === undefined && this.#socket !== undefined) return this.#itemSizeLearned
+    return (this.#itemSizeMax ?? Number.POSITIVE_INFINITY) - keyBytes - ITEM_HEADER_BYTES
+  }
+
+  /** largestValue() as last learned, on this connection or an earlier one; undefined before any has. */
+  largestValueKnown(keyBytes: number): number | undefined {
+    const max = this.#lastItemSizeMax
+    return max === undefined ? undefined : max - keyBytes - ITEM_HEADER_BYTES
+  }
+
   /** Fails whatever is pending; later requests are refused. */
   close(): void {
     this.#closed = true
@@ -125,6 +155,7 @@ export class MemcachedConnection {
     cas: Buffer | undefined,
     resolve: (reply: MemcachedReply) => void,
     reject: (error: Error) => void,
+    onStat?: (reply: MemcachedReply) => void,
   ): void {
     this.#opaque = (this.#opaque + 1) >>> 0
     const opaque = this.#opaque
@@ -133,7 +164,7 @@ export class MemcachedConnection {
     // A monotonic clock: a step of the wall clock (NTP, an operator) must neither hold a request past its
     // timeout nor time out a healthy node's requests.
     const deadline = performance.now() + this.#options.timeoutMs
-    this.#queue.push({ opaque, operation, deadline, resolve, reject })
+    this.#queue.push({ opaque, operation, deadline, resolve, reject, onStat })
     if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
     if (this.#outgoing.length === 0) sendAtEndOfTurn(() => this.#flush(socket))
     this.#outgoing.push(request)
@@ -197,7 +228,46 @@ export class MemcachedConnection {
         () => {},
       )
     }
+    this.#learnItemSize(socket)
     return socket
+  }
+
+  /**
+   * Asks the server its item_size_max, first on every connection (after the credentials): a server may restart
+   * with another -I. Until the answer, largestValue() is a promise.
+   */
+  #learnItemSize(socket: Socket): void {
+    this.#itemSizeMax = undefined
+    let learned = (): void => {}
+    this.#itemSizeLearned = new Promise((resolve) => {
+      learned = resolve
+    })
+    let itemSizeMax = Number.POSITIVE_INFINITY
+    const onStat = (reply: MemcachedReply): void => {
+      if (reply.key !== 'item_size_max') return
+      const value = Number(reply.value.toString('latin1'))
+      if (Number.isSafeInteger(value) && value > 0) itemSizeMax = value
+    }
+    const answered = (): void => {
+      if (socket === this.#socket) {
+        this.#itemSizeMax = itemSizeMax
+        if (Number.isFinite(itemSizeMax)) this.#lastItemSizeMax = itemSizeMax
+      }
+      learned()
+    }
+    // A refusal (no stat command) is answered too: no limit is known then, and none is applied.
+    this.#send(
+      socket,
+      'stat settings',
+      OPCODE.stat,
+      'settings',
+      NO_BYTES,
+      NO_BYTES,
+      undefined,
+      answered,
+      learned,
+      onStat,
+    )
   }
 
   #onData(socket: Socket, chunk: Buffer): void {
@@ -221,6 +291,11 @@ export class MemcachedConnection {
       head.operation !== 'authenticate'
     ) {
       throw new Error('authentication required: configure a username and password for this node')
+    }
+    // A stat request is answered with a reply per statistic, then one with no key.
+    if (head.onStat !== undefined && reply.key !== '') {
+      head.onStat(reply)
+      return
     }
     this.#queue.shift()
     head.resolve(reply)

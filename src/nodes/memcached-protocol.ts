@@ -8,6 +8,7 @@ export const OPCODE = {
   set: 0x01,
   add: 0x02,
   delete: 0x04,
+  stat: 0x10,
   touch: 0x1c,
   saslAuth: 0x21,
 } as const
@@ -64,6 +65,12 @@ export class Reply<Source = unknown> {
 
   get value(): Buffer {
     return this.#buffer.subarray(this.#valueAt, this.#end)
+  }
+
+  /** The reply's key: empty for most replies; a statistic's name in the replies to a stat request. */
+  get key(): string {
+    const keyBytes = this.#buffer.readUInt16BE(this.#at + 2)
+    return this.#buffer.toString('latin1', this.#valueAt - keyBytes, this.#valueAt)
   }
 }
 

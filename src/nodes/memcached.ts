@@ -64,6 +64,12 @@ export class MemcachedNode implements SessionNode {
   }
 
   set(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
+    return this.#set(key, value, ttlSeconds, false)
+  }
+
+  #set(key: string, value: Buffer, ttlSeconds: number, waited: boolean): Promise<void> {
+    const check = this.#sizeCheck(key, value, waited)
+    if (check) return check.then(() => this.#set(key, value, ttlSeconds, true))
     return this.#connection.request('set', OPCODE.set, key, storeExtras(ttlSeconds), value).then(this.#stored)
   }
 
@@ -105,9 +111,21 @@ export class MemcachedNode implements SessionNode {
   }
 
   setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome> {
+    return this.#setIfUnchanged(key, value, ttlSeconds, cas, false)
+  }
+
+  #setIfUnchanged(
+    key: string,
+    value: Buffer,
+    ttlSeconds: number,
+    cas: CasToken,
+    waited: boolean,
+  ): Promise<CasOutcome> {
     const { unique, socket } = cas as unknown as MemcachedCas
     if (casDisabled(unique)) return Promise.reject(this.#casDisabled())
     if (!this.#onConnection(socket)) return CONFLICT
+    const check = this.#sizeCheck(key, value, waited)
+    if (check) return check.then(() => this.#setIfUnchanged(key, value, ttlSeconds, cas, true))
     const extras = storeExtras(ttlSeconds)
     return this.#connection.request('cas', OPCODE.set, key, extras, value, unique).then(this.#casSet)
   }
@@ -143,6 +161,28 @@ export class MemcachedNode implements SessionNode {
     if (reply.status === STATUS.exists) return false
     if (reply.status !== STATUS.ok) throw this.#rejected('add', reply.status)
     return true
+  }
+
+  largestValue(keyBytes: number): number | undefined {
+    return this.#connection.largestValueKnown(keyBytes)
+  }
+
+  /**
+   * Undefined when `value` may be sent. A value larger than the server stores is refused unsent: memcached would
+   * refuse it too, and delete what is stored under the key (the session's last good copy). Until the connection
+   * has learned the limit, a promise to wait for it, once: `waited` sends the value then whatever was learned.
+   */
+  #sizeCheck(key: string, value: Buffer, waited: boolean): Promise<void> | undefined {
+    const keyBytes = Buffer.byteLength(key)
+    const limit = this.#connection.largestValue(keyBytes)
+    if (typeof limit !== 'number') return waited ? undefined : limit
+    if (value.length <= limit) return undefined
+    return Promise.reject(
+      new NodeRejectedError(
+        `${this.address} stores values of at most ${limit} bytes under this key (its item size, memcached -I): ` +
+          `a value of ${value.length} bytes was not sent, and what the key holds is unchanged`,
+      ),
+    )
   }
 
   async ping(): Promise<void> {

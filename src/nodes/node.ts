@@ -41,6 +41,11 @@ export interface SessionNode {
   setIfUnchanged(key: string, value: Buffer, ttlSeconds: number, cas: CasToken): Promise<CasOutcome>
   /** Deletes only if the value is unchanged since `cas` was read. */
   deleteIfUnchanged(key: string, cas: CasToken): Promise<CasOutcome>
+  /**
+   * The largest value the node has said it stores under a key of `keyBytes` bytes (memcached's item size, -I);
+   * undefined while it has not said, or when it sets no limit below maxSessionBytes' range.
+   */
+  largestValue?(keyBytes: number): number | undefined
   /** A cheap round trip used to decide whether a dead node is back. */
   ping(): Promise<void>
   close(): Promise<void>

@@ -160,6 +160,19 @@ export class NodeRing {
     return count
   }
 
+  /**
+   * The largest value every node stores under a key of `keyBytes` bytes, as far as they have said (memcached's
+   * item size); Infinity when none has. Asked on every write: a loop, no array.
+   */
+  largestValue(keyBytes: number): number {
+    let largest = Number.POSITIVE_INFINITY
+    for (const member of this.#members) {
+      const limit = member.retired ? undefined : member.node.largestValue?.(keyBytes)
+      if (limit !== undefined && limit < largest) largest = limit
+    }
+    return largest
+  }
+
   anyAlive(): boolean {
     return this.#members.some((member) => member.alive)
   }
