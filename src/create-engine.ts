@@ -76,6 +76,8 @@ export function createEngine(config: Config): Engine {
     logger: config.logger,
     metrics,
   })
+  // Until the nodes' next probe: sooner, no node can have been found back.
+  const nodesDownRetryAfterSeconds = Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000))
   const store = new ReplicatedStore(ring, {
     codec: new RecordCodec({ keys: new StoreKeyring(config.storeSecrets), encrypt: config.encrypt }),
     serializer: config.serializer,
@@ -84,7 +86,7 @@ export function createEngine(config: Config): Engine {
     prefix: config.prefix,
     touchAfter: config.touchAfter,
     backupCheckIntervalMs: config.backupCheckIntervalMs,
-    retryAfterSeconds: Math.max(1, Math.ceil(config.nodeProbeIntervalMs / 1000)),
+    retryAfterSeconds: nodesDownRetryAfterSeconds,
     logger: config.logger,
   })
 
@@ -108,6 +110,7 @@ export function createEngine(config: Config): Engine {
       operationTimeoutMs: config.operationTimeoutMs,
       // Locks are held for one request: a second is a sensible pause before trying again.
       retryAfterSeconds: 1,
+      nodesDownRetryAfterSeconds,
     })
   const concurrency: Concurrency | undefined = config.locking &&
     locks && {

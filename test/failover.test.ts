@@ -483,6 +483,28 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     expect(recovered.body.cart).toEqual(['y'])
   })
 
+  it('gives a locked request the same Retry-After as any other when every node is down', async () => {
+    // Until the next probe of the nodes (nodeProbeInterval, in whole seconds): the lock's own 1 s is for a lock
+    // held by another request, not for nodes that are gone.
+    const locked = await start({ ...optionsFor(), lockingMode: 'all', nodeProbeInterval: 2500 })
+    try {
+      await browser.send(locked, 'POST', '/cart/apple')
+      await Promise.all(servers.map((server) => server.kill()))
+      for (const [method, path] of [
+        ['GET', '/cart'],
+        ['POST', '/cart/pear'],
+        ['GET', '/cart'],
+      ] as const) {
+        const reply = await browser.send(locked, method, path)
+        expect(reply.status).toBe(503)
+        expect(reply.headers.get('retry-after')).toBe('3')
+      }
+    } finally {
+      await locked.close()
+      await Promise.all(servers.map((server) => server.restart()))
+    }
+  })
+
   it('answers an error, not 200, when the write of a change fails', async () => {
     await fillCart()
     appA.beforeModify = () => Promise.all(servers.map((server) => server.kill())).then(() => undefined)

@@ -47,6 +47,7 @@ describe('session locks', () => {
         lockExpirationSeconds,
         lockTimeoutMs,
         retryAfterSeconds: 1,
+        nodesDownRetryAfterSeconds: 1,
         operationTimeoutMs: 1000,
       }),
     }

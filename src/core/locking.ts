@@ -12,7 +12,10 @@ export interface LockOptions {
   readonly lockTimeoutMs: number
   /** The longest a node operation takes (operationTimeout): a write begun while the lock held must end in it. */
   readonly operationTimeoutMs: number
+  /** Retry-After of a LockTimeoutError: locks are held for one request. */
   readonly retryAfterSeconds: number
+  /** Retry-After of an AllNodesDownError, as the store gives it: until the nodes' next probe. */
+  readonly nodesDownRetryAfterSeconds: number
 }
 
 /** A held session lock. */
@@ -176,7 +179,7 @@ export class LockManager {
         if (!nodeId)
           throw new AllNodesDownError(
             'No session node is reachable to lock the session',
-            this.#options.retryAfterSeconds,
+            this.#options.nodesDownRetryAfterSeconds,
           )
         const sentAt = Date.now()
         const adding = this.#ring.call(nodeId, (node) =>
