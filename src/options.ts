@@ -237,6 +237,8 @@ const REFUSED_COOKIE_OPTIONS: Readonly<Record<string, string>> = {
 
 /** The `cookie` package's own test of a Domain attribute, applied at start-up instead of on every response. */
 const COOKIE_DOMAIN = /^([.]?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)([.][a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i
+/** The cookie package's rule for a Path attribute: printable ASCII, no ';'. */
+const COOKIE_PATH = /^[\u0020-\u003A\u003D-\u007E]*$/
 const SAME_SITE = new Set<unknown>([true, false, 'lax', 'strict', 'none', 'auto'])
 const PRIORITY = new Set<unknown>(['low', 'medium', 'high'])
 
@@ -806,12 +808,23 @@ function parseCookie(value: unknown): Readonly<CookieOptions> {
       `Expected \`cookie.expires\` to be a valid Date (or use \`cookie.maxAge\`), got ${describe(cookie.expires)}`,
     )
   }
-  if (cookie.path !== undefined && (typeof cookie.path !== 'string' || !cookie.path.startsWith('/'))) {
+  if (
+    cookie.path !== undefined &&
+    (typeof cookie.path !== 'string' || !cookie.path.startsWith('/') || !COOKIE_PATH.test(cookie.path))
+  ) {
     throw new ConfigError(
-      `Expected \`cookie.path\` to be a path starting with '/', got ${describe(cookie.path)}`,
+      `Expected \`cookie.path\` to be a path starting with '/', of printable ASCII without ';', got ${describe(cookie.path)}`,
     )
   }
-  return Object.freeze({ ...cookie })
+  // Browsers refuse a Partitioned cookie that is not Secure: every response's cookie would be dropped.
+  if (cookie.partitioned === true && cookie.secure !== true && cookie.secure !== 'auto') {
+    throw new ConfigError(
+      `A partitioned cookie must be secure: expected \`cookie.secure\` to be true or 'auto' with \`cookie.partitioned\`, got ${describe(cookie.secure)}`,
+    )
+  }
+  // The cookie package takes either case; the 'auto' this library resolves is compared in lower case.
+  const sameSite = typeof cookie.sameSite === 'string' ? cookie.sameSite.toLowerCase() : cookie.sameSite
+  return Object.freeze({ ...cookie, ...(sameSite === undefined ? {} : { sameSite }) } as CookieOptions)
 }
 
 function parseLogger(value: unknown): Logger {

@@ -14,7 +14,11 @@ const CookieClass = session.Cookie as unknown as new (options?: session.CookieOp
 export function newSessionCookie(options: Readonly<CookieOptions>, secureConnection: boolean): SessionCookie {
   const cookie = new CookieClass(options as session.CookieOptions)
   if ((options.secure as unknown) === 'auto') cookie.secure = secureConnection
-  if (options.sameSite === 'auto') cookie.sameSite = secureConnection ? 'none' : 'lax'
+  // SameSite=None is refused by browsers without Secure: on a secure connection, 'auto' sets both.
+  if (options.sameSite === 'auto') {
+    cookie.sameSite = secureConnection ? 'none' : 'lax'
+    if (secureConnection) cookie.secure = true
+  }
   return cookie
 }
 

@@ -114,6 +114,15 @@ describe('options', () => {
       { secret: 's', nodes, cookie: { domain: 'bad domain;x' } },
       'Expected `cookie.domain` to be a domain name',
     ],
+    [
+      { secret: 's', nodes, cookie: { path: '/a;b' } },
+      "Expected `cookie.path` to be a path starting with '/', of printable ASCII without ';', got `'/a;b'`",
+    ],
+    [{ secret: 's', nodes, cookie: { path: '/café' } }, 'of printable ASCII'],
+    [
+      { secret: 's', nodes, cookie: { partitioned: true } },
+      "A partitioned cookie must be secure: expected `cookie.secure` to be true or 'auto' with `cookie.partitioned`, got `undefined` (undefined)",
+    ],
     [{ secret: 's', nodes, cookie: { httpOnly: 'yes' } }, 'Expected `cookie.httpOnly` to be a boolean'],
     [{ secret: 's', nodes, cookie: { encode: String } }, '`cookie.encode` is not supported'],
     [{ secret: 's', nodes, cookie: { signed: true } }, '`cookie.signed` is not supported'],

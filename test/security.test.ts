@@ -346,6 +346,32 @@ describe('serializers', () => {
     expect((await browser.send(v8, 'GET', '/cart')).body.cart).toEqual(['apple'])
   })
 
+  it.each([
+    ['non-sticky', {}],
+    ['sticky', { sticky: true }],
+  ] as const)('keeps what a custom serializer returns even when it reuses its buffer (%s)', async (_name, mode) => {
+    servers = await startCluster(2)
+    // A serializer that writes every session into one buffer and returns a view of it, as pooled writers do.
+    const shared = Buffer.alloc(64 * 1024)
+    const reusing = {
+      serialize: (data: Record<string, unknown>) => {
+        const length = shared.write(JSON.stringify(data))
+        return shared.subarray(0, length)
+      },
+      deserialize: (bytes: Buffer) => JSON.parse(bytes.toString()),
+    }
+    const app = await shop({ ...mode, serializer: reusing })
+    const alice = new Browser()
+    const bob = new Browser()
+    await alice.send(app, 'POST', '/cart/alice')
+    await bob.send(app, 'POST', '/cart/bob!!')
+    expect((await alice.send(app, 'GET', '/cart')).body.cart).toEqual(['alice'])
+    expect((await bob.send(app, 'GET', '/cart')).body.cart).toEqual(['bob!!'])
+    for (const copy of await copiesOf(alice.sessionId)) {
+      expect(recordsOf(SECRET).dataOf(alice.sessionId, copy)).toEqual({ cart: ['alice'] })
+    }
+  })
+
   it("keeps rich values with 'msgpack' too", async () => {
     servers = await startCluster(2)
     const app = await shop({ serializer: 'msgpack' })

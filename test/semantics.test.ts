@@ -163,6 +163,33 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect(reply.headers.getSetCookie()[0]).toMatch(/; Secure/)
   })
 
+  it("resolves sameSite 'auto', in any case, to None and Secure over https and to Lax over http", async () => {
+    const app = await shop({ cookie: { sameSite: 'Auto' as 'auto' }, proxy: true })
+    const secure = await fetch(`${app.url}/cart/a`, {
+      method: 'POST',
+      headers: { 'x-forwarded-proto': 'https' },
+    })
+    expect(secure.status).toBe(200)
+    expect(secure.headers.getSetCookie()[0]).toMatch(/; Secure; SameSite=None$/)
+    const plain = await new Browser().send(app, 'POST', '/cart/a')
+    expect(plain.status).toBe(200)
+    expect(plain.setCookie).toMatch(/; SameSite=Lax$/)
+    expect(plain.setCookie).not.toMatch(/Secure/)
+  })
+
+  it('serves requests without the cookie when its name is also an Object property (constructor)', async () => {
+    const app = await shop({ name: 'constructor' })
+    const browser = new Browser('constructor')
+    const first = await browser.send(app, 'POST', '/cart/a')
+    expect(first.status).toBe(200)
+    expect(first.setCookie).toMatch(/^constructor=s%3A/)
+    expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual(['a'])
+    // A Cookie header without the session's cookie: the parsed object answers the name from its prototype.
+    const other = await fetch(`${app.url}/cart`, { headers: { cookie: 'theme=dark' } })
+    expect(other.status).toBe(200)
+    expect(await other.json()).toMatchObject({ cart: [] })
+  })
+
   it('verifies cookies signed with any configured secret (rotation), and re-signs old ones with the first', async () => {
     const old = await shop({ secret: 'old-secret' })
     const browser = new Browser()

@@ -46,8 +46,9 @@ export class CookieVerifier {
   }
 
   idOf(raw: string | undefined): PresentedId | undefined {
-    // Too long to be ours: refused before a lookup would hash all of it.
-    if (raw === undefined || raw.length > MAX_COOKIE_VALUE) return undefined
+    // Too long to be ours: refused before a lookup would hash all of it. Not a string: a cookie parser's object
+    // can answer a name such as `constructor` from its prototype when the header has no such cookie.
+    if (typeof raw !== 'string' || raw.length > MAX_COOKIE_VALUE) return undefined
     const known = this.#verified.get(raw)
     if (known) return known
     const presented = verifiedId(raw, this.#secrets)

@@ -76,7 +76,9 @@ function custom(serializer: CustomSerializer): Format {
     serialize(data) {
       const out = serializer.serialize(data)
       if (typeof out === 'string') return Buffer.from(out)
-      if (out instanceof Uint8Array) return Buffer.from(out.buffer, out.byteOffset, out.byteLength)
+      // Copied: a serializer may hand out a view of a buffer it writes the next session into (as msgpackr's
+      // pack() does), and these bytes are kept, compared and cached long after this call.
+      if (out instanceof Uint8Array) return Buffer.from(out)
       throw new TypeError(`serialize() returned ${typeof out}, not a string or a Uint8Array`)
     },
     deserialize: (bytes) => serializer.deserialize(bytes),
