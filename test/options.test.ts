@@ -380,9 +380,15 @@ describe('options', () => {
     expect(policy.shouldLock(facts('/a/x43'))).toBe(true)
     policy.learn(facts('/f/123e4567-e89b-12d3-a456-426614174000.txt'), false)
     expect(policy.shouldLock(facts('/f/00000000-0000-0000-0000-000000000000.txt'))).toBe(true)
-    // A route that wrote is locked again.
+    // A route that wrote is locked again, and stays locked after a request on it that did not write.
     policy.learn(facts('/users/5/orders/6'), true)
     expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)
+    policy.learn(facts('/users/5/orders/6'), false)
+    expect(policy.shouldLock(facts('/users/42/orders/7'))).toBe(true)
+    // A path too long to keep is never learned: it always locks.
+    const long = `/search${'/a'.repeat(300)}`
+    policy.learn(facts(long), false)
+    expect(policy.shouldLock(facts(long))).toBe(true)
   })
 
   it("remembers at most 2000 read-only routes in 'auto' mode, forgetting the one seen longest ago", async () => {

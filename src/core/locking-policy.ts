@@ -14,8 +14,13 @@ export interface RequestFacts {
   route?: string | undefined
 }
 
-/** Routes remembered by 'auto' mode. */
+/** Routes remembered by 'auto' mode, of each kind (read-only, writing). */
 const LEARNED_ROUTES = 2000
+/**
+ * A route longer than this is not learned, and so always locks: a flood of long paths (up to a URL's 16 KB) would
+ * otherwise hold tens of megabytes in the learned routes.
+ */
+const LONGEST_LEARNED_ROUTE = 512
 /** Whole path segments that are ids (numbers, uuids, long tokens): one route, not thousands. */
 const ID_SEGMENTS =
   /(?<=^|\/)(?:\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[A-Za-z0-9_-]{20,})(?=\/|$)/gi
@@ -24,8 +29,11 @@ const ID_SEGMENTS =
  * Which requests lock their session, and how a request that does not hold a lock writes:
  * - 'none': no lock; a write overwrites (last writer wins, as express-session).
  * - 'all': every request of an existing session holds its lock.
- * - 'auto': every request locks, except on routes learned to only read the session (a request that did not
- *   modify it marks its route read-only; one that modifies it marks the route as writing again).
+ * - 'auto': every request locks, except on routes learned to only read the session: a request that did not
+ *   modify it marks its route read-only, unless the route has been seen writing. One that modifies it marks the
+ *   route as writing, for good (as memcached-session-manager's blacklist): a route that writes only sometimes
+ *   (a form refused with a 400, an "add if absent") would otherwise run its next requests unlocked, and two of
+ *   them in parallel would lose one's change to the other's.
  * - 'merge': no lock; a write that finds the stored session changed since its read re-reads it and applies only
  *   this request's changed keys.
  * - a RegExp tested against "METHOD /path", or a function of the request: true locks.
@@ -40,6 +48,8 @@ export class LockingPolicy {
    * the lookup. Full, it forgets the route seen longest ago, which locks once more and is learned again.
    */
   readonly #readOnlyRoutes = new Set<string>()
+  /** Routes seen writing, never learned read-only again; full, the one seen writing longest ago is forgotten. */
+  readonly #writingRoutes = new Set<string>()
 
   constructor(mode: LockingMode) {
     // A global or sticky RegExp keeps state between test() calls; a copy without those flags does not.
@@ -63,13 +73,21 @@ export class LockingPolicy {
   learn(request: RequestFacts, modified: boolean): void {
     if (this.#mode !== 'auto') return
     const key = routeKey(request)
-    const routes = this.#readOnlyRoutes
-    // Taken out either way; a read-only route goes back in at the end, as the one seen last.
-    const known = routes.delete(key)
-    if (modified) return
-    if (!known && routes.size >= LEARNED_ROUTES) routes.delete(routes.values().next().value as string)
-    routes.add(key)
+    if (key.length > LONGEST_LEARNED_ROUTE) return
+    if (modified) {
+      this.#readOnlyRoutes.delete(key)
+      remember(this.#writingRoutes, key)
+    } else if (!this.#writingRoutes.has(key)) remember(this.#readOnlyRoutes, key)
   }
+}
+
+/** Adds `key` to `routes` as the one seen last (at the end), forgetting the one seen longest ago when full. */
+function remember(routes: Set<string>, key: string): void {
+  // Taken out and put back: a hot route stays at the end instead of being forgotten every 2 000 new routes.
+  if (!routes.delete(key) && routes.size >= LEARNED_ROUTES) {
+    routes.delete(routes.values().next().value as string)
+  }
+  routes.add(key)
 }
 
 /** The request's route, computed once per request. */

@@ -158,6 +158,9 @@ export class SessionState {
     this.cas = undefined
     this.mustWrite = false
     this.wrote = true
+    // Once stored, a regenerated session is known: its id may have gone out (a streamed response's first chunk),
+    // and another request of it may write. Later writes of this request merge, as a new session's do.
+    this.renewed = false
   }
 
   /** What a merge diffs against: the data this request last read or wrote. */

@@ -82,6 +82,11 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     res.json({ views: req.session.views })
   })
   app.post('/count/slow', (req, res) => {
+    // ?refuse: a form refused, as a 400 that leaves the session alone.
+    if (req.query.refuse) {
+      res.status(400).json({ refused: true })
+      return
+    }
     // Read at the start, write 30 ms later: parallel requests that are not kept apart overwrite each other.
     const views = req.session.views ?? 0
     setTimeout(() => {
@@ -156,6 +161,17 @@ export async function startShop(express: ExpressModule, options: SessionFailover
       if (error) return next(error)
       req.session.cart = cart ?? []
       res.json({ id: req.sessionID })
+    })
+  })
+  app.post('/login-stream', (req, res, next) => {
+    // A login that streams: the new session's cookie goes out with the first chunk, then (beforeModify) it changes.
+    req.session.regenerate(async (error) => {
+      if (error) return next(error)
+      req.session.cart = ['login']
+      res.write('open ')
+      await shop.beforeModify()
+      ;(req.session as unknown as Record<string, unknown>).k_stream = true
+      res.end('done')
     })
   })
   app.post('/save-then-fail', (req, res, next) => {

@@ -62,7 +62,9 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
     return { views: request.session.views }
   })
 
-  app.post('/count/slow', async (request) => {
+  app.post('/count/slow', async (request, reply) => {
+    // ?refuse: a form refused, as a 400 that leaves the session alone.
+    if ((request.query as { refuse?: string }).refuse) return reply.code(400).send({ refused: true })
     // Read at the start, write 30 ms later: parallel requests that are not kept apart overwrite each other.
     const views = (request.session.views as number | undefined) ?? 0
     await new Promise((resolve) => setTimeout(resolve, 30))
