@@ -27,7 +27,13 @@ describe('the Fastify plugin', () => {
   it('serves sessions through inject, without a network', async () => {
     const servers = await startCluster(2)
     const app = Fastify()
-    await app.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    // With Fastify's own register options, which reach the plugin too.
+    await app.register(fastifySessionFailover, {
+      secret: 's',
+      nodes: nodesOption(servers),
+      logLevel: 'warn',
+      logSerializers: {},
+    } as Parameters<typeof fastifySessionFailover>[1])
     app.post('/visit', async (request) => {
       request.session.set('visits', (request.session.get<number>('visits') ?? 0) + 1)
       return { visits: request.session.get('visits') }

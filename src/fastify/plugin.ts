@@ -53,7 +53,17 @@ interface RequestContext {
  * write becomes the error reply (503 when no node is reachable), never a 2xx.
  */
 const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, options) => {
-  const config = parseOptions(options)
+  // Fastify's own register options (a plugin's log level) reach the plugin too: they are not ours to refuse.
+  // (`prefix` is both Fastify's and ours; this plugin declares no routes, so only ours means anything.)
+  const {
+    logLevel: _logLevel,
+    logSerializers: _logSerializers,
+    ...own
+  } = options as SessionFailoverOptions & {
+    logLevel?: unknown
+    logSerializers?: unknown
+  }
+  const config = parseOptions(own)
   const engine = createEngine(config)
   const cookiePath = config.cookie.path ?? '/'
   const verifier = new CookieVerifier(config.secrets)
