@@ -478,11 +478,29 @@ export function parseNodes(value: unknown): NodeConfig[] {
   }
   if (nodes.length === 0) throw new ConfigError('Expected `nodes` to name at least one node, got none')
   const seen = new Set<string>()
+  // Two ids for one server would put both copies of a session on it: one failure would lose both.
+  const servers = new Map<string, string>()
   for (const node of nodes) {
     if (seen.has(node.id)) throw new ConfigError(`Expected node ids to be unique, got '${node.id}' twice`)
     seen.add(node.id)
+    const server = serverOf(node)
+    const other = server && servers.get(server)
+    if (other !== undefined) {
+      throw new ConfigError(
+        `Expected every node to be a server of its own (the two copies of a session go on two nodes), got '${other}' and '${node.id}' both at ${server}`,
+      )
+    }
+    if (server) servers.set(server, node.id)
   }
   return nodes
+}
+
+/** The host and port a memcached or single Redis node connects to; undefined for clusters and sentinels. */
+function serverOf(node: NodeConfig): string | undefined {
+  if (node.kind === 'memcached') return `${node.host.toLowerCase()}:${node.port}`
+  if (node.kind !== 'redis') return undefined
+  const url = new URL(node.url)
+  return `${url.hostname.toLowerCase()}:${url.port || '6379'}`
 }
 
 function sentinelNode(

@@ -240,6 +240,28 @@ describe('events and warnings', () => {
     await sleep(20) // the rejection is handled, not left to crash the process
   })
 
+  it('takes more than ten listeners of one event without a memory-leak warning, and calls each', async () => {
+    servers = await startCluster(2)
+    const app = await shop()
+    const warnings: string[] = []
+    const onWarning = (warning: Error) => warnings.push(warning.name)
+    process.on('warning', onWarning)
+    try {
+      let calls = 0
+      for (let i = 0; i < 12; i++) app.sessions.on('corruptSession', () => void calls++)
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+      await serverOf(browser.sessionId).put(keys.primary, Buffer.from('garbage'))
+      await browser.send(app, 'GET', '/cart')
+      expect(calls).toBe(12)
+      await sleep(20) // warnings are emitted on the next tick
+      expect(warnings).not.toContain('MaxListenersExceededWarning')
+    } finally {
+      process.off('warning', onWarning)
+    }
+  })
+
   it('counts a relocation once however many parallel requests of the session fail over together', async () => {
     servers = await startCluster(3)
     const app = await shop({ lockingMode: 'none' })

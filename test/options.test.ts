@@ -124,6 +124,20 @@ describe('options', () => {
       "A partitioned cookie must be secure: expected `cookie.secure` to be true or 'auto' with `cookie.partitioned`, got `undefined` (undefined)",
     ],
     [{ secret: 's', nodes, cookie: { httpOnly: 'yes' } }, 'Expected `cookie.httpOnly` to be a boolean'],
+    [
+      { secret: 's', nodes: 'n1:Cache1:11211 n2:cache1:11211' },
+      "Expected every node to be a server of its own (the two copies of a session go on two nodes), got 'n1' and 'n2' both at cache1:11211",
+    ],
+    [
+      {
+        secret: 's',
+        nodes: [
+          { id: 'a', url: 'redis://h:6379/1' },
+          { id: 'b', url: 'redis://h/2' },
+        ],
+      },
+      "got 'a' and 'b' both at h:6379",
+    ],
     [{ secret: 's', nodes, cookie: { encode: String } }, '`cookie.encode` is not supported'],
     [{ secret: 's', nodes, cookie: { signed: true } }, '`cookie.signed` is not supported'],
     // A raw '%' passes URL parsing but not ioredis's decoding: a URIError at start-up, without this check.

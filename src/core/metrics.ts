@@ -91,7 +91,8 @@ export class Metrics {
     lockWait: new LatencyHistogram(),
     serialize: new LatencyHistogram(),
   }
-  readonly #events = new EventEmitter()
+  // No listener limit: an application may well watch one event from more than ten places; Node would warn of a leak.
+  readonly #events = new EventEmitter().setMaxListeners(0)
   /** Each listener as given, and the guard registered in its place. */
   readonly #guards = new Map<SessionEventName, Map<(payload: never) => unknown, (payload: unknown) => void>>()
   readonly #observers = new Set<(name: LatencyName, seconds: number) => void>()
