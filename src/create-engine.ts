@@ -82,6 +82,8 @@ export function createEngine(config: Config): Engine {
     codec: new RecordCodec({ keys: new StoreKeyring(config.storeSecrets), encrypt: config.encrypt }),
     serializer: config.serializer,
     maxSessionBytes: config.maxSessionBytes,
+    // Long enough for a write that was under way to have landed: its backup leaves as its primary is answered.
+    repeatDeleteAfterMs: Math.max(1000, 2 * config.operationTimeoutMs),
     metrics,
     prefix: config.prefix,
     touchAfter: config.touchAfter,
@@ -201,6 +203,7 @@ export function createEngine(config: Config): Engine {
         await session.drain(timeout)
         await backend.close(timeout)
         await locks?.releaseAll()
+        store.stopRepeats()
         await ring.close()
       })()
       return closing

@@ -11,6 +11,7 @@ import { startFastifyShop } from './support/fastify-app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 import { recordsOf } from './support/records.js'
+import { until } from './support/until.js'
 
 const SECRET = 'operability'
 let servers: MemcachedServer[] = []
@@ -61,14 +62,6 @@ function capturingLogger() {
 }
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
-
-async function until(check: () => boolean | Promise<boolean>, timeoutMs = 3000): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time')
-    await sleep(20)
-  }
-}
 
 const serverOf = (id: string | undefined) =>
   servers[Number(parseSessionId(id)?.nodeId.slice(1)) - 1] as MemcachedServer

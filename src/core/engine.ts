@@ -460,21 +460,7 @@ export class SessionEngine {
         "In sticky mode a session is destroyed by the instance that serves it (its route names it); this one would be written back from that instance's memory",
       )
     }
-    // Under the session's lock: a request holding it (on any instance) may be between the writes of its two
-    // copies, and a delete in between would be undone by its backup write. LockTimeoutError if it stays taken.
-    const concurrency = this.#concurrency
-    const lock =
-      concurrency &&
-      (await concurrency.locks.acquire(
-        parsed.random,
-        () => concurrency.store.presumedNode(parsed),
-        storageKeys(concurrency.prefix, parsed.random).lock,
-      ))
-    try {
-      await this.store.destroy(id)
-    } finally {
-      await lock?.release()
-    }
+    await this.store.destroy(id)
   }
 
   async #destroy(state: SessionState): Promise<void> {

@@ -37,6 +37,8 @@ export interface StoreOptions {
   readonly codec: RecordCodec
   /** Largest stored record, in bytes; a larger session is refused before anything is written. */
   readonly maxSessionBytes: number
+  /** How long after a destroy its deletes are made again, for a write that was under way (see destroy()). */
+  readonly repeatDeleteAfterMs: number
   /** The configured data format, for merges. */
   readonly serializer: SessionSerializer
   readonly metrics: Metrics
@@ -55,6 +57,8 @@ export interface LoadedSession {
   /** The primary copy's compare-and-set token, when it was read from the primary: lets a write be conditional. */
   readonly cas?: { readonly nodeId: string; readonly token: CasToken }
 }
+
+const ignore = (): void => {}
 
 /** The value of a sticky logout's mark (StorageKeys.gone): its presence is what counts. */
 const GONE_MARK = Buffer.from('1')
@@ -143,6 +147,8 @@ export class ReplicatedStore implements SessionBackend {
   /** Corrupt copies reported lately: one read again before its deletion lands is not reported twice. */
   readonly #recentCorrupt = new LRUCache<string, true>({ max: ABSENT_ENTRIES, ttl: ABSENT_TTL_MS })
   #clock = 0
+  /** The destroys' repeated deletes still waiting. */
+  readonly #repeats = new Set<NodeJS.Timeout>()
   /** The bytes of the longest key a session's record is stored under (its backup's). */
   readonly #longestKeyBytes: number
 
@@ -629,6 +635,29 @@ export class ReplicatedStore implements SessionBackend {
     this.#moving.delete(parsed.random)
     this.#absent.set(parsed.random, true)
     if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
+    this.#deleteAgainLater(keys)
+  }
+
+  /**
+   * A write of the session already under way when it was destroyed (a request on another instance, whose lock
+   * a destroySession() does not take; an unlocked merge) writes its backup after its primary, and that backup
+   * may land after the deletes, where a failover would find it: the session would come back. No write under these
+   * keys is legitimate any more (a destroyed id is never stored again: a request presenting it starts a new
+   * session), so they are deleted once more when such a write has landed. Best effort: not after close().
+   */
+  #deleteAgainLater(keys: StorageKeys): void {
+    const timer = setTimeout(() => {
+      this.#repeats.delete(timer)
+      this.#ring.deleteEverywhere([keys.primary, keys.backup]).catch(ignore)
+    }, this.#options.repeatDeleteAfterMs)
+    timer.unref()
+    this.#repeats.add(timer)
+  }
+
+  /** Drops the repeated deletes still waiting (close()). */
+  stopRepeats(): void {
+    for (const timer of this.#repeats) clearTimeout(timer)
+    this.#repeats.clear()
   }
 
   /** Writes the backup copy unless the backup node already holds this version or a newer one. */
