@@ -42,9 +42,10 @@ const KEEP_ALIVE_MS = 10_000
 const JOIN_BYTES = 16 * 1024
 /**
  * What an item takes beyond its key and value, at most: memcached 1.6 refuses a value once value, key and 58
- * bytes pass its item_size_max (measured at -I 512k and 1m); rounded up.
+ * bytes pass its item_size_max (measured at -I 512k and 1m); older versions also keep a text suffix of up to
+ * about 40 bytes. Rounded up: a refused write deletes what its key held.
  */
-const ITEM_HEADER_BYTES = 64
+const ITEM_HEADER_BYTES = 128
 
 /**
  * One connection to one memcached server, opened on first use and again after any failure. Replies come back in
@@ -73,8 +74,8 @@ export class MemcachedConnection {
   #closed = false
   /** The server's item_size_max, as the open connection learned it; undefined until it has. */
   #itemSizeMax: number | undefined
-  /** Settles once the open connection has learned #itemSizeMax, or failed before. */
-  #itemSizeLearned: Promise<void> = Promise.resolve()
+  /** Settles once the open connection has learned #itemSizeMax: with the connection's failure if it failed first. */
+  #itemSizeLearned: Promise<Error | undefined> = Promise.resolve(undefined)
   /** The item_size_max learned last, on any connection. */
   #lastItemSizeMax: number | undefined
 
@@ -125,9 +126,10 @@ export class MemcachedConnection {
   /**
    * The largest value the server stores under a key of `keyBytes` (memcached refuses a larger one, and deletes
    * the value stored under that key). A promise while the connection, opened now if need be, has not learned
-   * it yet; Infinity for a server that does not say (it has no `stat settings`, or the connection failed first).
+   * it yet, settling with the connection's failure if it failed first (a write sent now would fail with it, or
+   * wait a second timeout on a new connection); Infinity for a server that does not say (no `stat settings`).
    */
-  largestValue(keyBytes: number): number | Promise<void> {
+  largestValue(keyBytes: number): number | Promise<Error | undefined> {
     if (!this.#closed && this.#socket === undefined) this.#connect()
     if (this.#itemSizeMax === undefined && this.#socket !== undefined) return this.#itemSizeLearned
     return (this.#itemSizeMax ?? Number.POSITIVE_INFINITY) - keyBytes - ITEM_HEADER_BYTES
@@ -238,7 +240,7 @@ export class MemcachedConnection {
    */
   #learnItemSize(socket: Socket): void {
     this.#itemSizeMax = undefined
-    let learned = (): void => {}
+    let learned = (_failure?: Error): void => {}
     this.#itemSizeLearned = new Promise((resolve) => {
       learned = resolve
     })

@@ -171,11 +171,18 @@ export class MemcachedNode implements SessionNode {
    * Undefined when `value` may be sent. A value larger than the server stores is refused unsent: memcached would
    * refuse it too, and delete what is stored under the key (the session's last good copy). Until the connection
    * has learned the limit, a promise to wait for it, once: `waited` sends the value then whatever was learned.
+   * If the connection failed first, the promise rejects with its failure: the node is failing, and a write sent on
+   * a new connection would wait a second timeout.
    */
   #sizeCheck(key: string, value: Buffer, waited: boolean): Promise<void> | undefined {
     const keyBytes = Buffer.byteLength(key)
     const limit = this.#connection.largestValue(keyBytes)
-    if (typeof limit !== 'number') return waited ? undefined : limit
+    if (typeof limit !== 'number') {
+      if (waited) return undefined
+      return limit.then((failure) => {
+        if (failure) throw failure
+      })
+    }
     if (value.length <= limit) return undefined
     return Promise.reject(
       new NodeRejectedError(
