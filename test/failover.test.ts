@@ -483,6 +483,21 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     expect(recovered.body.cart).toEqual(['y'])
   })
 
+  it("keeps a route 'auto' learned read-only unlocked after a failover moved the session (a write of the library's own)", async () => {
+    await browser.send(appA, 'POST', '/cart/apple')
+    await browser.send(appA, 'GET', '/cart')
+    await browser.send(appA, 'GET', '/cart')
+    await serverOf(browser.sessionId).kill()
+    // Moved to another node, and written there, by a read.
+    const moved = await browser.send(appA, 'GET', '/cart')
+    expect(moved.body.cart).toEqual(['apple'])
+    expect(moved.setCookie).toBeDefined()
+    const locks = appA.sessions.stats().locksAcquired
+    for (let i = 0; i < 3; i++)
+      expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect(appA.sessions.stats().locksAcquired).toBe(locks)
+  })
+
   it('gives a locked request the same Retry-After as any other when every node is down', async () => {
     // Until the next probe of the nodes (nodeProbeInterval, in whole seconds): the lock's own 1 s is for a lock
     // held by another request, not for nodes that are gone.

@@ -285,7 +285,7 @@ export class SessionEngine {
   #learn(state: SessionState, request: RequestFacts | undefined): void {
     if (request && !state.finished && state.record !== undefined) {
       state.finished = true
-      this.#concurrency?.policy.learn(request, state.wrote)
+      this.#concurrency?.policy.learn(request, state.changed)
     }
   }
 
@@ -387,6 +387,7 @@ export class SessionEngine {
   }
 
   async #save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
+    if (!state.changed && !snapshot.data.equals(state.baseData)) state.changed = true
     const concurrency = this.#concurrency
     const now = Date.now()
     const createdAt = state.record?.createdAt ?? now
@@ -466,6 +467,7 @@ export class SessionEngine {
   async #destroy(state: SessionState): Promise<void> {
     state.destroyed = true
     state.wrote = true
+    state.changed = true
     await this.store.destroy(state.id)
   }
 
@@ -479,6 +481,7 @@ export class SessionEngine {
     this.#inFlight.add(next)
     next.lock = destroyed.lock
     next.wrote = true
+    next.changed = true
     return next
   }
 
@@ -486,6 +489,7 @@ export class SessionEngine {
   async regenerate(state: SessionState): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     state.wrote = true
+    state.changed = true
     try {
       await this.store.destroy(state.id)
     } finally {

@@ -42,8 +42,14 @@ export class SessionState {
   destroyed = false
   /** The session's lock, when this request holds one. */
   lock: SessionLock | undefined = undefined
-  /** A write of this session made by this request: what 'auto' locking learns from. */
+  /** A write of this session made by this request (counted by stats()). */
   wrote = false
+  /**
+   * The request changed the session: it stored data other than what it had read, destroyed or regenerated it.
+   * What 'auto' locking learns from: a write the library makes for its own reasons (a session moved off a dead
+   * node, restored from its backup, rewritten under a new key) must not mark a read-only route as writing.
+   */
+  changed = false
   /** The commit in progress; the lock is released only after it. */
   committing: Promise<unknown> | undefined = undefined
   /** Commits begun and not yet settled (SessionEngine.commit). */
