@@ -203,7 +203,9 @@ export function createEngine(config: Config): Engine {
         await session.drain(timeout)
         await backend.close(timeout)
         await locks?.releaseAll()
-        store.stopRepeats()
+        // The deletes no other instance knows of: a destroy's repeat, then what nodes that are down are owed.
+        await store.repeatNow()
+        await ring.settleOwed(Date.now() + timeout)
         await ring.close()
       })()
       return closing

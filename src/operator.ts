@@ -28,8 +28,9 @@ export interface MetricsSource {
 export interface SessionOperations {
   /**
    * Waits for requests in flight (up to `timeout` ms, default 10000), writes queued backups (sticky
-   * `backupAsync`), releases the locks requests still hold, then closes every node connection. Call on shutdown
-   * (SIGTERM) after the HTTP server stopped accepting. Later requests get ClosedError (503).
+   * `backupAsync`), releases the locks requests still hold, does the deletes it still owes (a destroy's repeat,
+   * those owed to nodes that are down), then closes every node connection. Call on shutdown (SIGTERM) after the
+   * HTTP server stopped accepting. Later requests get ClosedError (503).
    */
   close(options?: { readonly timeout?: number }): Promise<void>
   health(): SessionHealth

@@ -10,6 +10,7 @@ import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.
 import { startFastifyShop } from './support/fastify-app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { startProxy } from './support/proxy.js'
 import { recordsOf } from './support/records.js'
 import { until } from './support/until.js'
 
@@ -552,6 +553,54 @@ describe('graceful shutdown', () => {
     expect((await browser.send(app, 'GET', '/cart')).status).toBe(503)
     app.server.closeAllConnections()
     await new Promise<void>((resolve) => app.server.close(() => resolve()))
+  })
+
+  it("does a destroy's repeated delete before it ends, for a copy written under the destroyed id", async () => {
+    servers = await startCluster(2)
+    const app = await shop({ operationTimeout: 200 })
+    const browser = new Browser()
+    await browser.send(app, 'POST', '/cart/apple')
+    const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+    const backupServer = servers.find((server) => server !== serverOf(browser.sessionId)) as MemcachedServer
+    expect((await browser.send(app, 'POST', '/logout')).status).toBe(200)
+    // A write of the session already under way elsewhere, whose backup lands after the logout's deletes.
+    await backupServer.put(keys.backup, Buffer.from('a late backup'))
+    await app.sessions.close()
+    expect(await backupServer.has(keys.backup)).toBe(false)
+  })
+
+  it.each([
+    { back: true, left: false },
+    { back: false, left: true },
+  ])('tries the deletes it owes a node that was down once more (node back: $back), and warns of any left', async ({
+    back,
+    left,
+  }) => {
+    servers = await startCluster(2)
+    const proxies = await Promise.all(servers.map((server) => startProxy(server.port)))
+    const { logger, warnings } = capturingLogger()
+    try {
+      const app = await shop({
+        nodes: proxies.map((proxy, index) => `n${index + 1}:127.0.0.1:${proxy.port}`).join(' '),
+        operationTimeout: 200,
+        nodeProbeInterval: 60_000, // no probe finds the node back before close()
+        logger,
+      })
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const keys = storageKeys('sf:', parseSessionId(browser.sessionId)?.random ?? '')
+      const backupIndex = servers.findIndex((server) => server !== serverOf(browser.sessionId))
+      proxies[backupIndex]?.cut()
+      expect((await browser.send(app, 'POST', '/logout')).status).toBe(200)
+      expect(await servers[backupIndex]?.has(keys.backup)).toBe(true)
+      if (back) proxies[backupIndex]?.restore()
+      await app.sessions.close({ timeout: 1000 })
+      expect(await servers[backupIndex]?.has(keys.backup)).toBe(left)
+      const warned = warnings().filter((message) => message.includes('closed owing deletes'))
+      expect(warned).toHaveLength(left ? 1 : 0)
+    } finally {
+      await Promise.all(proxies.map((proxy) => proxy.close()))
+    }
   })
 
   it('releases the locks requests still hold when closed', async () => {

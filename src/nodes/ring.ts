@@ -2,6 +2,7 @@ import type { Metrics } from '../core/metrics.js'
 import { ClosedError, NodeRejectedError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { SessionNode } from './node.js'
+import { withTimeout } from './timeout.js'
 
 interface Member {
   readonly node: SessionNode
@@ -267,11 +268,6 @@ export class NodeRing {
     return pending.then(undefined, member.failed)
   }
 
-  /**
-   * Deletes `keys` on every node: now on the alive ones, and on each dead one before it counts as alive again,
-   * so that a node that was down (or frozen) cannot bring a destroyed session back. Resolves whether any node
-   * took the delete now.
-   */
   /** Sets `key` on every node alive now; a node that fails is marked dead, as by any call. */
   async writeEverywhere(key: string, value: Buffer, ttlSeconds: number): Promise<void> {
     await Promise.allSettled(
@@ -281,6 +277,11 @@ export class NodeRing {
     )
   }
 
+  /**
+   * Deletes `keys` on every node: now on the alive ones, and on each dead one before it counts as alive again,
+   * so that a node that was down (or frozen) cannot bring a destroyed session back. Resolves whether any node
+   * took the delete now.
+   */
   async deleteEverywhere(keys: readonly string[]): Promise<boolean> {
     const results = await Promise.all(
       this.#members
@@ -341,6 +342,56 @@ export class NodeRing {
         ops: member.ops,
         errors: member.errors,
       }))
+  }
+
+  /**
+   * close(): one last try at what this instance owes nodes that are down (the deletes of destroys, and of writes
+   * that may land late; copies left behind by moves), before it is forgotten: no other instance knows of it. A
+   * node back by now takes it; what a node still down (or not answering by `latestAt`, epoch ms) is owed is lost
+   * with this instance, and a warning says so.
+   */
+  async settleOwed(latestAt: number): Promise<void> {
+    const owing = this.#members.filter(
+      (member) => !member.retired && !member.alive && member.pendingDeletes.size + member.oldCopies.size > 0,
+    )
+    await Promise.all(owing.map((member) => this.#settle(member, latestAt)))
+  }
+
+  async #settle(member: Member, latestAt: number): Promise<void> {
+    clearTimeout(member.probeTimer)
+    const { node } = member
+    const deletes = [...member.pendingDeletes]
+    const copies = [...member.oldCopies]
+    const waitMs = latestAt - Date.now()
+    let failure = 'no time left'
+    if (waitMs > 0) {
+      const attempt = node
+        .ping()
+        .then(() =>
+          Promise.all([
+            ...deletes.map(([key, values]) => deleteOn(node, key, values, member.refused)),
+            ...copies.map(([key, isOldCopy]) => deleteIfStill(node, key, isOldCopy, member.refused)),
+          ]),
+        )
+      try {
+        await withTimeout(attempt, waitMs, () => `${node.address}, owed deletes at close()`)
+        member.pendingDeletes.clear()
+        member.oldCopies.clear()
+        return
+      } catch (error) {
+        failure = error instanceof Error ? error.message : String(error)
+      }
+    }
+    this.#options.logger.warn(
+      {
+        node: node.id,
+        address: node.address,
+        deletes: deletes.length,
+        oldCopies: copies.length,
+        err: failure,
+      },
+      'session-failover: closed owing deletes to a node that is down; if it comes back with its data, it still holds those sessions',
+    )
   }
 
   async close(): Promise<void> {
