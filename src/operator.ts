@@ -61,6 +61,7 @@ export function operationsOf(
   return {
     close,
     health: () => {
+      ring.askUnasked()
       const nodes = ring.health()
       return { ready: !engine.closed && nodes.some((node) => node.alive), nodes }
     },

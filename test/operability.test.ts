@@ -319,6 +319,23 @@ describe('health()', () => {
     await slow
   })
 
+  it.each([
+    { killed: 1, ready: true },
+    { killed: 2, ready: false },
+  ])('finds a node that cannot be reached before any request came (killed: $killed)', async ({
+    killed,
+    ready,
+  }) => {
+    servers = await startCluster(2)
+    await Promise.all(servers.slice(0, killed).map((server) => server.kill()))
+    const app = await shop({ operationTimeout: 200 })
+    // Nothing sent yet: alive as far as anyone knows. The call asks them, so a readiness check tells soon.
+    expect(app.sessions.health().nodes.map((node) => node.alive)).toEqual([true, true])
+    await until(() => app.sessions.health().nodes.filter((node) => !node.alive).length === killed)
+    expect(app.sessions.health()).toMatchObject({ ready, nodes: [{ alive: false, ops: 1 }, { ops: 1 }] })
+    expect(app.sessions.health().nodes[0]?.lastError).toMatch(/ECONNREFUSED|connect/i)
+  })
+
   it('is ready while a node is alive, and not ready once none is', async () => {
     servers = await startCluster(2)
     const app = await shop()

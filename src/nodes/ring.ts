@@ -47,6 +47,8 @@ const MAX_OLD_COPIES = 20_000
 /** Copies from before a move deleted at once on a node that is back, so that they come in bounded bursts. */
 const OLD_COPIES_AT_ONCE = 64
 
+const ignore = (): void => {}
+
 export interface NodeHealth {
   readonly id: string
   readonly address: string
@@ -118,7 +120,7 @@ export class NodeRing {
         member.pendingDeletes.clear()
         member.oldCopies.clear()
         clearTimeout(member.probeTimer)
-        void member.node.close().catch(() => {})
+        void member.node.close().catch(ignore)
       }
     }
     this.#members = [...next, ...retired]
@@ -327,6 +329,19 @@ export class NodeRing {
     member.oldCopies.set(key, isOldCopy)
     if (member.oldCopies.size > MAX_OLD_COPIES)
       member.oldCopies.delete(member.oldCopies.keys().next().value as string)
+  }
+
+  /**
+   * health(): asks each configured node nothing was sent to yet (no request came, or setNodes() just added it),
+   * once. A node counts as alive until something sent to it fails, so without this an instance that serves no
+   * request (one a readiness check keeps out of traffic) would call a node that cannot be reached alive forever.
+   */
+  askUnasked(): void {
+    if (this.#closed) return
+    for (const member of this.#members) {
+      if (!member.retired && member.alive && member.ops === 0)
+        this.call(member.node.id, (node) => node.ping()).catch(ignore)
+    }
   }
 
   /** Configured nodes only: a retired node is no longer any operator's concern. */
