@@ -120,6 +120,41 @@ describe.each([
   })
 })
 
+/** Blocks this thread, as a long synchronous handler or a long garbage collection does. */
+function stallTheLoop(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms)
+}
+
+describe.each([
+  ['memcached', 'memcached'],
+  ['Redis', 'redis'],
+] as const)("a stall of this process's own event loop, on %s", (_name, kind) => {
+  let node: SessionNode
+
+  beforeAll(async () => {
+    // Stalls between this and twice this: ioredis's own command timeout is twice the operation timeout.
+    node = await startNode(kind, 300)
+    await node.set('stall', Buffer.from('v'), 60) // connected
+  })
+  afterAll(async () => {
+    await node.close()
+    await stopServers()
+  })
+
+  it('does not time out a request the node answered while the loop was stalled', async () => {
+    const reading = node.get('stall')
+    await new Promise((resolve) => setImmediate(resolve)) // sent
+    stallTheLoop(450)
+    expect((await reading)?.toString()).toBe('v')
+  })
+
+  it('counts the timeout from when a request left, not from a long turn before it', async () => {
+    const reading = node.get('stall')
+    stallTheLoop(450)
+    expect((await reading)?.toString()).toBe('v')
+  })
+})
+
 describe('a memcached with a larger item size (-I)', () => {
   it('reads values past 8 MiB when the node is told the largest session, and refuses them otherwise', async () => {
     const server = await startMemcached(['-I', '16m', '-m', '256'])

@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net'
+import { setImmediate } from 'node:timers'
 import { sendAtEndOfTurn } from '../end-of-turn.js'
 import { NodeOperationError, OperationTimeoutError } from '../errors.js'
 import {
@@ -29,7 +30,8 @@ export type MemcachedReply = Reply<Socket>
 interface Pending {
   readonly opaque: number
   readonly operation: string
-  readonly deadline: number
+  /** performance.now() by which the reply is due: set when the request leaves, infinite until then. */
+  deadline: number
   readonly resolve: (reply: MemcachedReply) => void
   readonly reject: (error: Error) => void
   /** A stat request's: takes each statistic's reply; the last reply, with no key, resolves. */
@@ -163,10 +165,7 @@ export class MemcachedConnection {
     const opaque = this.#opaque
     // Encoded first: a request that cannot be (no memory for its buffer) must not wait for a reply in the queue.
     const request = encodeRequest(opcode, key, extras, value, opaque, cas)
-    // A monotonic clock: a step of the wall clock (NTP, an operator) must neither hold a request past its
-    // timeout nor time out a healthy node's requests.
-    const deadline = performance.now() + this.#options.timeoutMs
-    this.#queue.push({ opaque, operation, deadline, resolve, reject, onStat })
+    this.#queue.push({ opaque, operation, deadline: Number.POSITIVE_INFINITY, resolve, reject, onStat })
     if (this.#timer === undefined) this.#arm(this.#options.timeoutMs)
     if (this.#outgoing.length === 0) sendAtEndOfTurn(() => this.#flush(socket))
     this.#outgoing.push(request)
@@ -185,6 +184,14 @@ export class MemcachedConnection {
     const bytes = this.#outgoingBytes
     this.#outgoing = []
     this.#outgoingBytes = 0
+    // The timeout counts from here, not from when the request was made: a turn that ran long (a slow handler)
+    // before it sent must not use up the node's time. A monotonic clock: a step of the wall clock (NTP, an
+    // operator) must neither hold a request past its timeout nor time out a healthy node's. The last requests
+    // queued are this turn's: every request is queued with its bytes, and a drop empties both.
+    const deadline = performance.now() + this.#options.timeoutMs
+    const queue = this.#queue
+    for (let at = queue.length - outgoing.length; at < queue.length; at++)
+      (queue[at] as Pending).deadline = deadline
     if (outgoing.length === 1) socket.write(outgoing[0] as Buffer)
     else if (bytes <= JOIN_BYTES) socket.write(Buffer.concat(outgoing, bytes))
     else {
@@ -314,7 +321,20 @@ export class MemcachedConnection {
     if (!head) return
     const now = performance.now()
     if (head.deadline > now) {
-      this.#arm(head.deadline - now)
+      // Not sent yet (infinite): it leaves at the end of this turn.
+      this.#arm(Math.min(head.deadline - now, this.#options.timeoutMs))
+      return
+    }
+    // Timers run before the loop reads its sockets. After a stall of this process's own loop (a long synchronous
+    // handler or garbage collection) the reply may have come in time and be waiting unread: a healthy node would
+    // be called dead. Decided once the loop has read its sockets, in the check phase of the same pass.
+    setImmediate(() => this.#expire(head))
+  }
+
+  #expire(head: Pending): void {
+    if (this.#queue[0] !== head) {
+      // Answered after all (or failed with its connection): the next one's deadline now matters.
+      if (this.#timer === undefined) this.#checkDeadline()
       return
     }
     const socket = this.#socket

@@ -46,8 +46,11 @@ export function redisClientSettings(config: RedisNodeConfig): RedisClientSetting
     // A command in flight when a connection dropped must not run again on the next one (a late, stale write).
     autoResendUnfulfilledCommands: false,
     connectTimeout: timeoutMs,
-    // Also bounds what runs before the connection is ready (AUTH, the ready check) on a server that froze.
-    commandTimeout: timeoutMs,
+    // Our own timeout (RedisNode) decides for every command we send: it waits, after a stall of this process's
+    // loop, until the loop has read what came in time; this one fires in the timers phase, and would fail a
+    // command already answered, so it comes later. It bounds what runs before the connection is ready (AUTH, the
+    // ready check) on a server that froze.
+    commandTimeout: 2 * timeoutMs,
     retryStrategy: backoff,
     // A server turned replica behind the same address (a DNS name or virtual IP moved by a failover) keeps our
     // connection, and so the node dead, until it is made again. Reconnect only; a resend (2) would be a retry.

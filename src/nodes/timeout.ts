@@ -1,3 +1,4 @@
+import { setImmediate } from 'node:timers'
 import { OperationTimeoutError } from '../errors.js'
 
 /**
@@ -13,16 +14,26 @@ export function withTimeout<T>(
   mapError: (error: unknown) => unknown = (error) => error,
 ): Promise<T> {
   return new Promise<T>((resolve, reject) => {
+    let settled = false
     const timer = setTimeout(() => {
-      reject(new OperationTimeoutError(`${describe()} did not answer within ${timeoutMs} ms`))
-      onTimeout?.()
+      // Timers run before the loop reads its sockets: after a stall of this process's own loop (a long
+      // synchronous handler, garbage collection) an answer that came in time may be waiting unread. Decided once
+      // the loop has read them, in the check phase of the same pass.
+      setImmediate(() => {
+        if (settled) return
+        settled = true
+        reject(new OperationTimeoutError(`${describe()} did not answer within ${timeoutMs} ms`))
+        onTimeout?.()
+      })
     }, timeoutMs)
     operation.then(
       (value) => {
+        settled = true
         clearTimeout(timer)
         resolve(value)
       },
       (error: unknown) => {
+        settled = true
         clearTimeout(timer)
         reject(mapError(error))
       },
