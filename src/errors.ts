@@ -111,9 +111,13 @@ export class StaleWriteError extends SessionFailoverError {
   /** The write, when its node failed under it: once the merge stores the session elsewhere, it is deleted. */
   readonly lateWrite: LateWrite | undefined
 
-  constructor(message: string, options?: ErrorOptions & { lateWrite?: LateWrite }) {
+  /** A delayed write of a session logged out meanwhile (its logout mark found): it must never be stored. */
+  readonly loggedOut: boolean
+
+  constructor(message: string, options?: ErrorOptions & { lateWrite?: LateWrite; loggedOut?: boolean }) {
     super(message, options)
     this.lateWrite = options?.lateWrite
+    this.loggedOut = options?.loggedOut === true
   }
 }
 

@@ -7,6 +7,7 @@ import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 import { type CuttableProxy, startProxy } from './support/proxy.js'
 import { recordsOf } from './support/records.js'
+import { until } from './support/until.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -92,6 +93,93 @@ describe('sticky consistency', () => {
     a.restore()
     await sleep(600) // a's retry runs, finds a newer copy, and drops its own
     for (const copy of await stored(other.sessionId)) expect(copy.cart).toEqual(['apple', 'kiwi'])
+  })
+
+  it('drops a delayed backup of a session logged out on the instance that took it over', async () => {
+    servers = await startCluster(2)
+    const a = await cuttableShop({ route: 'a' })
+    const b = await shop(base(nodesOption(servers), { route: 'b' }))
+    const browser = new Browser()
+    await browser.send(a.app, 'POST', '/cart/apple')
+    const cookie = browser.cookie
+    a.cut() // a acknowledges from memory and queues the write until a node is back
+    expect((await browser.send(a.app, 'POST', '/cart/pear')).status).toBe(200)
+    // The user lands on b, which takes the session over, and logs out there.
+    const other = new Browser()
+    other.cookie = cookie
+    expect((await other.send(b, 'GET', '/cart')).body.cart).toEqual(['apple'])
+    expect((await other.send(b, 'POST', '/logout')).status).toBe(200)
+    await sleep(1100) // past the logout's repeated delete
+    a.restore()
+    await until(() => a.app.sessions.localStatus()?.pendingBackups === 0)
+    expect(await stored(browser.sessionId)).toEqual([])
+    const replay = new Browser()
+    replay.cookie = cookie
+    expect((await replay.send(b, 'GET', '/cart')).body.cart).toEqual([])
+    // Nor does a serve it from its memory any more.
+    expect((await replay.send(a.app, 'GET', '/cart')).body.cart).toEqual([])
+  })
+
+  it('serves no request that comes while a logout is still being stored, nor any after it', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a', operationTimeout: 400 }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/apple')
+    const cookie = browser.cookie
+    // The backup's node freezes: the logout waits (up to operationTimeout) for its mark there.
+    const primary = parseSessionId(browser.sessionId)?.nodeId
+    const backupServer = servers[primary === 'n1' ? 1 : 0] as MemcachedServer
+    await backupServer.freeze()
+    try {
+      const logout = browser.send(a, 'POST', '/logout')
+      await sleep(100)
+      const tab = new Browser()
+      tab.cookie = cookie
+      expect((await tab.send(a, 'GET', '/cart')).body.cart).toEqual([])
+      expect((await logout).status).toBe(200)
+      const later = new Browser()
+      later.cookie = cookie
+      expect((await later.send(a, 'GET', '/cart')).body.cart).toEqual([])
+    } finally {
+      backupServer.thaw()
+    }
+  })
+
+  it('lets the last response win with backupAsync too, over writes of this instance it did not see', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a', backupAsync: true }))
+    const browser = new Browser()
+    await browser.send(a, 'POST', '/cart/apple')
+    let release = () => {}
+    let loaded = () => {}
+    const slowLoaded = new Promise<void>((resolve) => {
+      loaded = resolve
+    })
+    a.beforeModify = () =>
+      new Promise<void>((resolve) => {
+        release = resolve
+        loaded()
+      })
+    const slow = browser.send(a, 'POST', '/slow/kiwi') // loads ['apple']
+    await slowLoaded
+    expect((await browser.send(a, 'POST', '/cart/pear')).status).toBe(200)
+    expect((await browser.send(a, 'POST', '/cart/plum')).status).toBe(200)
+    await until(() => a.sessions.localStatus()?.pendingBackups === 0) // both stored
+    release()
+    expect((await slow).body.cart).toEqual(['apple', 'kiwi'])
+    await until(() => a.sessions.localStatus()?.pendingBackups === 0)
+    expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'kiwi'])
+    for (const copy of await stored(browser.sessionId)) expect(copy.cart).toEqual(['apple', 'kiwi'])
+  })
+
+  it('does not acknowledge a write it can keep nowhere: no node alive, and too large for memory', async () => {
+    servers = await startCluster(2)
+    const a = await shop(base(nodesOption(servers), { route: 'a', localMaxBytes: 20_000 }))
+    const browser = new Browser()
+    expect((await browser.send(a, 'POST', '/big/15')).status).toBe(200)
+    await Promise.all(servers.map((server) => server.kill()))
+    // 25 KB: over localMaxBytes, so neither the backup queue nor memory can hold it.
+    expect((await browser.send(a, 'POST', '/big/25')).status).toBe(503)
   })
 
   it('does not serve a change whose save failed', async () => {

@@ -42,8 +42,8 @@ export interface BackupQueueOptions {
   /** Performs one job; resolves with the session's id afterwards (it changes on relocation). */
   readonly run: (job: BackupJob) => Promise<string>
   readonly onWritten: (key: string, job: BackupJob, id: string) => void
-  /** The stored copy was newer than the job's: another instance owns the session now. */
-  readonly onStale: (key: string, job: BackupJob) => void
+  /** The stored copy was newer than the job's (another instance owns the session now), or the session was logged out meanwhile. */
+  readonly onStale: (key: string, job: BackupJob, error: StaleWriteError) => void
   /** No node alive, and the queue full: the job is not kept (the session has no stored copy of this version). */
   readonly onDropped: (key: string, job: BackupJob) => void
   readonly logger: Logger
@@ -200,7 +200,7 @@ export class BackupQueue {
         }
         this.#scheduleRetry()
       } else if (error instanceof StaleWriteError) {
-        this.#options.onStale(key, entry.job)
+        this.#options.onStale(key, entry.job, error)
         for (const waiter of entry.waiters) waiter.resolve({ written: false })
       } else {
         if (entry.waiters.length === 0) {

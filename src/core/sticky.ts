@@ -92,7 +92,17 @@ export class StickyStore implements SessionBackend {
           'session-failover: no node alive and the backup queue is full; sticky session kept in memory only',
         )
       },
-      onStale: (key, job) => {
+      onStale: (key, job, error) => {
+        if (error.loggedOut) {
+          // Logged out on another instance (which took the session over) while this write waited for a node.
+          this.#local.delete(key)
+          this.#forget(key)
+          options.logger.warn(
+            {},
+            'session-failover: a delayed backup of a session logged out meanwhile was dropped',
+          )
+          return
+        }
         // Another instance stored a newer copy while this one waited: it owns the session now.
         if (this.#local.peek(key)?.record === job.record) this.#local.delete(key)
         options.logger.warn(
@@ -127,6 +137,7 @@ export class StickyStore implements SessionBackend {
 
   /** Never for a session held in memory or waiting in the backup queue: those exist whatever the nodes say. */
   knownAbsent(parsed: ParsedSessionId): boolean {
+    if (this.#destroyed.has(parsed.random)) return true
     // The remote's memory first: almost always it says no, and then memory need not be searched.
     if (!this.#remote.remembersAbsent(parsed.random)) return false
     if (this.#local.has(parsed.random) || this.#queue.has(parsed.random)) return false
@@ -137,6 +148,8 @@ export class StickyStore implements SessionBackend {
     const parsed = this.recognize(id)
     if (!parsed) return null
     const key = parsed.random
+    // A destroyed key is never issued again: whoever presents it gets a new session.
+    if (this.#destroyed.has(key)) return null
     const local = this.#local.get(key)
     if (local && parsed.route === this.#options.route) {
       if (local.expiresAt <= Date.now()) {
@@ -156,15 +169,23 @@ export class StickyStore implements SessionBackend {
     // Not in memory, or another instance owned it since this one last saw it: never serve that local copy.
     this.#local.delete(key)
 
-    // This instance may still hold an acknowledged copy that is not stored yet (queued, or evicted from memory
-    // meanwhile): it wins over the stored one unless another instance stored something newer since.
-    const queued = this.#queue.latest(key)
     let loaded: LoadedSession | null = null
     try {
       loaded = await this.#remote.load(id)
     } catch (error) {
-      if (!(error instanceof AllNodesDownError) || !queued) throw error
+      if (!(error instanceof AllNodesDownError) || !this.#queue.latest(key)) throw error
     }
+    // Logged out here while the copies were read (a logout waits for its mark on every node): it stays so.
+    if (this.#destroyed.has(key)) return null
+    // Another request of the session loaded it and saved meanwhile (backupAsync acknowledges from memory): what
+    // this instance acknowledged wins over an older stored copy.
+    const held = this.#local.peek(key)
+    if (held && (!loaded || !isNewer(loaded.record, held.record))) {
+      return { id: held.id, record: held.record, mustWrite: false, relocatedFrom: undefined }
+    }
+    // This instance may still hold an acknowledged copy that is not stored yet (queued, or evicted from memory
+    // meanwhile): it wins over the stored one unless another instance stored something newer since.
+    const queued = this.#queue.latest(key)
     if (queued && (!loaded || (queued.record !== null && isNewer(queued.record, loaded.record)))) {
       if (queued.record === null) return null // destroyed here, delete not stored yet
       return this.#own(key, {
@@ -187,9 +208,17 @@ export class StickyStore implements SessionBackend {
     // Refused now, not when the backup runs: a session that can never be stored must not be acknowledged.
     this.#remote.assertFits(record)
     if (this.#options.backupAsync) {
-      const job: BackupJob = { id, record, expiresAt, onlyIfNewer: true }
+      // The last response wins, as in synchronous mode: a request that loaded an older version than others of
+      // this instance saved meanwhile still stores over them. Its delayed write is refused only when another
+      // instance stored something newer.
+      const floor = Math.max(
+        this.#local.peek(key)?.record.version ?? 0,
+        this.#queue.latest(key)?.record?.version ?? 0,
+      )
+      const last = record.version > floor ? record : { ...record, version: floor + 1 }
+      const job: BackupJob = { id, record: last, expiresAt, onlyIfNewer: true }
       if (this.#queue.offer(key, job)) {
-        this.#local.set(key, { id, record, expiresAt, backedUp: true })
+        this.#local.set(key, { id, record: last, expiresAt, backedUp: true })
         return id
       }
       // Queue full: write this one synchronously.
@@ -205,6 +234,8 @@ export class StickyStore implements SessionBackend {
     // Degraded: no node alive. The session keeps working from memory; the queue retries the backup.
     const backedUp = this.#queue.has(key)
     this.#local.set(key, { id, record, expiresAt, backedUp })
+    // Kept nowhere (larger than localMaxBytes, and the queue full or refusing it too): not acknowledged.
+    if (!backedUp && this.#local.peek(key)?.record !== record) throw this.#remote.allNodesDown()
     this.#options.logger.warn(
       { pending: this.#queue.size },
       backedUp

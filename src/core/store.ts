@@ -255,7 +255,7 @@ export class ReplicatedStore implements SessionBackend {
     const configured = this.#ring.isConfigured(primary)
     const backup = await this.#freshestBackup(primary, keys)
     if (!backup.record) {
-      if (!primaryAnswered && backup.answered === 0) throw this.#allNodesDown()
+      if (!primaryAnswered && backup.answered === 0) throw this.allNodesDown()
       // Absent only when every node answered and held nothing, not even a copy another instance could read
       // (one that did not answer may return holding the session), and no write of it ended meanwhile.
       if (
@@ -281,7 +281,7 @@ export class ReplicatedStore implements SessionBackend {
       return { id, record: backup.record, mustWrite: true, relocatedFrom: undefined }
     }
     const target = this.#ring.nextAliveAfter(primary)
-    if (!target) throw this.#allNodesDown()
+    if (!target) throw this.allNodesDown()
     this.#relocated(keys, primary, target)
     // The copy read is, byte for byte, what the old node held too (both copies are written from one blob).
     const copyBefore = sameBlob(backup.blob as Buffer)
@@ -323,9 +323,17 @@ export class ReplicatedStore implements SessionBackend {
     }
     this.#wrote(parsed.random)
     if (onlyIfNewer) {
-      // A write that waited (async, or through an outage) must not replace what another instance stored since.
-      // Read-then-write is not atomic; it narrows the window from the wait to one round trip.
-      const stored = await this.#storedRecord(parsed.nodeId, keys)
+      // A write that waited (async, or through an outage) must not replace what another instance stored since,
+      // nor bring back a session logged out meanwhile: the copies are gone then, and only the mark a sticky
+      // logout leaves on every node says why. Read-then-write is not atomic; it narrows the window from the wait
+      // to one round trip.
+      const [stored, loggedOut] = await Promise.all([
+        this.#storedRecord(parsed.nodeId, keys),
+        this.#markedGone(parsed.nodeId, keys),
+      ])
+      if (loggedOut) {
+        throw new StaleWriteError('the session was logged out meanwhile', { loggedOut: true })
+      }
       if (stored && !isNewer(record, stored)) {
         throw new StaleWriteError('a newer copy of this session was stored meanwhile')
       }
@@ -367,7 +375,7 @@ export class ReplicatedStore implements SessionBackend {
       }
       if (primaryWrite.reason instanceof NodeRejectedError) throw primaryWrite.reason
     }
-    throw this.#allNodesDown()
+    throw this.allNodesDown()
   }
 
   /**
@@ -605,7 +613,7 @@ export class ReplicatedStore implements SessionBackend {
         if (sent) lateWrites.push({ nodeId: primary, key: keys.primary, value: sent })
       }
     }
-    if (!this.#ring.anyAlive()) throw this.#allNodesDown()
+    if (!this.#ring.anyAlive()) throw this.allNodesDown()
     throw new ConcurrentUpdateError(
       `The session kept changing under this request's write (${MAX_MERGE_ATTEMPTS} attempts); nothing was written`,
     )
@@ -634,7 +642,7 @@ export class ReplicatedStore implements SessionBackend {
     this.#movedTo.delete(parsed.random)
     this.#moving.delete(parsed.random)
     this.#absent.set(parsed.random, true)
-    if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.#allNodesDown()
+    if (!(await this.#ring.deleteEverywhere([keys.primary, keys.backup]))) throw this.allNodesDown()
     this.#deleteAgainLater(keys)
   }
 
@@ -819,6 +827,17 @@ export class ReplicatedStore implements SessionBackend {
   }
 
   /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
+  /** Whether a sticky logout's mark is on the primary (or, that down, the next node alive): it is on every node. */
+  async #markedGone(primary: string, keys: StorageKeys): Promise<boolean> {
+    const nodeId = this.#ring.isAlive(primary) ? primary : this.#ring.nextAliveAfter(primary)
+    if (!nodeId) return false
+    try {
+      return (await this.#ring.call(nodeId, (node) => node.get(keys.gone))) !== null
+    } catch {
+      return false
+    }
+  }
+
   async #storedRecord(primary: string, keys: StorageKeys): Promise<SessionRecord | undefined> {
     if (this.#ring.isAlive(primary)) {
       try {
@@ -928,7 +947,8 @@ export class ReplicatedStore implements SessionBackend {
     return this.#options.codec.encode(record, keys.digest)
   }
 
-  #allNodesDown(): AllNodesDownError {
+  /** The error of a session that can be neither read nor stored: no node is alive. */
+  allNodesDown(): AllNodesDownError {
     return new AllNodesDownError(
       'No session node is reachable; the session can be neither read nor stored safely',
       this.#options.retryAfterSeconds,
