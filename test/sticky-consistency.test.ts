@@ -52,6 +52,15 @@ describe('sticky consistency', () => {
       },
     }
   }
+  /** Instance a (whose nodes the test can cut) holding a session with an apple in its cart, and instance b. */
+  async function cartOnCuttableInstance() {
+    servers = await startCluster(2)
+    const a = await cuttableShop({ route: 'a' })
+    const b = await shop(base(nodesOption(servers), { route: 'b' }))
+    const browser = new Browser()
+    await browser.send(a.app, 'POST', '/cart/apple')
+    return { a, b, browser }
+  }
   const stored = async (id: string | undefined) => {
     const keys = storageKeys('sf:', parseSessionId(id)?.random ?? '')
     const copies = []
@@ -79,11 +88,7 @@ describe('sticky consistency', () => {
   })
 
   it('drops a delayed backup that another instance has overtaken, instead of overwriting it', async () => {
-    servers = await startCluster(2)
-    const a = await cuttableShop({ route: 'a' })
-    const b = await shop(base(nodesOption(servers), { route: 'b' }))
-    const browser = new Browser()
-    await browser.send(a.app, 'POST', '/cart/apple')
+    const { a, b, browser } = await cartOnCuttableInstance()
     a.cut() // a loses its nodes (a network blip, a long pause): it acknowledges from memory and queues
     expect((await browser.send(a.app, 'POST', '/cart/pear')).status).toBe(200)
     // Meanwhile the user lands on b, which reads what is stored and changes it.
@@ -96,11 +101,7 @@ describe('sticky consistency', () => {
   })
 
   it('drops a delayed backup of a session logged out on the instance that took it over', async () => {
-    servers = await startCluster(2)
-    const a = await cuttableShop({ route: 'a' })
-    const b = await shop(base(nodesOption(servers), { route: 'b' }))
-    const browser = new Browser()
-    await browser.send(a.app, 'POST', '/cart/apple')
+    const { a, b, browser } = await cartOnCuttableInstance()
     const cookie = browser.cookie
     a.cut() // a acknowledges from memory and queues the write until a node is back
     expect((await browser.send(a.app, 'POST', '/cart/pear')).status).toBe(200)
@@ -217,11 +218,7 @@ describe('sticky consistency', () => {
   })
 
   it('removes the stored copies of a session destroyed while no node was reachable, once they are back', async () => {
-    servers = await startCluster(2)
-    const a = await cuttableShop({ route: 'a' })
-    const b = await shop(base(nodesOption(servers), { route: 'b' }))
-    const browser = new Browser()
-    await browser.send(a.app, 'POST', '/cart/apple')
+    const { a, b, browser } = await cartOnCuttableInstance()
     const cookie = browser.cookie
     const id = browser.sessionId
     expect(await stored(id)).toHaveLength(2)
