@@ -826,7 +826,6 @@ export class ReplicatedStore implements SessionBackend {
     return { record, answered, foreign: seen.foreign, blob }
   }
 
-  /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
   /** Whether a sticky logout's mark is on the primary (or, that down, the next node alive): it is on every node. */
   async #markedGone(primary: string, keys: StorageKeys): Promise<boolean> {
     const nodeId = this.#ring.isAlive(primary) ? primary : this.#ring.nextAliveAfter(primary)
@@ -838,6 +837,7 @@ export class ReplicatedStore implements SessionBackend {
     }
   }
 
+  /** The stored copy (primary, else freshest backup) without failover side effects; undefined when none. */
   async #storedRecord(primary: string, keys: StorageKeys): Promise<SessionRecord | undefined> {
     if (this.#ring.isAlive(primary)) {
       try {
