@@ -1,2 +1,2 @@
-export { fastifySessionFailover } from './fastify/plugin.js'
+export { type FastifySessionFailoverOptions, fastifySessionFailover } from './fastify/plugin.js'
 export { FastifySession } from './fastify/session.js'

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import type { IncomingMessage } from 'node:http'
 import type { CookieOptions as ExpressCookieOptions } from 'express-session'
 import type { LockingMode } from './core/locking-policy.js'
 import { type SerializerOption, SessionSerializer } from './core/serializer.js'
@@ -56,7 +57,8 @@ export type NodeConfig =
       readonly masterUrl: string | undefined
     }
 
-export interface SessionFailoverOptions {
+/** `Request` is what a function `lockingMode` is given: IncomingMessage under Express, FastifyRequest under Fastify. */
+export interface SessionFailoverOptions<Request = IncomingMessage> {
   /** Signs the session cookie. An array rotates secrets: the first signs, every one verifies. */
   secret: string | readonly string[]
   /** `'n1:10.0.0.1:11211 n2:10.0.0.2:11211'` (spaces or commas) or `[{ id, host, port }]`. */
@@ -100,7 +102,7 @@ export interface SessionFailoverOptions {
   /** Milliseconds between checks (per session, per instance) that a read session's backup still exists. Default 60000. */
   backupCheckInterval?: number
   /** Non-sticky: how parallel requests of one session are kept from losing updates. Default 'auto'. */
-  lockingMode?: LockingMode
+  lockingMode?: LockingMode<Request>
   /** Non-sticky: milliseconds a request waits for its session's lock. Default 3000. */
   lockTimeout?: number
   /**

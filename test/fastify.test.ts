@@ -1,3 +1,5 @@
+import { createReadStream, type ReadStream } from 'node:fs'
+import { Readable } from 'node:stream'
 import express from 'express'
 import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from 'fastify'
 import { afterEach, describe, expect, it } from 'vitest'
@@ -573,6 +575,64 @@ describe('the Fastify plugin with unusual setups', () => {
       expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({
         visits: 2,
       })
+      await fastify.close()
+    }
+  })
+
+  it('answers a streamed body that fails while its session is stored as Fastify does, instead of crashing', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app((a) =>
+      a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) }),
+    )
+    for (const route of ['/failing-read', '/failing-write']) {
+      fastify.get(route, async (request, reply) => {
+        if (route === '/failing-write') request.session.set('seen', true)
+        // An upstream that fails as soon as the reply is under way (a file that cannot be opened).
+        const body = new Readable({ read() {} })
+        setImmediate(() => body.destroy(new Error('upstream failed')))
+        return reply.send(body)
+      })
+    }
+    // Thrown 'error' events, which would end an application's process.
+    const uncaught: unknown[] = []
+    const record = (error: unknown) => uncaught.push(error)
+    process.on('uncaughtException', record)
+    try {
+      for (const url of ['/failing-read', '/failing-write']) {
+        expect((await fastify.inject({ method: 'GET', url })).statusCode).toBe(500)
+      }
+      expect(uncaught).toEqual([])
+    } finally {
+      process.off('uncaughtException', record)
+      await fastify.close()
+    }
+  })
+
+  it('closes a streamed body that the error reply of a session it cannot store replaces', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app((a) =>
+      a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers), maxSessionBytes: 4096 }),
+    )
+    const files: ReadStream[] = []
+    let webCancelled = false
+    fastify.post('/too-large/:kind', async (request, reply) => {
+      request.session.set('blob', 'x'.repeat(8192))
+      if ((request.params as { kind: string }).kind === 'web') {
+        const cancel = () => {
+          webCancelled = true
+        }
+        return reply.send(new ReadableStream({ pull() {}, cancel }))
+      }
+      const file = createReadStream(new URL(import.meta.url))
+      files.push(file)
+      return reply.send(file)
+    })
+    try {
+      expect((await fastify.inject({ method: 'POST', url: '/too-large/file' })).statusCode).toBe(500)
+      expect((await fastify.inject({ method: 'POST', url: '/too-large/web' })).statusCode).toBe(500)
+      expect(files.map((file) => file.destroyed)).toEqual([true])
+      expect(webCancelled).toBe(true)
+    } finally {
       await fastify.close()
     }
   })

@@ -1,5 +1,15 @@
-/** How parallel requests of one session are kept from losing each other's changes (non-sticky mode). */
-export type LockingMode = 'none' | 'all' | 'auto' | 'merge' | RegExp | ((request: unknown) => boolean)
+/**
+ * How parallel requests of one session are kept from losing each other's changes (non-sticky mode). A function is
+ * given the framework's request: Node's IncomingMessage under Express (socket.io's handshake passes one that
+ * Express never saw), FastifyRequest under Fastify.
+ */
+export type LockingMode<Request = unknown> =
+  | 'none'
+  | 'all'
+  | 'auto'
+  | 'merge'
+  | RegExp
+  | ((request: Request) => boolean)
 
 export interface RequestFacts {
   readonly method: string

@@ -19,6 +19,7 @@ import {
   storedSessionCookie,
 } from '../session-cookie.js'
 import { FastifySession, type SessionControl } from './session.js'
+import { discardBody, isStreamed, quietWhileHeld } from './streamed-body.js'
 
 declare module 'fastify' {
   /**
@@ -47,19 +48,22 @@ interface RequestContext {
   readonly hijack: FastifyReply['hijack']
 }
 
+/** The plugin's options: the Express middleware's, with a function `lockingMode` given the FastifyRequest. */
+export type FastifySessionFailoverOptions = SessionFailoverOptions<FastifyRequest>
+
 /**
  * Fastify plugin with the same options, core and guarantees as the Express middleware: the session is loaded
  * (and locked, per `lockingMode`) in onRequest, and committed in onSend, before the reply is sent: a failed
  * write becomes the error reply (503 when no node is reachable), never a 2xx.
  */
-const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, options) => {
+const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify, options) => {
   // Fastify's own register options (a plugin's log level) reach the plugin too: they are not ours to refuse.
   // (`prefix` is both Fastify's and ours; this plugin declares no routes, so only ours means anything.)
   const {
     logLevel: _logLevel,
     logSerializers: _logSerializers,
     ...own
-  } = options as SessionFailoverOptions & {
+  } = options as FastifySessionFailoverOptions & {
     logLevel?: unknown
     logSerializers?: unknown
   }
@@ -179,34 +183,39 @@ const plugin: FastifyPluginAsync<SessionFailoverOptions> = async (fastify, optio
     context.committed = true
     const { state, facts } = context
     const session: unknown = request.session
-    let setCookie: boolean
+    const unquiet = quietWhileHeld(payload)
+    let setCookie = false
     try {
-      if (!(session instanceof FastifySession)) {
+      if (session instanceof FastifySession) {
+        const snapshot = snapshotOf(session)
+        const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
+        setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
+        if (atOnce) {
+          // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
+          await endOfTurn()
+        } else {
+          // The lock's release leaves before the reply, and is not waited for (see the Express middleware).
+          await engine.session.answered(state, facts)
+        }
+      } else {
         // Removed by the application (`request.session = null`): what happens is the `unset` option's, as in
         // Express, not a TypeError.
         await engine.session.commit(state, null)
-        await engine.session.answered(state, facts)
-        return payload
-      }
-      const snapshot = snapshotOf(session)
-      const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
-      setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
-      if (atOnce) {
-        // Nothing to store: the reply leaves at the end of this turn, after the node requests the turn made.
-        await endOfTurn()
-      } else {
-        // The lock's release leaves before the reply, and is not waited for (see the Express middleware).
         await engine.session.answered(state, facts)
       }
     } catch (error) {
       // The error reply, too, leaves after the lock's release.
       await engine.session.answered(state)
       failedReply(reply, error)
+      discardBody(payload)
       throw error
     }
-    const header = setCookie ? cookieHeader(request, state, session) : undefined
-    if (header) reply.header('set-cookie', header)
-    if (isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
+    unquiet()
+    if (session instanceof FastifySession) {
+      const header = setCookie ? cookieHeader(request, state, session) : undefined
+      if (header) reply.header('set-cookie', header)
+      if (isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
+    }
     return payload
   })
 
@@ -247,18 +256,6 @@ function failedReply(reply: FastifyReply, error: unknown): void {
   reply.code(typeof status === 'number' && status >= 500 && status <= 599 ? status : 500)
   reply.removeHeader('set-cookie')
   reply.removeHeader('location')
-}
-
-/** A body Fastify sends after onSend, piece by piece: a Node stream, a web stream, or a fetch Response. */
-function isStreamed(payload: unknown): boolean {
-  return (
-    typeof payload === 'object' &&
-    payload !== null &&
-    // Fastify's own tests for each, so a stream from another realm or library counts too.
-    (typeof (payload as { pipe?: unknown }).pipe === 'function' ||
-      typeof (payload as { getReader?: unknown }).getReader === 'function' ||
-      Object.prototype.toString.call(payload) === '[object Response]')
-  )
 }
 
 /** `app.register(fastifySessionFailover, { secret, nodes, ... })`. */
