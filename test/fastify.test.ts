@@ -1,4 +1,5 @@
 import { createReadStream, type ReadStream } from 'node:fs'
+import { type ClientHttp2Stream, connect, type IncomingHttpHeaders } from 'node:http2'
 import { Readable } from 'node:stream'
 import express from 'express'
 import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from 'fastify'
@@ -10,6 +11,7 @@ import { Browser, firstBytes, hangingRequest, type ShopApp, startShop } from './
 import { startFastifyShop } from './support/fastify-app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
 import { watchedNode } from './support/proxy.js'
+import { until } from './support/until.js'
 
 describe('the Fastify plugin', () => {
   const shops: ShopApp[] = []
@@ -633,6 +635,78 @@ describe('the Fastify plugin with unusual setups', () => {
       expect(files.map((file) => file.destroyed)).toEqual([true])
       expect(webCancelled).toBe(true)
     } finally {
+      await fastify.close()
+    }
+  })
+
+  it("serves sessions over HTTP/2 (Fastify's http2), and a stream cancelled while it waits for the lock does not block the session's next request", async () => {
+    const servers = await startCluster(2)
+    const fastify = Fastify({ http2: true })
+    await fastify.register(fastifySessionFailover, {
+      secret: 's',
+      nodes: nodesOption(servers),
+      lockingMode: 'all',
+      lockTimeout: 2000,
+    })
+    let release = () => {}
+    let slowStarted = false
+    fastify.post('/visit', async (request) => {
+      request.session.visits = ((request.session.visits as number | undefined) ?? 0) + 1
+      return { visits: request.session.visits }
+    })
+    fastify.post('/slow', async (request) => {
+      slowStarted = true
+      await new Promise<void>((resolve) => {
+        release = resolve
+      })
+      request.session.slow = true
+      return {}
+    })
+    const client = connect(await fastify.listen({ port: 0, host: '127.0.0.1' }))
+    const post = (path: string, cookie?: string) => {
+      const stream = client.request({ ':method': 'POST', ':path': path, ...(cookie ? { cookie } : {}) })
+      stream.end()
+      return stream
+    }
+    const answer = (stream: ClientHttp2Stream) =>
+      new Promise<{ status: number; body: string; cookie: string }>((resolve, reject) => {
+        let headers: IncomingHttpHeaders = {}
+        let body = ''
+        stream.on('response', (received) => {
+          headers = received
+        })
+        stream.on('data', (chunk) => {
+          body += chunk
+        })
+        stream.on('end', () =>
+          resolve({
+            status: Number(headers[':status']),
+            body,
+            cookie: String([headers['set-cookie']].flat()[0] ?? '').split(';')[0] as string,
+          }),
+        )
+        stream.on('error', reject)
+      })
+    try {
+      const first = await answer(post('/visit'))
+      expect([first.status, JSON.parse(first.body)]).toEqual([200, { visits: 1 }])
+      const slow = answer(post('/slow', first.cookie))
+      await until(() => slowStarted, 2000)
+      // A request of the session queues behind the slow one for the lock; its client cancels it (RST_STREAM).
+      const cancelled = post('/visit', first.cookie)
+      cancelled.on('error', () => {})
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      cancelled.close()
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      release()
+      expect((await slow).status).toBe(200)
+      // Within lockTimeout, or a LockTimeoutError (503) if the cancelled request had kept the lock.
+      const after = await answer(post('/visit', first.cookie))
+      expect(after.status).toBe(200)
+      expect(JSON.parse(after.body).visits).toBeGreaterThanOrEqual(2)
+    } finally {
+      release()
+      client.destroy()
       await fastify.close()
     }
   })
