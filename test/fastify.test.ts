@@ -2,7 +2,13 @@ import { createReadStream, type ReadStream } from 'node:fs'
 import { type ClientHttp2Stream, connect, type IncomingHttpHeaders } from 'node:http2'
 import { Readable } from 'node:stream'
 import express from 'express'
-import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from 'fastify'
+import Fastify, {
+  type FastifyError,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+} from 'fastify'
+import fp from 'fastify-plugin'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { fastifySessionFailover } from '../src/fastify.js'
@@ -560,6 +566,32 @@ describe('the Fastify plugin with unusual setups', () => {
       visits: 2,
     })
     await fastify.close()
+  })
+
+  it('works when another plugin than @fastify/cookie decorates request.cookies', async () => {
+    const servers = await startCluster(1)
+    const fastify = await app(async (a) => {
+      // A cookie parser of its own, which parses in its own hook and adds no parseCookie.
+      await a.register(
+        fp(async (instance: FastifyInstance) => {
+          instance.decorateRequest('cookies', null as unknown as Record<string, string>)
+          instance.addHook('onRequest', async (request) => {
+            request.cookies = {}
+          })
+        }),
+      )
+      await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+    })
+    try {
+      const first = await fastify.inject({ method: 'POST', url: '/visit' })
+      expect(first.statusCode).toBe(200)
+      const cookie = cookieOf(first)
+      expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({
+        visits: 2,
+      })
+    } finally {
+      await fastify.close()
+    }
   })
 
   it("works whatever the application's own @fastify/cookie setup: parsing later, or signing by default", async () => {

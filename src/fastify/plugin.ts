@@ -1,5 +1,6 @@
 import type { ServerResponse } from 'node:http'
 import fastifyCookie from '@fastify/cookie'
+import { parse as parseCookie } from 'cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { CookieVerifier } from '../core/cookie-value.js'
@@ -73,6 +74,9 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
   const verifier = new CookieVerifier(config.secrets)
   const contexts = new WeakMap<FastifyRequest, RequestContext>()
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
+  // `request.cookies` is @fastify/cookie's unless another plugin took the name (@fastify/cookie also adds
+  // `parseCookie`): then, as when @fastify/cookie parses in a later hook, the header is parsed here.
+  const cookiesParsed = fastify.hasDecorator('parseCookie')
   fastify.decorateRequest('session', null as unknown as FastifySession)
   const { close: _closedWithTheApp, ...operations } = operationsOf(engine, () => engine.close())
   fastify.decorate('sessionFailover', operations)
@@ -153,9 +157,9 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
   fastify.addHook('onRequest', async (request, reply) => {
     const path = request.url.split('?')[0] ?? '/'
     if (!path.startsWith(cookiePath)) return
-    // @fastify/cookie may be registered to parse in a later hook; then the header is parsed here.
     const raw =
-      request.cookies?.[config.name] ?? fastify.parseCookie(request.headers.cookie ?? '')[config.name]
+      (cookiesParsed ? request.cookies?.[config.name] : undefined) ??
+      parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifier.idOf(raw)
     // 'auto' learns by Fastify's route ('/users/:name'), not by each path it serves ('/users/alice').
     const pattern = request.routeOptions.url
