@@ -1,5 +1,4 @@
 import { randomBytes } from 'node:crypto'
-import type { IncomingMessage } from 'node:http'
 import type { CookieOptions as ExpressCookieOptions } from 'express-session'
 import type { LockingMode } from './core/locking-policy.js'
 import { type SerializerOption, SessionSerializer } from './core/serializer.js'
@@ -57,8 +56,11 @@ export type NodeConfig =
       readonly masterUrl: string | undefined
     }
 
-/** `Request` is what a function `lockingMode` is given: IncomingMessage under Express, FastifyRequest under Fastify. */
-export interface SessionFailoverOptions<Request = IncomingMessage> {
+/**
+ * `Request` is what a function `lockingMode` is given: IncomingMessage under Express, FastifyRequest under Fastify
+ * (FastifySessionFailoverOptions). Left unknown, one options object serves both.
+ */
+export interface SessionFailoverOptions<Request = unknown> {
   /** Signs the session cookie. An array rotates secrets: the first signs, every one verifies. */
   secret: string | readonly string[]
   /** `'n1:10.0.0.1:11211 n2:10.0.0.2:11211'` (spaces or commas) or `[{ id, host, port }]`. */

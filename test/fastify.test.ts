@@ -1,6 +1,6 @@
 import { createReadStream, type ReadStream } from 'node:fs'
 import { type ClientHttp2Stream, connect, type IncomingHttpHeaders } from 'node:http2'
-import { Readable } from 'node:stream'
+import { Readable, Stream } from 'node:stream'
 import express from 'express'
 import Fastify, {
   type FastifyError,
@@ -618,22 +618,44 @@ describe('the Fastify plugin with unusual setups', () => {
     const fastify = await app((a) =>
       a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) }),
     )
-    for (const route of ['/failing-read', '/failing-write']) {
-      fastify.get(route, async (request, reply) => {
-        if (route === '/failing-write') request.session.set('seen', true)
-        // An upstream that fails as soon as the reply is under way (a file that cannot be opened).
+    // Bodies that fail as soon as the reply is under way (an upstream, a file that cannot be opened): one that is
+    // destroyed, and two that emit their error themselves and so leave no trace of it on the stream.
+    const failing: Record<string, () => Stream> = {
+      destroyed: () => {
         const body = new Readable({ read() {} })
         setImmediate(() => body.destroy(new Error('upstream failed')))
-        return reply.send(body)
-      })
+        return body
+      },
+      emitted: () => {
+        const body = new Readable({ read() {}, autoDestroy: false })
+        setImmediate(() => body.emit('error', new Error('upstream failed')))
+        return body
+      },
+      legacy: () => {
+        const body = new Stream()
+        setImmediate(() => body.emit('error', new Error('upstream failed')))
+        return body
+      },
     }
+    fastify.get('/failing/:kind/:access', async (request, reply) => {
+      const { kind, access } = request.params as { kind: string; access: string }
+      if (access === 'write') request.session.set('seen', true)
+      return reply.send((failing[kind] as () => Stream)())
+    })
     // Thrown 'error' events, which would end an application's process.
     const uncaught: unknown[] = []
     const record = (error: unknown) => uncaught.push(error)
     process.on('uncaughtException', record)
     try {
-      for (const url of ['/failing-read', '/failing-write']) {
-        expect((await fastify.inject({ method: 'GET', url })).statusCode).toBe(500)
+      for (const kind of Object.keys(failing)) {
+        for (const access of ['read', 'write']) {
+          const answered = fastify.inject({ method: 'GET', url: `/failing/${kind}/${access}` })
+          const status = await Promise.race([
+            answered.then((reply) => reply.statusCode),
+            new Promise((resolve) => setTimeout(resolve, 3000, 'no answer')),
+          ])
+          expect([kind, access, status]).toEqual([kind, access, 500])
+        }
       }
       expect(uncaught).toEqual([])
     } finally {
@@ -649,9 +671,21 @@ describe('the Fastify plugin with unusual setups', () => {
     )
     const files: ReadStream[] = []
     let webCancelled = false
+    let legacyClosed = false
     fastify.post('/too-large/:kind', async (request, reply) => {
       request.session.set('blob', 'x'.repeat(8192))
-      if ((request.params as { kind: string }).kind === 'web') {
+      const { kind } = request.params as { kind: string }
+      if (kind === 'legacy') {
+        // An old-style stream: no destroy(), a close(callback) as some upstream clients have.
+        const body = Object.assign(new Stream(), {
+          close(callback: () => void) {
+            legacyClosed = true
+            callback()
+          },
+        })
+        return reply.send(body)
+      }
+      if (kind === 'web') {
         const cancel = () => {
           webCancelled = true
         }
@@ -664,8 +698,12 @@ describe('the Fastify plugin with unusual setups', () => {
     try {
       expect((await fastify.inject({ method: 'POST', url: '/too-large/file' })).statusCode).toBe(500)
       expect((await fastify.inject({ method: 'POST', url: '/too-large/web' })).statusCode).toBe(500)
+      const legacy = await fastify.inject({ method: 'POST', url: '/too-large/legacy' })
+      // The session's error, not one from closing the body.
+      expect([legacy.statusCode, legacy.json().code]).toEqual([500, 'ESF_SESSION_TOO_LARGE'])
       expect(files.map((file) => file.destroyed)).toEqual([true])
       expect(webCancelled).toBe(true)
+      expect(legacyClosed).toBe(true)
     } finally {
       await fastify.close()
     }

@@ -106,10 +106,9 @@ const options: SessionFailoverOptions = {
   secret: ['a', 'b'],
   nodes: [{ id: 'n1', host: '127.0.0.1', port: 11211 }],
   cookie: { sameSite: 'auto', secure: 'auto' },
-  // A function lockingMode is given Node's request (the README's socket.io example).
-  lockingMode: (req) => !req.url?.startsWith('/socket.io/'),
 }
-const sessions = sessionFailover(options)
+// A function lockingMode is given Node's request (the README's socket.io example).
+const sessions = sessionFailover({ ...options, lockingMode: (req) => !req.url?.startsWith('/socket.io/') })
 const app = express()
 app.use(sessions)
 app.get('/', (req, res) => { req.session.cart = ['x']; res.json(parseSessionId(req.sessionID)?.nodeId) })
@@ -132,6 +131,7 @@ void sessions.close()
       join(app, 'typed-fastify.ts'),
       `import Fastify from 'fastify'
 import { fastifySessionFailover } from 'session-failover/fastify'
+import type { SessionFailoverOptions } from 'session-failover'
 declare module 'fastify' { interface Session { user: { name: string } } }
 const app = Fastify()
 void app.register(fastifySessionFailover, {
@@ -139,6 +139,9 @@ void app.register(fastifySessionFailover, {
   nodes: 'n1:127.0.0.1:1',
   lockingMode: (request) => request.routeOptions.url !== '/health',
 })
+// One options object for an Express app and a Fastify one.
+const shared: SessionFailoverOptions = { secret: 's', nodes: 'n1:127.0.0.1:1', lockingMode: () => true }
+void Fastify().register(fastifySessionFailover, shared)
 app.get('/', async (request) => {
   request.session.user = { name: 'ann' }
   const name: string | undefined = request.session.get('user')?.name

@@ -22,7 +22,7 @@ export interface SessionFailoverMiddleware extends SessionOperations {
  * Express middleware with express-session's API (req.session, req.sessionID, save/regenerate/destroy/reload/
  * touch) whose sessions live on two memcached nodes and survive either one dying.
  */
-export function sessionFailover(options: SessionFailoverOptions): SessionFailoverMiddleware {
+export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>): SessionFailoverMiddleware {
   const config = parseOptions(options)
   const engine: Engine = createEngine(config)
   const cookiePath = config.cookie.path ?? '/'

@@ -20,7 +20,7 @@ import {
   storedSessionCookie,
 } from '../session-cookie.js'
 import { FastifySession, type SessionControl } from './session.js'
-import { discardBody, isStreamed, quietWhileHeld } from './streamed-body.js'
+import { discardBody, holdWhileStored, isStreamed } from './streamed-body.js'
 
 declare module 'fastify' {
   /**
@@ -187,7 +187,7 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
     context.committed = true
     const { state, facts } = context
     const session: unknown = request.session
-    const unquiet = quietWhileHeld(payload)
+    const release = holdWhileStored(payload)
     let setCookie = false
     try {
       if (session instanceof FastifySession) {
@@ -214,12 +214,16 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
       discardBody(payload)
       throw error
     }
-    unquiet()
     if (session instanceof FastifySession) {
       const header = setCookie ? cookieHeader(request, state, session) : undefined
       if (header) reply.header('set-cookie', header)
-      if (isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
     }
+    const failure = release()
+    if (failure) {
+      discardBody(payload)
+      throw failure.error
+    }
+    if (session instanceof FastifySession && isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
     return payload
   })
 

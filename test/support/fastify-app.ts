@@ -1,14 +1,13 @@
 import type { AddressInfo } from 'node:net'
-import Fastify, { type FastifyRequest } from 'fastify'
+import Fastify from 'fastify'
 import { fastifySessionFailover } from '../../src/fastify.js'
 import type { SessionFailoverOptions } from '../../src/index.js'
 import type { ShopApp } from './app.js'
 
 /** The shop of test/support/app.ts on Fastify 5, through the plugin: the routes the behavioural suites use. */
-export async function startFastifyShop(options: SessionFailoverOptions<never>): Promise<ShopApp> {
+export async function startFastifyShop(options: SessionFailoverOptions): Promise<ShopApp> {
   const app = Fastify({ routerOptions: { maxParamLength: 8192 } }) // long items: a cart item may be a few KiB
-  // The suites give Express and Fastify one options object, and none a function lockingMode, which alone differs.
-  await app.register(fastifySessionFailover, options as SessionFailoverOptions<FastifyRequest>)
+  await app.register(fastifySessionFailover, options)
   const shop = {} as ShopApp
   shop.beforeModify = async () => {}
   const cartOf = (session: { get<T>(key: string): T | undefined }) => session.get<string[]>('cart') ?? []
