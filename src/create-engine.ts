@@ -200,7 +200,13 @@ export function createEngine(config: Config): Engine {
       // A second call waits for the same close: code that exits once close() resolves must not exit early.
       closing ??= (async () => {
         // Requests in flight finish first: their writes are stored (or fail) before anything is closed.
-        await session.drain(timeout)
+        const unfinished = await session.drain(timeout)
+        if (unfinished > 0) {
+          config.logger.warn(
+            { requests: unfinished, timeoutMs: timeout },
+            'session-failover: closing with requests still in flight after the timeout; their sessions may not be stored',
+          )
+        }
         await backend.close(timeout)
         await locks?.releaseAll()
         // The deletes no other instance knows of: a destroy's repeat, then what nodes that are down are owed.

@@ -664,6 +664,31 @@ describe('the Fastify plugin with unusual setups', () => {
     }
   })
 
+  it('closes at once after a destroy() in onResponse: the new session of a finished request is not waited for', async () => {
+    const servers = await startCluster(1)
+    const warnings: string[] = []
+    const noop = () => {}
+    const logger = {
+      debug: noop,
+      info: noop,
+      error: noop,
+      warn: (_: object, message?: string) => warnings.push(String(message)),
+    }
+    const fastify = await app((a) =>
+      a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers), logger }),
+    )
+    let destroyed = false
+    fastify.addHook('onResponse', async (request) => {
+      await request.session.destroy()
+      destroyed = true
+    })
+    expect((await fastify.inject({ method: 'POST', url: '/visit' })).statusCode).toBe(200)
+    await until(() => destroyed)
+    // Without the fix close() waits out its 10 s for a request that is over, then warns.
+    await fastify.close()
+    expect(warnings.filter((warning) => warning.includes('still in flight'))).toEqual([])
+  })
+
   it('closes a streamed body that the error reply of a session it cannot store replaces', async () => {
     const servers = await startCluster(1)
     const fastify = await app((a) =>

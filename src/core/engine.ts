@@ -131,13 +131,13 @@ export class SessionEngine {
     return this.#options.metrics.time('load', () => this.store.load(id))
   }
 
-  /** Resolves once no request is in flight, or after `timeoutMs`; whether they all finished. */
-  async drain(timeoutMs: number): Promise<boolean> {
+  /** Resolves once no request is in flight, or after `timeoutMs`, with how many still are. */
+  async drain(timeoutMs: number): Promise<number> {
     const deadline = performance.now() + timeoutMs
     while (this.#inFlight.size > 0 && performance.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 10))
     }
-    return this.#inFlight.size === 0
+    return this.#inFlight.size
   }
 
   /** The adapter's session object as the bytes that would be stored; UnserializableSessionError if it cannot be. */
@@ -477,8 +477,9 @@ export class SessionEngine {
    */
   startOver(destroyed: SessionState): SessionState {
     const next = this.#fresh(destroyed.cookieId)
-    this.#inFlight.delete(destroyed)
-    this.#inFlight.add(next)
+    // A request already finished (a destroy() in Fastify's onResponse) commits nothing more: the new session is not
+    // in flight, or close() would wait for it until its timeout.
+    if (this.#inFlight.delete(destroyed)) this.#inFlight.add(next)
     next.lock = destroyed.lock
     next.wrote = true
     next.changed = true
