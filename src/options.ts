@@ -311,7 +311,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
           }),
         })
       : undefined,
-    name: optionalString(o, 'name', 'connect.sid', /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/, 'a cookie name token'),
+    name: cookieName(o),
     cookie: parseCookie(o.cookie),
     rolling: optionalBoolean(o, 'rolling', false),
     resave: optionalBoolean(o, 'resave', false),
@@ -725,6 +725,24 @@ function lockExpiration(o: Record<string, unknown>): number {
 }
 
 const LOCKING_MODES = new Set(['none', 'all', 'auto', 'merge'])
+
+function cookieName(o: Record<string, unknown>): string {
+  const name = optionalString(
+    o,
+    'name',
+    'connect.sid',
+    /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/,
+    'a cookie name token',
+  )
+  // Cookie parsers (cookie, @fastify/cookie) store what they parse in a plain object, where this name reads back
+  // the object's prototype, never the value: every request would get a new session.
+  if (name === '__proto__') {
+    throw new ConfigError(
+      "Expected `name` to be a cookie name token other than '__proto__', which cookie parsers cannot read back, got '__proto__'",
+    )
+  }
+  return name
+}
 
 function parseLockingMode(value: unknown): LockingMode {
   if (value === undefined) return 'auto'

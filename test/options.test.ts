@@ -262,6 +262,10 @@ describe('options', () => {
       "Expected node 'm' to have both `username` (a non-empty string) and `password` (a string) for SASL",
     ],
     ['s', 'Expected options to be an object like { secret, nodes }'],
+    [
+      { secret: 's', nodes, name: '__proto__' },
+      "Expected `name` to be a cookie name token other than '__proto__', which cookie parsers cannot read back, got '__proto__'",
+    ],
   ])('rejects %j with a message saying what was expected and given', (options, expected) => {
     expect(message(options)).toContain(expected)
   })
