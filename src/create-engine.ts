@@ -33,7 +33,7 @@ const DEV_WARNING =
   'session-failover: no `nodes` configured, so sessions are kept in this process only and are lost when it ' +
   'stops. This is for local development; configure `nodes` for anything else.'
 
-/** How long close() and SIGTERM wait for queued sticky backups. */
+/** How long close() and SIGTERM or SIGINT wait for queued sticky backups. */
 const FLUSH_TIMEOUT_MS = 10_000
 
 /** Wires nodes, ring, store and engine from a validated config. */

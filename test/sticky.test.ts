@@ -184,7 +184,11 @@ describe('sticky mode', () => {
     }
   })
 
-  it('flushes queued asynchronous backups on SIGTERM before the process exits', async () => {
+  // Orchestrators send SIGTERM; PM2 and a terminal's Ctrl-C send SIGINT.
+  it.each([
+    'SIGTERM',
+    'SIGINT',
+  ] as const)('flushes queued asynchronous backups on %s before the process exits', async (signal) => {
     const { a, b } = await cluster({ backupAsync: true })
     // Kill the nodes so the backups cannot be written yet and must wait in the queue. (Freezing would not do:
     // a stopped memcached still takes requests into its socket buffer and runs them after SIGCONT.)
@@ -194,13 +198,25 @@ describe('sticky mode', () => {
       const reply = await browser.send(a, 'POST', `/cart/item${index}`)
       expect(reply.status).toBe(200) // acknowledged from memory
     }
-    const exit = a.terminate()
+    const exit = a.terminate(signal)
     await sleep(300)
     await Promise.all(servers.map((server) => server.restart()))
-    expect(await exit).toBe('SIGTERM')
+    expect(await exit).toBe(signal)
     for (const [index, browser] of browsers.entries()) {
       expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual([`item${index}`])
     }
+  })
+
+  it('exits on a second SIGINT without waiting for backups that cannot be written (Ctrl-C pressed again)', async () => {
+    const { a } = await cluster({ backupAsync: true })
+    await Promise.all(servers.map((server) => server.kill()))
+    expect((await new Browser().send(a, 'POST', '/cart/stuck')).status).toBe(200)
+    const exit = a.terminate('SIGINT')
+    await sleep(300)
+    // The nodes stay down, so the first signal's flush would wait its whole 10 s.
+    void a.terminate('SIGINT')
+    const outcome = await Promise.race([exit, sleep(5000).then(() => 'still running after 5 s')])
+    expect(outcome).toBe('SIGINT')
   })
 
   it('coalesces repeated asynchronous writes of one session and lands the newest', async () => {

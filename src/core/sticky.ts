@@ -8,7 +8,7 @@ import { type BackupJob, BackupQueue, recordBytes } from './backup-queue.js'
 import type { SessionRecord } from './codec.js'
 import { logIdOf } from './keys.js'
 import type { Metrics } from './metrics.js'
-import { flushOnSigterm } from './shutdown.js'
+import { flushOnSignals } from './shutdown.js'
 import { isNewer, type LoadedSession, type ReplicatedStore } from './store.js'
 
 export interface StickyOptions {
@@ -17,7 +17,7 @@ export interface StickyOptions {
   readonly backupAsync: boolean
   readonly localMaxSessions: number
   readonly localMaxBytes: number
-  /** How long close() (and SIGTERM) wait for queued backups. */
+  /** How long close() (and SIGTERM or SIGINT) wait for queued backups. */
   readonly flushTimeoutMs: number
   /** Idle lifetime given to a session taken over from the nodes, until its request sets the exact one. */
   readonly defaultTtlSeconds: number
@@ -54,7 +54,7 @@ export class StickyStore implements SessionBackend {
   readonly #options: StickyOptions
   readonly #local: LRUCache<string, LocalSession>
   readonly #queue: BackupQueue
-  readonly #unregisterSigterm: (() => void) | undefined
+  readonly #unregisterSignals: (() => void) | undefined
   /**
    * Keys of sessions destroyed here, oldest first. A destroyed key is never issued again (a new session, or a
    * regenerated one, gets a new random part), so a save of one comes from a request that loaded the session before
@@ -113,7 +113,7 @@ export class StickyStore implements SessionBackend {
       logger: options.logger,
     })
     if (options.backupAsync) {
-      this.#unregisterSigterm = flushOnSigterm(() => this.#queue.flush(options.flushTimeoutMs))
+      this.#unregisterSignals = flushOnSignals(() => this.#queue.flush(options.flushTimeoutMs))
     }
   }
 
@@ -296,7 +296,7 @@ export class StickyStore implements SessionBackend {
   }
 
   async close(timeoutMs = this.#options.flushTimeoutMs): Promise<void> {
-    this.#unregisterSigterm?.()
+    this.#unregisterSignals?.()
     const flushed = await this.#queue.flush(timeoutMs)
     this.#queue.stop()
     if (!flushed) {

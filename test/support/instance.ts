@@ -14,7 +14,7 @@ export interface AppProcess extends Pick<ShopApp, 'url'> {
   /** SIGKILL, as a crash. */
   kill(): Promise<void>
   /** SIGTERM, as a deployment; resolves with the exit code or signal once the process is gone. */
-  terminate(): Promise<number | string | null>
+  terminate(signal?: 'SIGTERM' | 'SIGINT'): Promise<number | string | null>
 }
 
 export async function startAppProcess(
@@ -46,8 +46,8 @@ export async function startAppProcess(
       child.kill('SIGKILL')
       await exited
     },
-    async terminate() {
-      child.kill('SIGTERM')
+    async terminate(signal = 'SIGTERM') {
+      child.kill(signal)
       return exited
     },
   }
