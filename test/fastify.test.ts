@@ -799,6 +799,8 @@ describe('the Fastify plugin with unusual setups', () => {
       const after = await answer(post('/visit', first.cookie))
       expect(after.status).toBe(200)
       expect(JSON.parse(after.body).visits).toBeGreaterThanOrEqual(2)
+      // The cancelled request did reach the server and wait for the lock behind the slow one.
+      expect(fastify.sessionFailover.stats().lockWaits).toBeGreaterThanOrEqual(1)
     } finally {
       release()
       client.destroy()
