@@ -19,6 +19,8 @@ import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } fro
 import { watchedNode } from './support/proxy.js'
 import { until } from './support/until.js'
 
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
 describe('the Fastify plugin', () => {
   const shops: ShopApp[] = []
   afterEach(async () => {
@@ -132,7 +134,7 @@ describe('the Fastify plugin', () => {
     const lockStored = async () =>
       (await Promise.all(servers.map((server) => server.has(lock)))).some(Boolean)
     const until = async (done: () => Promise<boolean>) => {
-      for (let i = 0; i < 200 && !(await done()); i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      for (let i = 0; i < 200 && !(await done()); i++) await sleep(10)
     }
     // Its body is read before the handler runs; Fastify's onRequestAbort does not fire for such a request.
     const hanging = hangingRequest(onFastify, browser.cookie, { json: '{"item":"apple"}' })
@@ -188,7 +190,7 @@ describe('the Fastify plugin', () => {
       const cart = await fetch(`${onFastify.url}/cart`, { headers: { cookie: first.cookie ?? '' } })
       return ((await cart.json()) as { id?: string }).id === id
     }
-    for (let i = 0; i < 200 && !(await found()); i++) await new Promise((resolve) => setTimeout(resolve, 10))
+    for (let i = 0; i < 200 && !(await found()); i++) await sleep(10)
     expect((await newcomer.send(onFastify, 'POST', '/count')).body.views).toBe(3)
   })
 
@@ -790,9 +792,9 @@ describe('the Fastify plugin with unusual setups', () => {
       // A request of the session queues behind the slow one for the lock; its client cancels it (RST_STREAM).
       const cancelled = post('/visit', first.cookie)
       cancelled.on('error', () => {})
-      await new Promise((resolve) => setTimeout(resolve, 100))
+      await sleep(100)
       cancelled.close()
-      await new Promise((resolve) => setTimeout(resolve, 50))
+      await sleep(50)
       release()
       expect((await slow).status).toBe(200)
       // Within lockTimeout, or a LockTimeoutError (503) if the cancelled request had kept the lock.

@@ -24,7 +24,7 @@ let exiting = false
 function onSignal(signal: Signal): void {
   const applicationHandlesIt = process.listenerCount(signal) > 1
   if (applicationHandlesIt) {
-    void Promise.allSettled([...flushes].map((flush) => flush()))
+    void flushAll()
     return
   }
   if (exiting) {
@@ -32,7 +32,11 @@ function onSignal(signal: Signal): void {
     return
   }
   exiting = true
-  void Promise.allSettled([...flushes].map((flush) => flush())).then(() => takeCourse(signal))
+  void flushAll().then(() => takeCourse(signal))
+}
+
+function flushAll(): Promise<unknown> {
+  return Promise.allSettled([...flushes].map((flush) => flush()))
 }
 
 /** Leaves the signal to whatever else listens, or to Node's default (the process ends). */

@@ -186,11 +186,13 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
     if (!context || context.committed) return payload
     context.committed = true
     const { state, facts } = context
-    const session: unknown = request.session
+    // Undefined when the application removed it (`request.session = null`).
+    const session: FastifySession | undefined =
+      (request.session as unknown) instanceof FastifySession ? request.session : undefined
     const release = holdWhileStored(payload)
     let setCookie = false
     try {
-      if (session instanceof FastifySession) {
+      if (session) {
         const snapshot = snapshotOf(session)
         const atOnce = engine.session.commitAtOnce(state, snapshot, facts)
         setCookie = (atOnce ?? (await engine.session.commit(state, snapshot))).setCookie
@@ -202,8 +204,7 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
           await engine.session.answered(state, facts)
         }
       } else {
-        // Removed by the application (`request.session = null`): what happens is the `unset` option's, as in
-        // Express, not a TypeError.
+        // Removed by the application: what happens is the `unset` option's, as in Express, not a TypeError.
         await engine.session.commit(state, null)
         await engine.session.answered(state, facts)
       }
@@ -214,16 +215,14 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
       discardBody(payload)
       throw error
     }
-    if (session instanceof FastifySession) {
-      const header = setCookie ? cookieHeader(request, state, session) : undefined
-      if (header) reply.header('set-cookie', header)
-    }
+    const header = session && setCookie ? cookieHeader(request, state, session) : undefined
+    if (header) reply.header('set-cookie', header)
     const failure = release()
     if (failure) {
       discardBody(payload)
       throw failure.error
     }
-    if (session instanceof FastifySession && isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
+    if (session && isStreamed(payload)) storeBeforeEnd(reply.raw, request, context)
     return payload
   })
 

@@ -13,7 +13,7 @@ export interface AppProcess extends Pick<ShopApp, 'url'> {
   readonly pid: number
   /** SIGKILL, as a crash. */
   kill(): Promise<void>
-  /** SIGTERM, as a deployment; resolves with the exit code or signal once the process is gone. */
+  /** SIGTERM (a deployment) or SIGINT (Ctrl-C, PM2); resolves with the exit code or signal once the process is gone. */
   terminate(signal?: 'SIGTERM' | 'SIGINT'): Promise<number | string | null>
 }
 
