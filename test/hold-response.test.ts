@@ -54,9 +54,10 @@ describe.each(expressVersions)('holding the response until the session is stored
   async function app(
     routes: Record<string, Handler>,
     setup?: (app: Express, sessions: SessionFailoverMiddleware) => void,
+    options: { maxSessionBytes?: number; operationTimeout?: number; nodes?: string } = {},
   ): Promise<ShopApp> {
     const application = express()
-    const sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}` })
+    const sessions = sessionFailover({ secret: 's', nodes: `n1:127.0.0.1:${memcached.port}`, ...options })
     application.use(sessions)
     setup?.(application, sessions)
     application.get('/steps', (req, res) => {
@@ -303,6 +304,30 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect(await response.text()).toBe('ab')
   })
 
+  it('completes a streamed response whose session changed while streaming when a late next(err) follows its end()', async () => {
+    const shop = await app({}, (application) => {
+      application.get('/stream-change-then-error', (req, res, next) => {
+        step(req, 'streamed')
+        res.write('a')
+        setTimeout(() => {
+          step(req, 'changed while streaming')
+          res.end('b')
+          next(new Error('reported after the response ended'))
+        }, 50)
+      })
+    })
+    const browser = new Browser()
+    const response = await fetch(`${shop.url}/stream-change-then-error`)
+    expect(response.status).toBe(200)
+    // Cut short by the error handler's destroy while the last store ran, the body would fail to read.
+    expect(await response.text()).toBe('ab')
+    browser.cookie = response.headers.getSetCookie()[0]?.split(';')[0]
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual([
+      'streamed',
+      'changed while streaming',
+    ])
+  })
+
   it("keeps the session cookie beside a Set-Cookie passed to writeHead, and writeHead's status", async () => {
     const shop = await app({
       '/theme': (req, res) => {
@@ -383,6 +408,133 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect((await response.arrayBuffer()).byteLength).toBe(3 * 1024 * 1024)
     browser.cookie = response.headers.getSetCookie()[0]?.split(';')[0]
     expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['file'])
+  })
+
+  /** Sends `request` on a socket of its own: every byte received, and whether the server closed it within 3 s. */
+  function exchange(
+    shop: ShopApp,
+    request: string,
+    whenConnected?: (socket: ReturnType<typeof connect>) => void,
+  ): Promise<{ received: string; closedByServer: boolean }> {
+    const socket = connect(Number(new URL(shop.url).port), '127.0.0.1')
+    return new Promise((resolve) => {
+      let received = ''
+      const timer = setTimeout(() => {
+        socket.destroy()
+        resolve({ received, closedByServer: false })
+      }, 3000)
+      socket.on('data', (chunk) => {
+        received += chunk.toString('latin1')
+      })
+      socket.on('error', () => {})
+      socket.on('close', () => {
+        clearTimeout(timer)
+        resolve({ received, closedByServer: true })
+      })
+      socket.write(request)
+      whenConnected?.(socket)
+    })
+  }
+
+  it('cuts the connection when a save fails under compression mounted after it (no error status over its bytes)', async () => {
+    // compression has taken the handler's end() and ended; the error response it would swallow, and its own
+    // gzip bytes would follow under the error status.
+    const shop = await app(
+      {
+        '/too-big': (req, res) => {
+          req.session.step = ['x'.repeat(20_000)]
+          res.send(`success page ${'y'.repeat(200)}`)
+        },
+      },
+      (application) => application.use(compression({ threshold: 0 })),
+      { maxSessionBytes: 10_000 },
+    )
+    const { received, closedByServer } = await exchange(
+      shop,
+      'POST /too-big HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nContent-Length: 0\r\n\r\n',
+    )
+    expect(received).toBe('')
+    expect(closedByServer).toBe(true)
+  })
+
+  it('cuts the connection, instead of hanging, when a slow save fails under compression mounted after it', async () => {
+    const victim = await startMemcached()
+    let frozen = false
+    const shop = await app(
+      {
+        '/slow-fail': (req, res) => {
+          req.session.step = ['slow']
+          void victim.freeze().then(() => {
+            frozen = true
+            res.send(`success page ${'y'.repeat(2000)}`)
+          })
+        },
+      },
+      (application) => application.use(compression({ threshold: 0 })),
+      { nodes: `n1:127.0.0.1:${victim.port}`, operationTimeout: 300 },
+    )
+    try {
+      const { received, closedByServer } = await exchange(
+        shop,
+        'POST /slow-fail HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nContent-Length: 0\r\n\r\n',
+      )
+      expect(frozen).toBe(true)
+      expect(received).toBe('')
+      expect(closedByServer).toBe(true)
+    } finally {
+      victim.thaw()
+      await victim.kill()
+    }
+  })
+
+  it('cuts the connection when the first save of a handler still writing fails: none of its rows go out, no crash', async () => {
+    // The request body comes late, so Express's own error handler waits for it while the handler goes on
+    // writing: rows written through would send the headers, and that handler would then throw on removeHeader.
+    const shop = await app(
+      {
+        '/feed': (req, res) => {
+          req.session.step = ['x'.repeat(20_000)]
+          res.type('text')
+          let row = 0
+          const timer = setInterval(() => {
+            res.write(`private row ${row}\n`)
+            if (++row === 20) {
+              clearInterval(timer)
+              res.end()
+            }
+          }, 5)
+          res.on('close', () => clearInterval(timer))
+        },
+      },
+      undefined,
+      { maxSessionBytes: 10_000 },
+    )
+    const { received, closedByServer } = await exchange(
+      shop,
+      'POST /feed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab',
+      (socket) => setTimeout(() => socket.write('cde'), 60),
+    )
+    expect(received).not.toContain('private row')
+    expect(received).toBe('')
+    expect(closedByServer).toBe(true)
+  })
+
+  it('ignores a write() after end() while that end waits for its store (Node refuses it), so the body stays in order', async () => {
+    let wroteAfterEnd: unknown
+    const shop = await app({}, (application) => {
+      application.get('/write-after-end', (req, res) => {
+        step(req, 'streamed')
+        res.write('A')
+        setTimeout(() => {
+          step(req, 'changed while streaming')
+          res.end('B')
+          wroteAfterEnd = res.write('C')
+        }, 50)
+      })
+    })
+    const response = await fetch(`${shop.url}/write-after-end`)
+    expect(await response.text()).toBe('AB')
+    expect(wroteAfterEnd).toBe(false)
   })
 
   it('calls end() callbacks with the error and answers the error status when the write fails', async () => {

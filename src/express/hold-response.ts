@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import { answerAtEndOfTurn } from '../end-of-turn.js'
 import { type Logger, silentLogger } from '../logger.js'
 
@@ -119,6 +120,12 @@ class ResponseHold {
   #endStatus: { readonly code: number; readonly message: string } | undefined
   #queuedBytes = 0
   #producerWaiting = false
+  /**
+   * Set when a held call came while the response's write or end was another middleware's (compression mounted
+   * after this one): that middleware has taken the handler's calls and keeps state of its own (ended, its stream
+   * still flushing), so the response cannot be handed to an error handler if the commit fails.
+   */
+  #takenAbove = false
 
   constructor(
     res: ServerResponse,
@@ -155,9 +162,10 @@ class ResponseHold {
 
   writeHead(args: unknown[]): unknown {
     const res = this.#res
-    if (this.#phase === 'sent') return res
+    if (this.#phase === 'sent' || this.#phase === 'ending') return res
     if (!this.#holding) return this.#wire.writeHead.apply(res, args)
     if (this.#endQueued) return res
+    this.#noteCaller()
     applyWriteHead(res, args)
     // Status and headers are already applied; one marker is enough to send them at the right point.
     if (!this.#queue.some((call) => call.method === 'writeHead'))
@@ -168,9 +176,11 @@ class ResponseHold {
   }
 
   write(args: unknown[]): unknown {
-    if (this.#phase === 'sent') return false
+    // Once end() was called, a write is ignored (while that end waits for its commit, it would go out first).
+    if (this.#phase === 'sent' || this.#phase === 'ending') return false
     if (!this.#holding) return this.#wire.write.apply(this.#res, args)
     if (this.#endQueued) return false
+    this.#noteCaller()
     this.#queuedBytes += chunkLength(args[0], true)
     this.#queue.push({ method: 'write', args })
     this.#started()
@@ -192,6 +202,7 @@ class ResponseHold {
     if (phase === 'done') return this.#wire.end.apply(res, args)
     if (this.#endQueued) return res
     if (typeof args[0] !== 'function') chunkLength(args[0], false)
+    this.#noteCaller()
     this.#endQueued = true
     this.#endStatus = { code: res.statusCode, message: res.statusMessage }
     this.#freezeHeaders()
@@ -216,12 +227,13 @@ class ResponseHold {
   }
 
   flushHeaders(): void {
-    if (this.#phase === 'sent') return
+    if (this.#phase === 'sent' || this.#phase === 'ending') return
     if (!this.#holding) {
       this.#wire.flushHeaders.call(this.#res)
       return
     }
     if (this.#endQueued) return
+    this.#noteCaller()
     this.#queue.push({ method: 'flushHeaders', args: [] })
     this.#started()
     this.#start(false)
@@ -252,6 +264,12 @@ class ResponseHold {
     res.setHeader = headers.setHeader
     res.removeHeader = headers.removeHeader
     if (headers.appendHeader) res.appendHeader = headers.appendHeader
+  }
+
+  /** A held call arrived: through another middleware's wrapper, if the response's write or end is not ours. */
+  #noteCaller(): void {
+    const res = this.#res
+    if (res.write !== heldWrite || res.end !== heldEnd) this.#takenAbove = true
   }
 
   #started(): void {
@@ -344,20 +362,32 @@ class ResponseHold {
 
   #fail(error: unknown): void {
     const res = this.#res
-    this.#phase = 'done'
-    this.#unstarted()
-    this.#restoreHeaders()
     const callbacks = this.#queue.flatMap((call) =>
       call.args.filter((arg): arg is AnyFunction => typeof arg === 'function'),
     )
     this.#queue.length = 0
+    for (const callback of callbacks) process.nextTick(callback, error)
+    // The error handler can answer only a response nothing is producing any more: the handler ended it, and no
+    // middleware above this one took its calls. A handler still writing would write into the error response
+    // (or, once its bytes sent the headers, make the error handler throw), and a compression middleware that
+    // has ended swallows the error response, then sends its own bytes under the error status. Then the
+    // connection is cut, as for a streamed response whose last store failed, and later calls go nowhere; the
+    // error still goes to the error handler, for its log.
+    if (!this.#endQueued || this.#takenAbove) {
+      this.#phase = 'sent'
+      this.#destroy()
+      this.#onCommitError(error)
+      return
+    }
+    this.#phase = 'done'
+    this.#unstarted()
+    this.#restoreHeaders()
     if (!res.headersSent) {
       for (const name of res.getHeaderNames()) if (SUCCESS_HEADERS.test(name)) res.removeHeader(name)
       res.statusCode = 500
     }
-    // A handler that was streaming may still write after the error response ended; that must not crash.
+    // A late call after the error response ended must not crash.
     res.on('error', () => {})
-    for (const callback of callbacks) process.nextTick(callback, error)
     this.#onCommitError(error)
   }
 
@@ -377,6 +407,7 @@ class ResponseHold {
       return
     }
     this.#phase = 'ending'
+    const destroyLater = deferDestroy(this.#res)
     this.#commit(true).then(
       () => {
         this.#phase = 'done'
@@ -385,12 +416,37 @@ class ResponseHold {
         } catch (error) {
           this.#replayFailed('end', error)
         }
+        destroyLater()
       },
       () => {
         this.#phase = 'done'
+        destroyLater()
         this.#destroy()
       },
     )
+  }
+}
+
+/**
+ * Puts off the destroy of the response's connection until the returned function is called, then does it if it
+ * was asked for. While the end() of a streamed response waits for its last store, an error handler reached
+ * through a late next(err) finds the headers sent and destroys the connection (Express's own does
+ * `req.socket.destroy()`): without the hold, end() had already written the last bytes, so the client got them
+ * all. Shadowed on the socket itself, for the few milliseconds of that store only.
+ */
+function deferDestroy(res: ServerResponse): () => void {
+  const socket = res.socket as (Socket & { destroy: Socket['destroy'] }) | null
+  if (!socket || socket.destroyed) return () => {}
+  const own = Object.getOwnPropertyDescriptor(socket, 'destroy')
+  let asked = false
+  socket.destroy = function putOff(this: Socket) {
+    asked = true
+    return this
+  }
+  return () => {
+    if (own) Object.defineProperty(socket, 'destroy', own)
+    else delete (socket as { destroy?: unknown }).destroy
+    if (asked) socket.destroy()
   }
 }
 
