@@ -383,6 +383,26 @@ describe('a node that sessions were moved off while it was frozen', () => {
       await stopAllMemcached()
     }
   })
+
+  it('deletes a late write at once when its node is already back by the time the session is stored elsewhere', async () => {
+    // The probe found the node back while the write that moved the session still waited on another node: the
+    // value that landed late must not stay there for a client with the old cookie to read.
+    const server = await startMemcached()
+    const node = memcachedNodeOn(server.port)
+    const ring = ringOf(node)
+    try {
+      await node.set('late', Buffer.from('landed late'), 60)
+      await node.set('newer', Buffer.from('written since'), 60)
+      ring.deleteWhenBack('n1', 'late', Buffer.from('landed late'))
+      ring.deleteWhenBack('n1', 'newer', Buffer.from('landed late'))
+      await vi.waitFor(async () => expect(await node.get('late')).toBeNull(), { timeout: 5000, interval: 20 })
+      expect((await node.get('newer'))?.toString()).toBe('written since')
+      expect(ring.isAlive('n1')).toBe(true)
+    } finally {
+      await ring.close()
+      await stopAllMemcached()
+    }
+  })
 })
 
 describe('a memcached out of memory, with eviction off (-M)', () => {

@@ -458,6 +458,29 @@ describe('setNodes()', () => {
     expect(app.sessions.stats().nodes.every((node) => node.alive)).toBe(true)
   })
 
+  it('stores on the node left a write that was in flight on the node removed (frozen) meanwhile', async () => {
+    servers = await startCluster(2)
+    const [one, two] = servers as [MemcachedServer, MemcachedServer]
+    const app = await shop({ operationTimeout: 400 })
+    await one.freeze()
+    try {
+      // New sessions go to both nodes in turn: half of these write to the frozen one first.
+      const browsers = Array.from({ length: 4 }, () => new Browser())
+      const writes = browsers.map((browser, index) => browser.send(app, 'POST', `/cart/item${index}`))
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      app.sessions.setNodes(`n2:127.0.0.1:${two.port}`)
+      const answers = await Promise.all(writes)
+      expect(answers.map((answer) => answer.status)).toEqual([200, 200, 200, 200])
+      expect(app.sessions.stats().primaryWriteFailures).toBeGreaterThan(0)
+      for (const [index, browser] of browsers.entries()) {
+        expect(parseSessionId(browser.sessionId)?.nodeId).toBe('n2')
+        expect((await browser.send(app, 'GET', '/cart')).body.cart).toEqual([`item${index}`])
+      }
+    } finally {
+      one.thaw()
+    }
+  })
+
   it('refuses a node that keeps its id but changes its address, a removed id added back, and a malformed list', async () => {
     servers = await startCluster(2)
     const app = await shop()

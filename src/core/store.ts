@@ -343,7 +343,9 @@ export class ReplicatedStore implements SessionBackend {
     // Nodes whose write failed: the write may land later. Once the session is stored elsewhere, such a copy
     // is deleted before its node counts as back; if it is stored nowhere, that copy may be the only one.
     const failedOn: string[] = []
-    for (let attempt = 0; attempt < this.#ring.size; attempt++) {
+    // As many attempts as the ring has nodes when the write begins: a setNodes() that removes the node being
+    // written meanwhile must not take away the attempt on the node that is left.
+    for (let attempt = 0, attempts = this.#ring.size; attempt < attempts; attempt++) {
       if (!this.#ring.isAlive(primary)) {
         const next = this.#ring.nextAliveAfter(primary)
         if (!next) break
@@ -719,8 +721,9 @@ export class ReplicatedStore implements SessionBackend {
     ttlSeconds: number,
   ): Promise<string | undefined> {
     const counters = this.#options.metrics.counters
-    // Each failure marks that node dead, so the next pass picks the following node; bounded by the ring size.
-    for (let attempt = 0; attempt < this.#ring.size; attempt++) {
+    // Each failure marks that node dead, so the next pass picks the following node; bounded by the ring's size
+    // when the write begins (as in save()).
+    for (let attempt = 0, attempts = this.#ring.size; attempt < attempts; attempt++) {
       const backup = this.#ring.nextAliveAfter(primary)
       if (!backup) break
       try {

@@ -305,13 +305,23 @@ export class NodeRing {
   }
 
   /**
-   * For a dead node: once it answers again, delete `key` there if it still holds `value`, before it counts as
-   * alive. An add that timed out (a frozen node runs its buffered requests when it resumes) may have taken a
-   * lock nobody will release.
+   * For a node a request failed on: once it answers again, delete `key` there if it still holds `value`, before
+   * it counts as alive. An add that timed out (a frozen node runs its buffered requests when it resumes) may have
+   * taken a lock nobody will release; a write that timed out may land there. If its probe has found it back
+   * already (the write that moved the session took longer than a probe interval), the delete is made now: the
+   * probe's answer came after every request it had buffered, so the value is there to find.
    */
   deleteWhenBack(nodeId: string, key: string, value: Buffer): void {
     const member = this.#byId.get(nodeId)
-    if (member && !member.alive) this.#rememberDeletes(member, [key], value)
+    if (!member || member.retired) return
+    if (!member.alive) {
+      this.#rememberDeletes(member, [key], value)
+      return
+    }
+    this.call(nodeId, (node) => deleteOn(node, key, [value], member.refused)).catch(() => {
+      // Failed again, so marked dead: the delete waits for its next return.
+      if (!member.alive) this.#rememberDeletes(member, [key], value)
+    })
   }
 
   /**
