@@ -194,6 +194,32 @@ describe('the Fastify plugin', () => {
     expect((await newcomer.send(onFastify, 'POST', '/count')).body.views).toBe(3)
   })
 
+  it('answers a logout whose handler did not wait for destroy() only once both copies are gone (Express and Fastify)', async () => {
+    const { servers, onExpress, onFastify } = await both({ operationTimeout: 300 })
+    for (const app of [onExpress, onFastify]) {
+      const browser = new Browser()
+      await browser.send(app, 'POST', '/cart/apple')
+      const parsed = parseSessionId(browser.sessionId)
+      const { primary } = storageKeys('sf:', parsed?.random ?? '')
+      const onPrimary = servers[Number(parsed?.nodeId.slice(1)) - 1] as MemcachedServer
+      // Every other node frozen: the backup's delete takes the operation timeout, long after the redirect.
+      const others = servers.filter((server) => server !== onPrimary)
+      await Promise.all(others.map((server) => server.freeze()))
+      try {
+        const reply = await fetch(`${app.url}/logout-unawaited`, {
+          method: 'POST',
+          headers: { cookie: browser.cookie ?? '' },
+          redirect: 'manual',
+        })
+        expect(reply.status).toBe(302)
+        expect(app.settledLate).toEqual(['destroyed'])
+        expect(await onPrimary.has(primary)).toBe(false)
+      } finally {
+        for (const server of others) server.thaw()
+      }
+    }
+  })
+
   it('destroys a session for good when destroy() follows a commit in flight (hijack(), a streamed response)', async () => {
     const { servers, onExpress, onFastify } = await both({ lockingMode: 'all' })
     for (const [app, path, body] of [

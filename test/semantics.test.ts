@@ -203,6 +203,15 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     expect((await browser.send(rotated, 'GET', '/cart')).setCookie).toBeUndefined()
   })
 
+  it('stores, and sends the cookie of, a new session saved by a save() the handler did not wait for', async () => {
+    const app = await shop()
+    const browser = new Browser()
+    const reply = await browser.send(app, 'POST', '/save-unawaited')
+    expect(reply.setCookie).toBeDefined()
+    expect(app.settledLate).toEqual(['saved'])
+    expect(await primaryOf(browser.sessionId).has(keysOf(browser.sessionId).primary)).toBe(true)
+  })
+
   it('supports save() and reload() inside a request, without writing twice', async () => {
     const app = await shop()
     const browser = new Browser()

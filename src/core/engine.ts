@@ -220,6 +220,10 @@ export class SessionEngine {
 
   async #finish(state: SessionState, request: RequestFacts | undefined): Promise<void> {
     await state.committing?.catch(ignore)
+    // A save or destroy the application began and did not wait for (a logout followed at once by a redirect)
+    // lands before the lock goes: the session's next request must not read the copies it replaces.
+    const operations = this.settled(state)
+    if (operations) await operations
     // Learned before the release is answered: the client's next request, which the response (leaving after the
     // release is sent) lets in, already finds its route read-only.
     this.#learn(state, request)
@@ -255,6 +259,7 @@ export class SessionEngine {
     if (
       (state.lock && !state.finishing) ||
       state.commitsRunning > 0 ||
+      state.operations.size > 0 ||
       state.shouldSave(snapshot.data, this.policy)
     ) {
       return undefined
@@ -377,11 +382,36 @@ export class SessionEngine {
   }
 
   /**
+   * Resolves once every save, destroy, regenerate and reload the application began on this session has settled,
+   * including those begun meanwhile; undefined when none is running. Adapters wait for it before they take the
+   * session's snapshot for the commit: an application that calls `req.session.destroy()` and then redirects
+   * without waiting for the callback still logs the user out before the response, and a regenerate's callback
+   * has replaced the session by then. Never rejects: each operation's caller hears of its failure.
+   */
+  settled(state: SessionState): Promise<void> | undefined {
+    if (state.operations.size === 0) return undefined
+    return Promise.allSettled(state.operations).then(() => this.settled(state))
+  }
+
+  /** Counts `operation` among the state's operations until it settles. */
+  #tracked<T>(state: SessionState, operation: Promise<T>): Promise<T> {
+    state.operations.add(operation)
+    const settle = () => state.operations.delete(operation)
+    operation.then(settle, settle)
+    return operation
+  }
+
+  /**
    * The application's own save, destroy, regenerate and reload wait for a commit in flight: after a streamed
    * response's first commit, or a Fastify reply's hijack(), the commit runs while the application goes on, and a
-   * destroy racing it would be undone by its late backup write, a regenerate's new id by its end.
+   * destroy racing it would be undone by its late backup write, a regenerate's new id by its end. Each is
+   * tracked until it settles (settled()).
    */
-  async save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
+  save(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
+    return this.#tracked(state, this.#saveAfterCommit(state, snapshot))
+  }
+
+  async #saveAfterCommit(state: SessionState, snapshot: SessionSnapshot): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     await this.#save(state, snapshot)
   }
@@ -444,7 +474,11 @@ export class SessionEngine {
     state.markSaved(merged.id, merged.record, snapshot.data)
   }
 
-  async destroy(state: SessionState): Promise<void> {
+  destroy(state: SessionState): Promise<void> {
+    return this.#tracked(state, this.#destroyAfterCommit(state))
+  }
+
+  async #destroyAfterCommit(state: SessionState): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     await this.#destroy(state)
   }
@@ -487,7 +521,11 @@ export class SessionEngine {
   }
 
   /** regenerate(): both copies of the old session are removed, then a new id is issued. */
-  async regenerate(state: SessionState): Promise<void> {
+  regenerate(state: SessionState): Promise<void> {
+    return this.#tracked(state, this.#regenerate(state))
+  }
+
+  async #regenerate(state: SessionState): Promise<void> {
     if (state.committing) await state.committing.catch(ignore)
     state.wrote = true
     state.changed = true
@@ -501,7 +539,11 @@ export class SessionEngine {
   }
 
   /** reload(): re-reads the stored session; null when it no longer exists (or cannot be read). */
-  async reload(state: SessionState): Promise<SessionContent | null> {
+  reload(state: SessionState): Promise<SessionContent | null> {
+    return this.#tracked(state, this.#reload(state))
+  }
+
+  async #reload(state: SessionState): Promise<SessionContent | null> {
     if (state.committing) await state.committing.catch(ignore)
     const loaded = await this.store.load(state.id)
     const found = loaded && this.#readable(loaded)

@@ -54,6 +54,11 @@ export class SessionState {
   committing: Promise<unknown> | undefined = undefined
   /** Commits begun and not yet settled (SessionEngine.commit). */
   commitsRunning = 0
+  /**
+   * The application's own saves, destroys, regenerates and reloads of this session not yet settled: the commit
+   * and the lock's release wait for them (SessionEngine.settled), whether or not the application did.
+   */
+  readonly operations = new Set<Promise<unknown>>()
   /** The cookie was verified by a rotated-out secret: it is sent again, signed with the current one. */
   resign = false
   /** finish() ran: the lock is released and the route learned. */

@@ -101,6 +101,13 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
       // One async function for the whole commit: each one on a write's path allocates about 450 B.
       const commit = async (final: boolean): Promise<ApplyHeaders | undefined> => {
         try {
+          // A save, destroy or regenerate the handler did not wait for lands first, and the snapshot is taken
+          // after it: a regenerate's callback replaces req.session.
+          const operations = engine.session.settled(state)
+          if (operations) {
+            await operations
+            pending = undefined
+          }
           const current = req.session
           if (!current) {
             await engine.session.commit(state, null)

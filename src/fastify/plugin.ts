@@ -185,11 +185,20 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
     const context = contexts.get(request)
     if (!context || context.committed) return payload
     context.committed = true
+    const release = holdWhileStored(payload)
+    // A save, destroy or regenerate the handler did not wait for lands first; a destroy gives the request a new
+    // state (startOver), whose own operations are waited for in turn.
+    for (
+      let operations = engine.session.settled(context.state);
+      operations;
+      operations = engine.session.settled(context.state)
+    ) {
+      await operations
+    }
     const { state, facts } = context
     // Undefined when the application removed it (`request.session = null`).
     const session: FastifySession | undefined =
       (request.session as unknown) instanceof FastifySession ? request.session : undefined
-    const release = holdWhileStored(payload)
     let setCookie = false
     try {
       if (session) {

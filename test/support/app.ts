@@ -28,6 +28,8 @@ export interface ShopApp {
   readonly sessions: SessionFailoverMiddleware
   /** Runs inside POST /slow/:item after the session was loaded and before it is modified. */
   beforeModify: () => Promise<void>
+  /** What the routes that do not wait for a session operation saw of it settling (POST /logout-unawaited...). */
+  readonly settledLate: string[]
   close(): Promise<void>
 }
 
@@ -36,7 +38,7 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   const app = express()
   const sessions = sessionFailover(options)
   app.use(sessions)
-  const shop = {} as ShopApp
+  const shop = { settledLate: [] as string[] } as unknown as ShopApp
   shop.beforeModify = async () => {}
 
   app.get('/cart', (req, res) => {
@@ -154,6 +156,16 @@ export async function startShop(express: ExpressModule, options: SessionFailover
   })
   app.post('/logout', (req, res, next) => {
     req.session.destroy((error) => (error ? next(error) : res.json({ ok: true })))
+  })
+  app.post('/logout-unawaited', (req, res) => {
+    // A logout that redirects without waiting for the delete: the response must wait for it all the same.
+    req.session.destroy(() => shop.settledLate.push('destroyed'))
+    res.redirect('/cart')
+  })
+  app.post('/save-unawaited', (req, res) => {
+    // An explicit save of a session nothing changed, not waited for: stored, and its cookie sent.
+    req.session.save(() => shop.settledLate.push('saved'))
+    res.json({ ok: true })
   })
   app.post('/login', (req, res, next) => {
     const cart = req.session.cart

@@ -8,7 +8,7 @@ import type { ShopApp } from './app.js'
 export async function startFastifyShop(options: SessionFailoverOptions): Promise<ShopApp> {
   const app = Fastify({ routerOptions: { maxParamLength: 8192 } }) // long items: a cart item may be a few KiB
   await app.register(fastifySessionFailover, options)
-  const shop = {} as ShopApp
+  const shop = { settledLate: [] as string[] } as unknown as ShopApp
   shop.beforeModify = async () => {}
   const cartOf = (session: { get<T>(key: string): T | undefined }) => session.get<string[]>('cart') ?? []
 
@@ -36,6 +36,11 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
   app.post('/logout', async (request) => {
     await request.session.destroy()
     return { ok: true }
+  })
+  app.post('/logout-unawaited', async (request, reply) => {
+    // A logout that redirects without waiting for the delete: the reply must wait for it all the same.
+    void request.session.destroy().then(() => shop.settledLate.push('destroyed'))
+    return reply.redirect('/cart')
   })
   app.post('/login', async (request) => {
     const cart = cartOf(request.session)
