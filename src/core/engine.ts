@@ -259,7 +259,7 @@ export class SessionEngine {
     if (
       (state.lock && !state.finishing) ||
       state.commitsRunning > 0 ||
-      state.operations.size > 0 ||
+      (state.operations !== undefined && state.operations.size > 0) ||
       state.shouldSave(snapshot.data, this.policy)
     ) {
       return undefined
@@ -389,14 +389,16 @@ export class SessionEngine {
    * has replaced the session by then. Never rejects: each operation's caller hears of its failure.
    */
   settled(state: SessionState): Promise<void> | undefined {
-    if (state.operations.size === 0) return undefined
-    return Promise.allSettled(state.operations).then(() => this.settled(state))
+    const operations = state.operations
+    if (operations === undefined || operations.size === 0) return undefined
+    return Promise.allSettled(operations).then(() => this.settled(state))
   }
 
   /** Counts `operation` among the state's operations until it settles. */
   #tracked<T>(state: SessionState, operation: Promise<T>): Promise<T> {
-    state.operations.add(operation)
-    const settle = () => state.operations.delete(operation)
+    const operations = (state.operations ??= new Set())
+    operations.add(operation)
+    const settle = () => operations.delete(operation)
     operation.then(settle, settle)
     return operation
   }

@@ -56,9 +56,10 @@ export class SessionState {
   commitsRunning = 0
   /**
    * The application's own saves, destroys, regenerates and reloads of this session not yet settled: the commit
-   * and the lock's release wait for them (SessionEngine.settled), whether or not the application did.
+   * and the lock's release wait for them (SessionEngine.settled), whether or not the application did. Made by
+   * the first: most requests never call one, and every request has a state.
    */
-  readonly operations = new Set<Promise<unknown>>()
+  operations: Set<Promise<unknown>> | undefined = undefined
   /** The cookie was verified by a rotated-out secret: it is sent again, signed with the current one. */
   resign = false
   /** finish() ran: the lock is released and the route learned. */
