@@ -396,7 +396,8 @@ export class SessionEngine {
 
   /** Counts `operation` among the state's operations until it settles. */
   #tracked<T>(state: SessionState, operation: Promise<T>): Promise<T> {
-    const operations = (state.operations ??= new Set())
+    state.operations ??= new Set()
+    const operations = state.operations
     operations.add(operation)
     const settle = () => operations.delete(operation)
     operation.then(settle, settle)
