@@ -367,35 +367,31 @@ describe('a node that sessions were moved off while it was frozen', () => {
     }
   })
 
-  it('deletes an old copy at once when its node is already back by the time the move is written', async () => {
+  it.each([
+    [
+      'an old copy, when its node is already back by the time the move is written',
+      (ring: NodeRing, key: string, value: string) =>
+        ring.deleteOldCopyWhenBack('n1', key, (stored) => stored.toString() === value),
+    ],
+    [
+      // The probe found the node back while the write that moved the session still waited on another node: the
+      // value that landed late must not stay there for a client with the old cookie to read.
+      'a late write, when its node is already back by the time the session is stored elsewhere',
+      (ring: NodeRing, key: string, value: string) => ring.deleteWhenBack('n1', key, Buffer.from(value)),
+    ],
+  ] as const)('deletes at once %s, and keeps a newer value', async (_case, deleteWhenBack) => {
     const server = await startMemcached()
     const node = memcachedNodeOn(server.port)
     const ring = ringOf(node)
     try {
-      await node.set('old', Buffer.from('from before the move'), 60)
+      await node.set('stale', Buffer.from('from before'), 60)
       await node.set('newer', Buffer.from('written since'), 60)
-      ring.deleteOldCopyWhenBack('n1', 'old', (stored) => stored.toString() === 'from before the move')
-      ring.deleteOldCopyWhenBack('n1', 'newer', (stored) => stored.toString() === 'from before the move')
-      await vi.waitFor(async () => expect(await node.get('old')).toBeNull(), { timeout: 5000, interval: 20 })
-      expect((await node.get('newer'))?.toString()).toBe('written since')
-    } finally {
-      await ring.close()
-      await stopAllMemcached()
-    }
-  })
-
-  it('deletes a late write at once when its node is already back by the time the session is stored elsewhere', async () => {
-    // The probe found the node back while the write that moved the session still waited on another node: the
-    // value that landed late must not stay there for a client with the old cookie to read.
-    const server = await startMemcached()
-    const node = memcachedNodeOn(server.port)
-    const ring = ringOf(node)
-    try {
-      await node.set('late', Buffer.from('landed late'), 60)
-      await node.set('newer', Buffer.from('written since'), 60)
-      ring.deleteWhenBack('n1', 'late', Buffer.from('landed late'))
-      ring.deleteWhenBack('n1', 'newer', Buffer.from('landed late'))
-      await vi.waitFor(async () => expect(await node.get('late')).toBeNull(), { timeout: 5000, interval: 20 })
+      deleteWhenBack(ring, 'stale', 'from before')
+      deleteWhenBack(ring, 'newer', 'from before')
+      await vi.waitFor(async () => expect(await node.get('stale')).toBeNull(), {
+        timeout: 5000,
+        interval: 20,
+      })
       expect((await node.get('newer'))?.toString()).toBe('written since')
       expect(ring.isAlive('n1')).toBe(true)
     } finally {
