@@ -717,6 +717,55 @@ describe('the Fastify plugin with unusual setups', () => {
     expect(warnings.filter((warning) => warning.includes('still in flight'))).toEqual([])
   })
 
+  it('closes at once after a hijacked reply whose client left while its destroy() ran', async () => {
+    const servers = await startCluster(2)
+    const warnings: string[] = []
+    const noop = () => {}
+    const logger = {
+      debug: noop,
+      info: noop,
+      error: noop,
+      warn: (_: object, message?: string) => warnings.push(String(message)),
+    }
+    const fastify = await app((a) =>
+      a.register(fastifySessionFailover, {
+        secret: 's',
+        nodes: nodesOption(servers),
+        logger,
+        operationTimeout: 500,
+      }),
+    )
+    let destroyed = false
+    fastify.post('/hijack-destroy', async (request, reply) => {
+      reply.hijack()
+      await request.session.destroy()
+      destroyed = true
+      reply.raw.end('bye')
+    })
+    const url = await fastify.listen({ port: 0, host: '127.0.0.1' })
+    const first = await fetch(`${url}/visit`, { method: 'POST' })
+    const cookie = first.headers.getSetCookie()[0]?.split(';')[0] ?? ''
+    const nodeId = parseSessionId(
+      decodeURIComponent(cookie).slice('connect.sid=s:'.length).split('.')[0],
+    )?.nodeId
+    // The backup's node frozen: the destroy takes the operation timeout, and the client leaves before it ends.
+    const backup = servers[nodeId === 'n1' ? 1 : 0] as MemcachedServer
+    await backup.freeze()
+    try {
+      await fetch(`${url}/hijack-destroy`, {
+        method: 'POST',
+        headers: { cookie },
+        signal: AbortSignal.timeout(100),
+      }).catch(() => undefined)
+      await until(() => destroyed, 5000)
+    } finally {
+      backup.thaw()
+    }
+    // Without the fix the new session of that request stays counted in flight: close() waits out its 10 s.
+    await fastify.close()
+    expect(warnings.filter((warning) => warning.includes('still in flight'))).toEqual([])
+  }, 30_000)
+
   it('closes a streamed body that the error reply of a session it cannot store replaces', async () => {
     const servers = await startCluster(1)
     const fastify = await app((a) =>

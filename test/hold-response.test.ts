@@ -315,6 +315,31 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(steps)
   })
 
+  it('gives the connection back its own destroy() after a streamed end that waited for its store, when held twice', async () => {
+    let socket: import('node:net').Socket | undefined
+    const shop = await app({}, (application, sessions) => {
+      // The middleware runs again for a request whose session was set to null: the response is held twice.
+      application.use((req, _res, next) => {
+        ;(req as { session: unknown }).session = null
+        next()
+      })
+      application.use(sessions)
+      application.get('/stream-held-twice', (req, res) => {
+        socket = req.socket
+        step(req, 'streamed')
+        res.write('a')
+        setTimeout(() => {
+          step(req, 'changed while streaming')
+          res.end('b')
+        }, 50)
+      })
+    })
+    const response = await fetch(`${shop.url}/stream-held-twice`)
+    expect(await response.text()).toBe('ab')
+    // A destroy left put off would keep every later destroy of this keep-alive connection from happening.
+    expect(socket && Object.hasOwn(socket, 'destroy')).toBe(false)
+  })
+
   it("keeps the session cookie beside a Set-Cookie passed to writeHead, and writeHead's status", async () => {
     const shop = await app({
       '/theme': (req, res) => {
@@ -442,6 +467,32 @@ describe.each(expressVersions)('holding the response until the session is stored
     )
     expect(received).toBe('')
     expect(closedByServer).toBe(true)
+  })
+
+  it('answers the error status of a failed save under a logger that wraps end() and puts it back before calling it', async () => {
+    // express-winston's way, mounted after the middleware: the end() that reaches the hold is its own again.
+    const shop = await app(
+      {
+        '/too-big-logged': (req, res) => {
+          req.session.step = ['x'.repeat(20_000)]
+          res.writeHead(200, { 'content-type': 'text/plain' })
+          res.end('success page')
+        },
+      },
+      (application) =>
+        application.use((_req, res, next) => {
+          const end = res.end
+          res.end = function loggedEnd(this: Response, ...args: unknown[]) {
+            res.end = end
+            return (res.end as (...a: unknown[]) => Response).apply(this, args)
+          } as Response['end']
+          next()
+        }),
+      { maxSessionBytes: 10_000 },
+    )
+    const response = await fetch(`${shop.url}/too-big-logged`, { method: 'POST' })
+    expect(response.status).toBe(500)
+    expect(await response.text()).not.toContain('success page')
   })
 
   it('cuts the connection, instead of hanging, when a slow save fails under compression mounted after it', async () => {

@@ -461,13 +461,15 @@ describe('setNodes()', () => {
   it('stores on the node left a write that was in flight on the node removed (frozen) meanwhile', async () => {
     servers = await startCluster(2)
     const [one, two] = servers as [MemcachedServer, MemcachedServer]
-    const app = await shop({ operationTimeout: 400 })
+    const app = await shop({ operationTimeout: 3000 })
     await one.freeze()
     try {
       // New sessions go to both nodes in turn: half of these write to the frozen one first.
       const browsers = Array.from({ length: 4 }, () => new Browser())
       const writes = browsers.map((browser, index) => browser.send(app, 'POST', `/cart/item${index}`))
-      await new Promise((resolve) => setTimeout(resolve, 100))
+      // Once writes wait on the frozen node (long before they would time out), it is removed.
+      const sentToOne = () => app.sessions.health().nodes.find((node) => node.id === 'n1')?.ops ?? 0
+      await until(() => sentToOne() >= 2, 2000)
       app.sessions.setNodes(`n2:127.0.0.1:${two.port}`)
       const answers = await Promise.all(writes)
       expect(answers.map((answer) => answer.status)).toEqual([200, 200, 200, 200])

@@ -516,7 +516,9 @@ export class SessionEngine {
     const next = this.#fresh(destroyed.cookieId)
     // A request already finished (a destroy() in Fastify's onResponse) commits nothing more: the new session is not
     // in flight, or close() would wait for it until its timeout.
-    if (this.#inFlight.delete(destroyed)) this.#inFlight.add(next)
+    // Nor one whose finish() has begun (a hijacked reply's, or one whose client left): nothing would finish the new
+    // state, which would stay counted in flight.
+    if (!destroyed.finishing && this.#inFlight.delete(destroyed)) this.#inFlight.add(next)
     next.lock = destroyed.lock
     next.wrote = true
     next.changed = true

@@ -121,9 +121,10 @@ class ResponseHold {
   #queuedBytes = 0
   #producerWaiting = false
   /**
-   * Set when a held call came while the response's write or end was another middleware's (compression mounted
-   * after this one): that middleware has taken the handler's calls and keeps state of its own (ended, its stream
-   * still flushing), so the response cannot be handed to an error handler if the commit fails.
+   * Set when a write or end came while the response's write or end was another middleware's wrapper (compression
+   * mounted after this one): that middleware has taken the handler's calls and may keep state of its own (ended,
+   * its stream still flushing), so the response cannot be handed to an error handler if the commit fails. A
+   * wrapper that puts the response's own function back before calling it (express-winston) is not seen.
    */
   #takenAbove = false
 
@@ -165,7 +166,6 @@ class ResponseHold {
     if (this.#phase === 'sent' || this.#phase === 'ending') return res
     if (!this.#holding) return this.#wire.writeHead.apply(res, args)
     if (this.#endQueued) return res
-    this.#noteCaller()
     applyWriteHead(res, args)
     // Status and headers are already applied; one marker is enough to send them at the right point.
     if (!this.#queue.some((call) => call.method === 'writeHead'))
@@ -180,7 +180,8 @@ class ResponseHold {
     if (this.#phase === 'sent' || this.#phase === 'ending') return false
     if (!this.#holding) return this.#wire.write.apply(this.#res, args)
     if (this.#endQueued) return false
-    this.#noteCaller()
+    // A write that came through another middleware's write (compression's deflated bytes).
+    if (this.#res.write !== heldWrite) this.#takenAbove = true
     this.#queuedBytes += chunkLength(args[0], true)
     this.#queue.push({ method: 'write', args })
     this.#started()
@@ -202,7 +203,8 @@ class ResponseHold {
     if (phase === 'done') return this.#wire.end.apply(res, args)
     if (this.#endQueued) return res
     if (typeof args[0] !== 'function') chunkLength(args[0], false)
-    this.#noteCaller()
+    // An end that came through another middleware's end still in place (compression's, once it has flushed).
+    if (res.end !== heldEnd) this.#takenAbove = true
     this.#endQueued = true
     this.#endStatus = { code: res.statusCode, message: res.statusMessage }
     this.#freezeHeaders()
@@ -233,7 +235,6 @@ class ResponseHold {
       return
     }
     if (this.#endQueued) return
-    this.#noteCaller()
     this.#queue.push({ method: 'flushHeaders', args: [] })
     this.#started()
     this.#start(false)
@@ -264,12 +265,6 @@ class ResponseHold {
     res.setHeader = headers.setHeader
     res.removeHeader = headers.removeHeader
     if (headers.appendHeader) res.appendHeader = headers.appendHeader
-  }
-
-  /** A held call arrived: through another middleware's wrapper, if the response's write or end is not ours. */
-  #noteCaller(): void {
-    const res = this.#res
-    if (res.write !== heldWrite || res.end !== heldEnd) this.#takenAbove = true
   }
 
   #started(): void {
@@ -436,19 +431,29 @@ class ResponseHold {
  */
 function deferDestroy(res: ServerResponse): () => void {
   const socket = res.socket as (Socket & { destroy: Socket['destroy'] }) | null
-  if (!socket || socket.destroyed) return () => {}
+  // One deferral per socket at a time: a response held twice (the middleware ran again) defers once, so the
+  // socket's own destroy is always the one put back.
+  if (!socket || socket.destroyed || deferring.has(socket)) return () => {}
+  deferring.add(socket)
   const own = Object.getOwnPropertyDescriptor(socket, 'destroy')
   let asked = false
-  socket.destroy = function putOff(this: Socket) {
+  const putOff = function putOff(this: Socket) {
     asked = true
     return this
   }
+  socket.destroy = putOff
   return () => {
-    if (own) Object.defineProperty(socket, 'destroy', own)
-    else delete (socket as { destroy?: unknown }).destroy
+    deferring.delete(socket)
+    if (socket.destroy === putOff) {
+      if (own) Object.defineProperty(socket, 'destroy', own)
+      else delete (socket as { destroy?: unknown }).destroy
+    }
     if (asked) socket.destroy()
   }
 }
+
+/** Sockets whose destroy deferDestroy() is putting off. */
+const deferring = new WeakSet<Socket>()
 
 /** writeHead(status, [reason], [headers]) applied now, as Node would: invalid input throws in the handler. */
 function applyWriteHead(res: ServerResponse, args: unknown[]): void {
