@@ -1,7 +1,10 @@
-import { request } from 'node:http'
+import { type IncomingMessage, request, ServerResponse } from 'node:http'
+import { connect as connectSocket } from 'node:net'
+import type { Duplex } from 'node:stream'
 import { Server as SocketServer } from 'socket.io'
 import { io as connectClient, type Socket } from 'socket.io-client'
 import { afterEach, describe, expect, it } from 'vitest'
+import { WebSocket, WebSocketServer } from 'ws'
 import type { SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
@@ -119,6 +122,146 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
     })
     expect(String(headers['set-cookie'])).toMatch(/^connect\.sid=s%3A/)
     expect(String(headers['set-cookie'])).toContain(encodeURIComponent(browser.sessionId ?? '-'))
+  })
+
+  it("sends the session cookie on a 101 line of its own beside another middleware's cookie", async () => {
+    const { shop, io } = await shopWithSocketIo({ rolling: true })
+    // Mounted before the sessions' engine.use() in socket.io's order of middleware: its cookie is set first.
+    ;(io.engine as unknown as { middlewares: unknown[] }).middlewares.unshift(
+      (_req: unknown, res: { setHeader(name: string, value: string): void }, next: () => void) => {
+        res.setHeader('Set-Cookie', 'affinity=node1; Path=/')
+        next()
+      },
+    )
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/cart/apple')
+    const cookies = await new Promise<string[]>((resolve, reject) => {
+      const upgrade = request(`${shop.url}/socket.io/?EIO=4&transport=websocket`, {
+        headers: {
+          cookie: browser.cookie ?? '',
+          connection: 'Upgrade',
+          upgrade: 'websocket',
+          'sec-websocket-key': Buffer.from('0123456789abcdef').toString('base64'),
+          'sec-websocket-version': '13',
+        },
+      })
+      upgrade.once('upgrade', (response, socket) => {
+        socket.destroy()
+        const raw = response.rawHeaders
+        resolve(raw.filter((_, i) => i % 2 === 1 && /^set-cookie$/i.test(raw[i - 1] ?? '')))
+      })
+      upgrade.once('response', (response) => reject(new Error(`no upgrade: ${response.statusCode}`)))
+      upgrade.once('error', reject)
+      upgrade.end()
+    })
+    expect(cookies).toHaveLength(2)
+    expect(cookies).toContain('affinity=node1; Path=/')
+    expect(cookies.find((cookie) => cookie.startsWith('connect.sid='))).toContain(
+      encodeURIComponent(browser.sessionId ?? '-'),
+    )
+  })
+
+  it('survives an upgrade whose client resets its connection while it waits for the lock, and leaves no lock', async () => {
+    const warnings: string[] = []
+    const logger = {
+      debug() {},
+      info() {},
+      error() {},
+      warn: (_: unknown, message: string) => warnings.push(message),
+    }
+    const { shop, io } = await shopWithSocketIo({ lockingMode: 'all', lockTimeout: 3000, logger })
+    // A middleware after the sessions' that refuses this upgrade: nothing then calls the stand-in's writeHead().
+    io.engine.use((_req: unknown, _res: unknown, next: (error?: Error) => void) => next(new Error('refused')))
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/cart/apple')
+    let release!: () => void
+    shop.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+    const holding = browser.send(shop, 'POST', '/slow/pear')
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    const socket = connectSocket(Number(new URL(shop.url).port), '127.0.0.1')
+    socket.on('error', () => {})
+    socket.write(
+      `GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nCookie: ${browser.cookie}\r\n` +
+        'Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n' +
+        `Sec-WebSocket-Key: ${Buffer.from('0123456789abcdef').toString('base64')}\r\n\r\n`,
+    )
+    // Reset (RST) while the upgrade waits for the lock the slow request holds.
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    socket.resetAndDestroy()
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    release()
+    shop.beforeModify = async () => {}
+    expect((await holding).status).toBe(200)
+    // The upgrade's lock, taken after the slow request's, must not be left to expire.
+    const next = await browser.send(shop, 'POST', '/cart/plum')
+    expect(next.status).toBe(200)
+    expect(next.body.cart).toEqual(['apple', 'pear', 'plum'])
+    await shop.sessions.close({ timeout: 3000 })
+    expect(warnings.filter((warning) => warning.includes('still in flight'))).toEqual([])
+  })
+
+  it("neither holds the lock nor stays in flight for express-ws's upgrade, routed through a response nothing ends", async () => {
+    const warnings: string[] = []
+    const logger = {
+      debug() {},
+      info() {},
+      error() {},
+      warn: (_: unknown, message: string) => warnings.push(message),
+    }
+    servers ??= await startCluster(2)
+    const shop = await startShop(express, {
+      secret: SECRET,
+      nodes: nodesOption(servers),
+      lockingMode: 'all',
+      lockTimeout: 1000,
+      logger,
+    })
+    shops.push(shop)
+    // express-ws's way: ws answers the handshake, then the request goes through the app with a response that has
+    // no connection, and its route gets the WebSocket.
+    const app = shop.server.listeners('request')[0] as ((
+      req: unknown,
+      res: unknown,
+      done: () => void,
+    ) => void) & {
+      get(
+        path: string,
+        handler: (req: SessionRequest & { ws?: WebSocket }, res: unknown, next: () => void) => void,
+      ): void
+    }
+    app.get('/live/.websocket', (req, _res, next) => {
+      if (!req.ws) return next()
+      req.session.cart = [...(req.session.cart ?? []), 'via websocket']
+      req.ws.send('ready')
+    })
+    const wss = new WebSocketServer({ noServer: true })
+    shop.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      wss.handleUpgrade(req, socket, head, (ws) => {
+        Object.assign(req, { ws, url: '/live/.websocket' })
+        app(req, new ServerResponse(req), () => ws.close())
+      })
+    })
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/cart/apple')
+    const ws = new WebSocket(`${shop.url.replace('http', 'ws')}/live`, {
+      headers: { cookie: browser.cookie ?? '' },
+    })
+    try {
+      await new Promise((resolve, reject) => {
+        ws.once('message', resolve)
+        ws.once('error', reject)
+      })
+      // Held for the WebSocket's life, the lock would answer this with a 503 after lockTimeout.
+      const pear = await browser.send(shop, 'POST', '/cart/pear')
+      expect(pear.status).toBe(200)
+      expect(pear.body.cart).toEqual(['apple', 'via websocket', 'pear'])
+    } finally {
+      ws.close()
+      wss.close()
+    }
+    await shop.close()
+    shops.splice(shops.indexOf(shop), 1)
+    expect(warnings.filter((warning) => warning.includes('still in flight'))).toEqual([])
   })
 
   const changes = {

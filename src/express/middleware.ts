@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import { setImmediate } from 'node:timers'
 import { CookieVerifier } from '../core/cookie-value.js'
 import type { OpenedSession } from '../core/engine.js'
 import type { RequestFacts } from '../core/locking-policy.js'
@@ -12,7 +13,7 @@ import { appendSessionCookie, isSecure, readSessionId, requestPath } from './coo
 import { toDictionaryMode } from './dictionary-mode.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
-import { commitOnUpgrade, isUpgradeStandIn } from './upgrade-response.js'
+import { afterHandshake, commitOnUpgrade, isUpgradeStandIn } from './upgrade-response.js'
 
 export interface SessionFailoverMiddleware extends SessionOperations {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
@@ -22,6 +23,9 @@ export interface SessionFailoverMiddleware extends SessionOperations {
  * Express middleware with express-session's API (req.session, req.sessionID, save/regenerate/destroy/reload/
  * touch) whose sessions live on two memcached nodes and survive either one dying.
  */
+/** Keeps an upgrade's connection error from ending the process while its session is opened. */
+const ignoreError = (): void => {}
+
 export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>): SessionFailoverMiddleware {
   const config = parseOptions(options)
   const engine: Engine = createEngine(config)
@@ -134,17 +138,36 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
           throw error
         }
       }
-      if (isUpgradeStandIn(req, res)) {
-        commitOnUpgrade(res, engine.session, state, request, () => req.session, cookieHeaders, config.logger)
+      if (upgrade) {
+        const commitOnce = commitOnUpgrade(
+          req,
+          res,
+          engine.session,
+          state,
+          request,
+          () => req.session,
+          cookieHeaders,
+          config.logger,
+        )
+        // express-ws routes the upgrade after its handshake, through a response nothing ends: stored once the
+        // handler's first pass is done (later changes are the application's save()).
+        if (afterHandshake(res)) setImmediate(commitOnce)
       } else holdResponse(res, commit, next, commitNow, config.logger)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
       res.once('close', () => void engine.session.finish(state))
     }
 
+    const upgrade = isUpgradeStandIn(req, res)
+    // An upgrade's connection is nobody's until the handshake: one the client resets while this waits (for the
+    // lock, or a slow node) would throw its error with no listener, and end the process.
+    const socket = upgrade ? req.socket : undefined
+    socket?.on('error', ignoreError)
     engine.session.open(presented, request).then(
       (opened) => {
-        // A client that left while its request waited (for the lock) must not leave the lock behind.
-        if (res.destroyed) {
+        socket?.off('error', ignoreError)
+        // A client that left while its request waited (for the lock) must not leave the lock behind. A stand-in
+        // has no `destroyed`: its connection tells.
+        if (res.destroyed || socket?.destroyed) {
           void engine.session.finish(opened.state)
           return
         }
@@ -156,7 +179,10 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
         }
         next()
       },
-      (error: unknown) => next(error),
+      (error: unknown) => {
+        socket?.off('error', ignoreError)
+        next(error)
+      },
     )
   }
 

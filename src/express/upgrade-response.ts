@@ -10,13 +10,20 @@ type AnyFunction = (...args: unknown[]) => unknown
 type ExpressSession = NonNullable<SessionRequest['session']>
 
 /**
- * Whether `res` is the stand-in response socket.io (engine.io) passes to middleware on a WebSocket upgrade
- * (`io.engine.use(sessions)`): an object with setHeader, writeHead and end, through which nothing is sent. Its
- * writeHead() takes no status and marks the moment ws writes the 101, synchronously, with the headers set so far.
+ * Whether `res` stands in for the response to a WebSocket upgrade, through which nothing is sent:
+ * - socket.io's (engine.io's) on `io.engine.use(sessions)`, an object with setHeader, writeHead and end. Its
+ *   writeHead() takes no status and marks the moment ws writes the 101, synchronously, with the headers set so far.
+ * - express-ws's, a ServerResponse with no connection, made after the 101 went out (`afterHandshake`): it never
+ *   ends and never closes, so holding it would keep the session's lock and state for as long as the process runs.
  * A real response to an upgrade request (a server with no 'upgrade' listener) is held as any other.
  */
 export function isUpgradeStandIn(req: IncomingMessage, res: ServerResponse): boolean {
-  return req.headers.upgrade !== undefined && !(res instanceof ServerResponse)
+  return req.headers.upgrade !== undefined && (!(res instanceof ServerResponse) || afterHandshake(res))
+}
+
+/** express-ws's stand-in: the handshake is done, and nothing will call its writeHead() or end() to say so. */
+export function afterHandshake(res: ServerResponse): boolean {
+  return res instanceof ServerResponse && !res.socket
 }
 
 /**
@@ -29,6 +36,7 @@ export function isUpgradeStandIn(req: IncomingMessage, res: ServerResponse): boo
  * would go unhandled.
  */
 export function commitOnUpgrade(
+  req: IncomingMessage,
   res: ServerResponse,
   engine: SessionEngine,
   state: SessionState,
@@ -36,9 +44,10 @@ export function commitOnUpgrade(
   session: () => ExpressSession | undefined,
   cookieHeaders: (setCookie: boolean, session: ExpressSession) => ApplyHeaders | undefined,
   logger: Logger,
-): void {
+): () => void {
   const cut = (error: unknown): void => {
-    res.socket?.destroy()
+    // The stand-in's socket (socket.io's), else the request's: the upgraded connection either way.
+    ;(res.socket ?? req.socket)?.destroy()
     try {
       logger.error(
         { err: String(error) },
@@ -81,4 +90,5 @@ export function commitOnUpgrade(
     commitOnce()
     return end.apply(this, args)
   } as ServerResponse['end']
+  return commitOnce
 }
