@@ -557,6 +557,35 @@ describe.each(expressVersions)('holding the response until the session is stored
     expect(closedByServer).toBe(true)
   })
 
+  it('holds a pipelined request carrying an Upgrade header like any other: answered once its change is stored', async () => {
+    // Queued behind a slow request on its connection, its response has no socket yet; it is no WebSocket's.
+    const shop = await app(
+      {
+        '/step-later': async (req, res) => {
+          await new Promise((resolve) => setTimeout(resolve, 20))
+          step(req, 'later')
+          res.json({ ok: true })
+        },
+      },
+      (application) => {
+        application.get('/slow', (_req, res) => {
+          setTimeout(() => res.json({ slow: true }), 100)
+        })
+      },
+    )
+    const browser = new Browser()
+    await browser.send(shop, 'POST', '/step-later')
+    const { received } = await exchange(
+      shop,
+      'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
+        `POST /step-later HTTP/1.1\r\nHost: x\r\nCookie: ${browser.cookie}\r\nUpgrade: h2c\r\n` +
+        'Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n' +
+        'Content-Length: 0\r\n\r\n',
+    )
+    expect(received.match(/HTTP\/1\.1 200/g)).toHaveLength(2)
+    expect((await browser.send(shop, 'GET', '/steps')).body.step).toEqual(['later', 'later'])
+  })
+
   it('ignores a write() after end() while that end waits for its store (Node refuses it), so the body stays in order', async () => {
     let wroteAfterEnd: unknown
     const shop = await app({}, (application) => {

@@ -8,6 +8,7 @@ import { WebSocket, WebSocketServer } from 'ws'
 import type { SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { until } from './support/until.js'
 
 const SECRET = 'socket-io-secret'
 type SessionRequest = {
@@ -174,10 +175,11 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
     io.engine.use((_req: unknown, _res: unknown, next: (error?: Error) => void) => next(new Error('refused')))
     const browser = new Browser()
     await browser.send(shop, 'POST', '/cart/apple')
-    let release!: () => void
+    let release: (() => void) | undefined
     shop.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
     const holding = browser.send(shop, 'POST', '/slow/pear')
-    await new Promise((resolve) => setTimeout(resolve, 100))
+    // The slow request holds the session's lock from here.
+    await until(() => release !== undefined, 5000)
     const socket = connectSocket(Number(new URL(shop.url).port), '127.0.0.1')
     socket.on('error', () => {})
     socket.write(
@@ -186,10 +188,10 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
         `Sec-WebSocket-Key: ${Buffer.from('0123456789abcdef').toString('base64')}\r\n\r\n`,
     )
     // Reset (RST) while the upgrade waits for the lock the slow request holds.
-    await new Promise((resolve) => setTimeout(resolve, 200))
+    await new Promise((resolve) => setTimeout(resolve, 300))
     socket.resetAndDestroy()
     await new Promise((resolve) => setTimeout(resolve, 100))
-    release()
+    release?.()
     shop.beforeModify = async () => {}
     expect((await holding).status).toBe(200)
     // The upgrade's lock, taken after the slow request's, must not be left to expire.

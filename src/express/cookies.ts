@@ -15,14 +15,18 @@ export function readSessionId(
 /** Spellings of the header for a WebSocket upgrade's stand-in, which writes each key it was given as one line. */
 const SET_COOKIE_SPELLINGS = ['Set-Cookie', 'set-cookie', 'SET-COOKIE', 'Set-cookie', 'set-Cookie']
 
-export function appendSessionCookie(res: ServerResponse, header: string): void {
-  if (!(res instanceof ServerResponse)) {
+/** `upgrade`: the response stands in for a WebSocket upgrade's (see isUpgradeStandIn). */
+export function appendSessionCookie(res: ServerResponse, header: string, upgrade = false): void {
+  if (upgrade && !(res instanceof ServerResponse)) {
     // socket.io's stand-in joins an array into one line ("a; Path=/,connect.sid=..."), which breaks both cookies;
-    // its header names are case-sensitive keys, so a spelling nobody used yet is a line of its own.
+    // its header names are case-sensitive keys, so a spelling nobody used yet is a line of its own. A stand-in
+    // that ignores case has none free: the array then, as for any response.
     const standIn = res as Pick<ServerResponse, 'getHeader' | 'setHeader'>
     const free = SET_COOKIE_SPELLINGS.find((name) => standIn.getHeader(name) === undefined)
-    if (free) standIn.setHeader(free, header)
-    return
+    if (free) {
+      standIn.setHeader(free, header)
+      return
+    }
   }
   const previous = res.getHeader('Set-Cookie')
   const all =

@@ -83,7 +83,7 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
           current.cookie as SessionCookie,
         )
         return () => {
-          if (!res.headersSent) appendSessionCookie(res, header)
+          if (!res.headersSent) appendSessionCookie(res, header, upgrade)
         }
       }
       // Taken by commitNow when it could not finish at once, so commit does not serialize the session again.
@@ -151,7 +151,7 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
         )
         // express-ws routes the upgrade after its handshake, through a response nothing ends: stored once the
         // handler's first pass is done (later changes are the application's save()).
-        if (afterHandshake(res)) setImmediate(commitOnce)
+        if (afterHandshake(req, res)) setImmediate(commitOnce)
       } else holdResponse(res, commit, next, commitNow, config.logger)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
       res.once('close', () => void engine.session.finish(state))

@@ -18,12 +18,17 @@ type ExpressSession = NonNullable<SessionRequest['session']>
  * A real response to an upgrade request (a server with no 'upgrade' listener) is held as any other.
  */
 export function isUpgradeStandIn(req: IncomingMessage, res: ServerResponse): boolean {
-  return req.headers.upgrade !== undefined && (!(res instanceof ServerResponse) || afterHandshake(res))
+  return req.headers.upgrade !== undefined && (!(res instanceof ServerResponse) || afterHandshake(req, res))
 }
 
-/** express-ws's stand-in: the handshake is done, and nothing will call its writeHead() or end() to say so. */
-export function afterHandshake(res: ServerResponse): boolean {
-  return res instanceof ServerResponse && !res.socket
+/**
+ * express-ws's stand-in: the handshake is done, and nothing will call its writeHead() or end() to say so. Only
+ * for a request Node gave to the 'upgrade' event: a request queued behind another on a keep-alive connection
+ * also has a response with no socket yet, and is answered.
+ */
+export function afterHandshake(req: IncomingMessage, res: ServerResponse): boolean {
+  // Node sets `upgrade` on every request it parses, true for those it gives to the 'upgrade' event.
+  return (req as { upgrade?: boolean }).upgrade === true && res instanceof ServerResponse && !res.socket
 }
 
 /**
