@@ -19,13 +19,13 @@ export interface SessionFailoverMiddleware extends SessionOperations {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
 }
 
+/** Keeps an upgrade's connection error from ending the process while its session is opened. */
+const ignoreError = (): void => {}
+
 /**
  * Express middleware with express-session's API (req.session, req.sessionID, save/regenerate/destroy/reload/
  * touch) whose sessions live on two memcached nodes and survive either one dying.
  */
-/** Keeps an upgrade's connection error from ending the process while its session is opened. */
-const ignoreError = (): void => {}
-
 export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>): SessionFailoverMiddleware {
   const config = parseOptions(options)
   const engine: Engine = createEngine(config)
@@ -149,8 +149,9 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
           cookieHeaders,
           config.logger,
         )
-        // express-ws routes the upgrade after its handshake, through a response nothing ends: stored once the
-        // handler's first pass is done (later changes are the application's save()).
+        // express-ws routes the upgrade after its handshake, through a response nothing ends: stored at the end of
+        // the turn this request is passed on in, so a change its ws route makes in that turn goes with it (later
+        // ones are the application's save()).
         if (afterHandshake(req, res)) setImmediate(commitOnce)
       } else holdResponse(res, commit, next, commitNow, config.logger)
       // Failed or abandoned by the client: the lock goes (after any commit in flight) in every case.
