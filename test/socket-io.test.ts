@@ -58,16 +58,17 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
     return client
   }
 
-  /** A logger that keeps its warnings, to see that close() found no request still in flight. */
-  const warningsLogger = () => {
+  /** A logger that keeps its warnings and errors (close() warns of requests still in flight). */
+  const recordingLogger = () => {
     const warnings: string[] = []
+    const errors: string[] = []
     const logger = {
       debug() {},
       info() {},
-      error() {},
       warn: (_: unknown, message: string) => warnings.push(message),
+      error: (_: unknown, message: string) => errors.push(message),
     }
-    return { warnings, logger }
+    return { warnings, errors, logger }
   }
 
   /** Upgrades to socket.io's WebSocket with `cookie`: each Set-Cookie line of the 101. */
@@ -163,7 +164,7 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
   })
 
   it('survives an upgrade whose client resets its connection while it waits for the lock, and leaves no lock', async () => {
-    const { warnings, logger } = warningsLogger()
+    const { warnings, logger } = recordingLogger()
     const { shop, io } = await shopWithSocketIo({ lockingMode: 'all', lockTimeout: 3000, logger })
     // A middleware after the sessions' that refuses this upgrade: nothing then calls the stand-in's writeHead().
     io.engine.use((_req: unknown, _res: unknown, next: (error?: Error) => void) => next(new Error('refused')))
@@ -197,7 +198,7 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
   })
 
   it("neither holds the lock nor stays in flight for express-ws's upgrade, routed through a response nothing ends", async () => {
-    const { warnings, logger } = warningsLogger()
+    const { warnings, logger } = recordingLogger()
     servers ??= await startCluster(2)
     const shop = await startShop(express, {
       secret: SECRET,
@@ -264,13 +265,7 @@ describe.each(expressVersions)('socket.io with io.engine.use() on $name', ({ exp
   }
   for (const [problem, change] of Object.entries(changes)) {
     it(`cuts the WebSocket whose changed session ${problem}, says why, and releases its lock`, async () => {
-      const errors: string[] = []
-      const logger = {
-        debug() {},
-        info() {},
-        warn() {},
-        error: (_: unknown, message: string) => errors.push(message),
-      }
+      const { errors, logger } = recordingLogger()
       const { shop, io } = await shopWithSocketIo({ maxSessionBytes: 4096, lockTimeout: 1000, logger })
       // Another engine middleware, after the session's, changes it.
       io.engine.use((req: SessionRequest, _res: unknown, next: () => void) => {

@@ -1,4 +1,4 @@
-import { type IncomingMessage, ServerResponse } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import { parse } from 'cookie'
 import type { CookieVerifier, PresentedId } from '../core/cookie-value.js'
 import { isSecureConnection } from '../session-cookie.js'
@@ -12,22 +12,7 @@ export function readSessionId(
   return header ? verifier.idOf(parse(header)[name]) : undefined
 }
 
-/** Spellings of the header for a WebSocket upgrade's stand-in, which writes each key it was given as one line. */
-const SET_COOKIE_SPELLINGS = ['Set-Cookie', 'set-cookie', 'SET-COOKIE', 'Set-cookie', 'set-Cookie']
-
-/** `upgrade`: the response stands in for a WebSocket upgrade's (see isUpgradeStandIn). */
-export function appendSessionCookie(res: ServerResponse, header: string, upgrade = false): void {
-  if (upgrade && !(res instanceof ServerResponse)) {
-    // socket.io's stand-in joins an array into one line ("a; Path=/,connect.sid=..."), which breaks both cookies;
-    // its header names are case-sensitive keys, so a spelling nobody used yet is a line of its own. A stand-in
-    // that ignores case has none free: the array then, as for any response.
-    const standIn = res as Pick<ServerResponse, 'getHeader' | 'setHeader'>
-    const free = SET_COOKIE_SPELLINGS.find((name) => standIn.getHeader(name) === undefined)
-    if (free) {
-      standIn.setHeader(free, header)
-      return
-    }
-  }
+export function appendSessionCookie(res: ServerResponse, header: string): void {
   const previous = res.getHeader('Set-Cookie')
   const all =
     previous === undefined

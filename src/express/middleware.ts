@@ -13,7 +13,7 @@ import { appendSessionCookie, isSecure, readSessionId, requestPath } from './coo
 import { toDictionaryMode } from './dictionary-mode.js'
 import { type ApplyHeaders, holdResponse } from './hold-response.js'
 import { RequestStore, type SessionRequest } from './request-store.js'
-import { afterHandshake, commitOnUpgrade, isUpgradeStandIn } from './upgrade-response.js'
+import { afterHandshake, appendStandInCookie, commitOnUpgrade, isUpgradeStandIn } from './upgrade-response.js'
 
 export interface SessionFailoverMiddleware extends SessionOperations {
   (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void): void
@@ -83,7 +83,8 @@ export function sessionFailover(options: SessionFailoverOptions<IncomingMessage>
           current.cookie as SessionCookie,
         )
         return () => {
-          if (!res.headersSent) appendSessionCookie(res, header, upgrade)
+          if (upgrade) appendStandInCookie(res, header)
+          else if (!res.headersSent) appendSessionCookie(res, header)
         }
       }
       // Taken by commitNow when it could not finish at once, so commit does not serialize the session again.

@@ -3,6 +3,7 @@ import type { SessionEngine } from '../core/engine.js'
 import type { RequestFacts } from '../core/locking-policy.js'
 import type { SessionSnapshot, SessionState } from '../core/session-state.js'
 import type { Logger } from '../logger.js'
+import { appendSessionCookie } from './cookies.js'
 import type { ApplyHeaders } from './hold-response.js'
 import type { SessionRequest } from './request-store.js'
 
@@ -29,6 +30,25 @@ export function isUpgradeStandIn(req: IncomingMessage, res: ServerResponse): boo
 export function afterHandshake(req: IncomingMessage, res: ServerResponse): boolean {
   // Node sets `upgrade` on every request it parses, true for those it gives to the 'upgrade' event.
   return (req as { upgrade?: boolean }).upgrade === true && res instanceof ServerResponse && !res.socket
+}
+
+/** Spellings of the header for socket.io's stand-in, which writes each key it was given as one line. */
+const SET_COOKIE_SPELLINGS = ['Set-Cookie', 'set-cookie', 'SET-COOKIE', 'Set-cookie', 'set-Cookie']
+
+/**
+ * The session cookie on an upgrade's stand-in. socket.io's joins an array into one line ("a; Path=/,connect.sid=
+ * ..."), which breaks both cookies; its header names are case-sensitive keys, so a spelling nobody used yet is a
+ * line of its own. A stand-in that ignores case has none free, and express-ws's is a ServerResponse: the array
+ * then, as for any response.
+ */
+export function appendStandInCookie(res: ServerResponse, header: string): void {
+  const standIn = res as Pick<ServerResponse, 'getHeader' | 'setHeader'>
+  const free =
+    res instanceof ServerResponse
+      ? undefined
+      : SET_COOKIE_SPELLINGS.find((name) => standIn.getHeader(name) === undefined)
+  if (free) standIn.setHeader(free, header)
+  else appendSessionCookie(res, header)
 }
 
 /**
