@@ -1,5 +1,4 @@
 import { type ChildProcess, spawn } from 'node:child_process'
-import { appendFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { announcedPort } from '../../test/support/process.js'
 
@@ -59,9 +58,6 @@ export class ShopProcess {
       stdio: ['pipe', 'pipe', 'inherit'],
     })
     this.#child = child
-    // The test harness kills whatever a crashed test worker left running from this list.
-    const pidFile = process.env.SF_TEST_PID_FILE
-    if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
     child.once('exit', () => {
       if (this.#child === child) this.#child = undefined
     })

@@ -8,7 +8,7 @@ import { redisBinary } from './redis.js'
 
 /**
  * Makes sure memcached, redis-server, saslpasswd2 and chromium are installed (installing Debian's packages when running as root), and
- * keeps a pid file that the teardown uses to kill any server a test worker left running, whatever happened to
+ * keeps a pid file that the teardown uses to kill any server or app instance a test worker left running, whatever happened to
  * the worker.
  */
 export default function setup(): () => void {
@@ -60,9 +60,14 @@ export default function setup(): () => void {
   }
 }
 
+/** A test server, or a test's app instance (support/instance-main.ts), by its command line. */
 function isServer(pid: number): boolean {
   try {
-    return /^(memcached|redis-server|redis-sentinel)$/.test(readFileSync(`/proc/${pid}/comm`, 'utf8').trim())
+    const comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim()
+    if (/^(memcached|redis-server|redis-sentinel)$/.test(comm)) return true
+    return (
+      comm === 'node' && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('support/instance-main.ts')
+    )
   } catch {
     return false
   }

@@ -1,9 +1,8 @@
 import { type ChildProcess, spawn } from 'node:child_process'
-import { appendFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import type { SessionFailoverOptions } from '../../src/index.js'
 import type { ShopApp } from './app.js'
-import { announcedPort } from './process.js'
+import { announcedPort, guard } from './process.js'
 
 const main = fileURLToPath(new URL('./instance-main.ts', import.meta.url))
 const running = new Set<ChildProcess>()
@@ -29,6 +28,9 @@ export async function startAppProcess(
     },
     stdio: ['ignore', 'pipe', 'inherit'],
   })
+  // Killed with the test worker however it ends, as the servers are: an app instance left running would keep
+  // its nodes' connections, and its port, after the run.
+  guard(child)
   running.add(child)
   const exited = new Promise<number | string | null>((resolve) =>
     child.once('exit', (code, signal) => {
@@ -36,8 +38,6 @@ export async function startAppProcess(
       resolve(code ?? signal)
     }),
   )
-  const pidFile = process.env.SF_TEST_PID_FILE
-  if (pidFile && child.pid) appendFileSync(pidFile, `${child.pid}\n`)
   const port = await announcedPort(child, 'app instance', 15_000)
   return {
     url: `http://127.0.0.1:${port}`,

@@ -1,6 +1,6 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
-import { appendFileSync, readFileSync } from 'node:fs'
-import { connect, createServer } from 'node:net'
+import { appendFileSync, readdirSync, readFileSync, readlinkSync } from 'node:fs'
+import { createServer } from 'node:net'
 
 /**
  * The process side of every test server (memcached, redis-server, sentinel): a free port, waiting until it
@@ -47,17 +47,22 @@ export function installed(program: string): string {
   }
 }
 
-/**
- * Keeps a started process on the kind's list and in the pid file, and has it die with this process (see
- * killedWithThisProcess).
- */
+/** Keeps a started server on the kind's list, and has it die with this process (see guard). */
 export function track(kind: ServerKind, child: ChildProcess): ChildProcess {
   const list = running.get(kind) as Set<ChildProcess>
   list.add(child)
+  child.once('exit', () => list.delete(child))
+  return guard(child)
+}
+
+/**
+ * Has a started process (a server, or an app instance) die with this process, a SIGKILL of it included (see
+ * killedWithThisProcess), and records its pid in the run's pid file for the global teardown.
+ */
+export function guard(child: ChildProcess): ChildProcess {
   const pid = child.pid
   if (pid) killedWithThisProcess(pid)
   child.once('exit', () => {
-    list.delete(child)
     if (pid) watchdog?.stdin?.write(`-${pid}\n`)
   })
   const pidFile = process.env.SF_TEST_PID_FILE
@@ -104,22 +109,57 @@ function killedWithThisProcess(pid: number): void {
   watchdog.stdin?.write(`${pid}\n`)
 }
 
+/**
+ * Waits until `child` itself listens on `port`. A connection test would also accept another test's server that
+ * took the port first (free ports are found by binding and closing, and workers run in parallel): the test would
+ * then run against a server it does not control. Rejects if the child exits first (the port was taken).
+ */
 export async function waitUntilListening(port: number, child: ChildProcess): Promise<void> {
   const deadline = Date.now() + 5000
   while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`the server for port ${port} exited with ${child.exitCode}`)
-    const ok = await new Promise<boolean>((resolve) => {
-      const socket = connect(port, '127.0.0.1')
-      socket.once('connect', () => {
-        socket.destroy()
-        resolve(true)
-      })
-      socket.once('error', () => resolve(false))
-    })
-    if (ok) return
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(
+        `the server for port ${port} exited (${child.exitCode ?? child.signalCode}) before listening`,
+      )
+    }
+    if (child.pid !== undefined && listensOn(child.pid, port)) return
     await new Promise((resolve) => setTimeout(resolve, 20))
   }
-  throw new Error(`nothing listened on port ${port} within 5 s`)
+  throw new Error(`pid ${child.pid} did not listen on port ${port} within 5 s`)
+}
+
+/** Whether process `pid` holds a socket listening on TCP `port` (Linux's /proc, as waitForState). */
+function listensOn(pid: number, port: number): boolean {
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0')
+  const inodes = new Set<string>()
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let lines: string[]
+    try {
+      lines = readFileSync(table, 'utf8').split('\n').slice(1)
+    } catch {
+      continue
+    }
+    for (const line of lines) {
+      const fields = line.trim().split(/\s+/)
+      // local_address is ADDR:PORT in hex; state 0A is LISTEN; the inode is the tenth field.
+      if (fields[1]?.endsWith(`:${hexPort}`) && fields[3] === '0A' && fields[9]) inodes.add(fields[9])
+    }
+  }
+  if (inodes.size === 0) return false
+  let fds: string[]
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`)
+  } catch {
+    return false
+  }
+  return fds.some((fd) => {
+    try {
+      const target = readlinkSync(`/proc/${pid}/fd/${fd}`)
+      return target.startsWith('socket:[') && inodes.has(target.slice(8, -1))
+    } catch {
+      return false
+    }
+  })
 }
 
 function exited(child: ChildProcess): Promise<void> {
@@ -165,14 +205,36 @@ export function announcedPort(child: ChildProcess, name: string, timeoutMs: numb
   })
 }
 
+/**
+ * `spawnOn(port)` on a free port, once it listens there. A free port can be taken by another worker's server
+ * before this one binds it: then another port.
+ */
+async function spawnListening(
+  kind: ServerKind,
+  spawnOn: (port: number) => ChildProcess,
+): Promise<{ port: number; child: ChildProcess }> {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort()
+    const child = track(kind, spawnOn(port))
+    try {
+      await waitUntilListening(port, child)
+      return { port, child }
+    } catch (error) {
+      child.kill('SIGKILL')
+      await exited(child)
+      if (attempt === 3) throw error
+    }
+  }
+}
+
 /** Starts a server on a free port with `spawnOn(port)`, and returns the handle tests kill and freeze it by. */
 export async function startServerProcess(
   kind: ServerKind,
   spawnOn: (port: number) => ChildProcess,
 ): Promise<ServerProcess> {
-  const port = await freePort()
-  let child = track(kind, spawnOn(port))
-  await waitUntilListening(port, child)
+  const started = await spawnListening(kind, spawnOn)
+  const { port } = started
+  let child = started.child
   return {
     port,
     get pid() {
