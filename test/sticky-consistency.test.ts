@@ -95,9 +95,13 @@ describe('sticky consistency', () => {
     const other = new Browser()
     other.cookie = browser.cookie
     expect((await other.send(b, 'POST', '/cart/kiwi')).body.cart).toEqual(['apple', 'kiwi'])
+    expect(a.app.sessions.localStatus()?.pendingBackups).toBeGreaterThan(0)
     a.restore()
-    await sleep(600) // a's retry runs, finds a newer copy, and drops its own
-    for (const copy of await stored(other.sessionId)) expect(copy.cart).toEqual(['apple', 'kiwi'])
+    // a's retry runs, finds a newer copy, and drops its own.
+    await until(() => a.app.sessions.localStatus()?.pendingBackups === 0)
+    const copies = await stored(other.sessionId)
+    expect(copies).toHaveLength(2)
+    for (const copy of copies) expect(copy.cart).toEqual(['apple', 'kiwi'])
   })
 
   it('drops a delayed backup of a session logged out on the instance that took it over', async () => {
@@ -170,7 +174,9 @@ describe('sticky consistency', () => {
     expect((await slow).body.cart).toEqual(['apple', 'kiwi'])
     await until(() => a.sessions.localStatus()?.pendingBackups === 0)
     expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'kiwi'])
-    for (const copy of await stored(browser.sessionId)) expect(copy.cart).toEqual(['apple', 'kiwi'])
+    const copies = await stored(browser.sessionId)
+    expect(copies).toHaveLength(2)
+    for (const copy of copies) expect(copy.cart).toEqual(['apple', 'kiwi'])
   })
 
   it('does not acknowledge a write it can keep nowhere: no node alive, and too large for memory', async () => {

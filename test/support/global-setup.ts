@@ -39,9 +39,13 @@ export default function setup(): () => void {
   const pidFile = join(dir, 'pids')
   process.env.SF_TEST_PID_FILE = pidFile
   return () => {
-    let pids: number[] = []
+    // Started ("123") and, once exited, struck off ("-123").
+    const pids = new Set<number>()
     try {
-      pids = readFileSync(pidFile, 'utf8').split('\n').filter(Boolean).map(Number)
+      for (const line of readFileSync(pidFile, 'utf8').split('\n').filter(Boolean)) {
+        if (line.startsWith('-')) pids.delete(Number(line.slice(1)))
+        else pids.add(Number(line))
+      }
     } catch {
       // no server was started
     }

@@ -61,12 +61,15 @@ export function track(kind: ServerKind, child: ChildProcess): ChildProcess {
  */
 export function guard(child: ChildProcess): ChildProcess {
   const pid = child.pid
-  if (pid) killedWithThisProcess(pid)
-  child.once('exit', () => {
-    if (pid) watchdog?.stdin?.write(`-${pid}\n`)
-  })
+  if (!pid) return child
+  killedWithThisProcess(pid)
   const pidFile = process.env.SF_TEST_PID_FILE
-  if (pidFile && pid) appendFileSync(pidFile, `${pid}\n`)
+  if (pidFile) appendFileSync(pidFile, `${pid}\n`)
+  child.once('exit', () => {
+    watchdog?.stdin?.write(`-${pid}\n`)
+    // Struck off, as for the watchdog: once reused, the pid may be another run's server.
+    if (pidFile) appendFileSync(pidFile, `-${pid}\n`)
+  })
   return child
 }
 
