@@ -3,7 +3,7 @@ import express from 'express'
 import { afterEach, describe, expect, it } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
-import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
+import { Browser, hangingRequest, pauseBeforeModify, type ShopApp, startShop } from './support/app.js'
 import {
   type Backend,
   backends,
@@ -98,12 +98,11 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
   it("counts a same-key conflict under 'merge', and the last writer wins", async () => {
     const [a, b] = await instances({ lockingMode: 'merge' })
     const browser = await session(a)
-    let release = (): void => {}
-    a.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+    const paused = pauseBeforeModify(a)
     const slow = browser.send(a, 'POST', '/slow/late') // reads cart ['start'] now, writes it later
-    await sleep(50)
+    await paused.reached
     expect((await browser.send(b, 'POST', '/cart/early')).body.cart).toEqual(['start', 'early'])
-    release()
+    paused.release()
     expect((await slow).status).toBe(200)
     expect(a.sessions.stats().mergeConflicts).toBe(1)
     expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', 'late'])
@@ -113,13 +112,12 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     const [a, b] = await instances({ lockingMode: 'merge', maxSessionBytes: 8192 })
     const browser = await session(a)
     await browser.send(a, 'POST', '/big/6') // 6 KiB of the 8
-    let release = (): void => {}
-    a.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+    const paused = pauseBeforeModify(a)
     const item = 'y'.repeat(3000)
     const slow = browser.send(a, 'POST', `/slow/${item}`) // read with the 6 KiB; its own copy would not fit
-    await sleep(50)
+    await paused.reached
     expect((await browser.send(b, 'POST', '/big/0')).status).toBe(200)
-    release()
+    paused.release()
     expect((await slow).status).toBe(200)
     expect((await browser.send(b, 'GET', '/cart')).body.cart).toEqual(['start', item])
   })
@@ -128,7 +126,7 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     const [a, b] = await instances({ lockingMode: 'all', lockTimeout: 300 })
     const browser = await session(a)
     const hanging = hangingRequest(a, browser.cookie)
-    await sleep(100)
+    await hanging.reached()
     const blocked = await browser.send(b, 'POST', '/count')
     expect(blocked.status).toBe(503)
     expect(blocked.headers.get('retry-after')).toBe('1')
@@ -143,7 +141,7 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     const [a, b] = await instances({ lockingMode: 'all', lockExpiration: 30 })
     const browser = await session(a)
     const hanging = hangingRequest(a, browser.cookie)
-    await sleep(100)
+    await hanging.reached()
     hanging.abort()
     expect(await hanging.done).toBe('aborted')
     const reply = await browser.send(b, 'POST', '/count')
@@ -166,8 +164,7 @@ describe.each(setups)('parallel requests of one session ($name)', ({ backend, st
     shops.push(other)
     const browser = new Browser()
     await browser.send(holder, 'POST', '/cart/apple')
-    void hangingRequest(holder, browser.cookie).done
-    await sleep(200)
+    await hangingRequest(holder, browser.cookie).reached()
     await holder.kill()
     const reply = await browser.send(other, 'POST', '/cart/pear')
     expect(reply.status).toBe(200)
@@ -286,7 +283,7 @@ describe.each(setups)('locks and merges under failure ($name)', ({ backend, star
     const browser = new Browser()
     await browser.send(a, 'POST', '/cart/start')
     const holder = hangingRequest(a, browser.cookie)
-    await sleep(100)
+    await holder.reached()
     const waiter = hangingRequest(b, browser.cookie) // waits for the lock...
     await sleep(100)
     waiter.abort() // ...and its client gives up

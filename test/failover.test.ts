@@ -2,7 +2,14 @@ import { sign } from 'cookie-signature'
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
-import { Browser, expressVersions, hangingRequest, type ShopApp, startShop } from './support/app.js'
+import {
+  Browser,
+  expressVersions,
+  hangingRequest,
+  pauseBeforeModify,
+  type ShopApp,
+  startShop,
+} from './support/app.js'
 import { type CacheServer, nodesFor, startBackend, stopAllServers } from './support/backends.js'
 import { startFastifyShop } from './support/fastify-app.js'
 
@@ -261,7 +268,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     await serverOf(id).kill()
     // This request reads the session and chooses where it moves; its client leaves before anything is written.
     const abandoned = hangingRequest(appB, oldCookie)
-    await sleep(100)
+    await abandoned.reached()
     abandoned.abort()
     await abandoned.done
     const stale = new Browser()
@@ -315,7 +322,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       await sleep(PROBE_INTERVAL * 5)
       // A request with the old id holds the lock; one with the new id, on another instance, waits for it.
       const hanging = hangingRequest(mover, oldCookie)
-      await sleep(100)
+      await hanging.reached()
       expect((await browser.send(other, 'POST', '/cart/kiwi')).status).toBe(503)
       hanging.abort()
       await hanging.done
@@ -389,12 +396,11 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     try {
       const id = await fillCart()
       const oldCookie = browser.cookie
-      let release = () => {}
-      reader.beforeModify = () => new Promise<void>((resolve) => (release = resolve))
+      const paused = pauseBeforeModify(reader)
       const held = browser.send(reader, 'GET', '/cart/held')
-      await sleep(100)
+      await paused.reached
       expect((await browser.send(appB, 'POST', '/logout')).status).toBe(200)
-      release()
+      paused.release()
       expect((await held).body.cart).toEqual(['apple', 'pear']) // read before the logout
       await sleep(200) // its touches (and any restore) are done by then
       const { primary, backup } = keysOf(id)

@@ -381,7 +381,7 @@ describe('session locks', () => {
     const browser = new Browser()
     await browser.send(holder, 'POST', '/cart/apple')
     const hanging = hangingRequest(holder, browser.cookie)
-    await sleep(100)
+    await hanging.reached()
     const reply = await browser.send(other, 'POST', '/cart/pear')
     hanging.abort()
     expect(reply.status).toBe(200)

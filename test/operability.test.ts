@@ -174,7 +174,7 @@ describe('events and warnings', () => {
     expect(app.sessions.stats().lockWaits).toBeGreaterThanOrEqual(1)
 
     const hanging = hangingRequest(app, browser.cookie)
-    await sleep(100)
+    await hanging.reached()
     expect((await browser.send(app, 'POST', '/count')).status).toBe(503)
     hanging.abort()
     await hanging.done

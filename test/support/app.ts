@@ -7,6 +7,7 @@ import {
   type SessionFailoverOptions,
   sessionFailover,
 } from '../../src/index.js'
+import { until } from './until.js'
 
 export const expressVersions = [
   { name: 'Express 4', express: express4 as unknown as typeof express5 },
@@ -127,8 +128,14 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     res.write('open ')
     req.session.destroy(() => res.end('destroyed'))
   })
-  app.post('/hang', () => {
-    // Never answers: holds the session's lock until the client goes away or the lock expires.
+  const hanging = new Set<string>()
+  app.post('/hang', (req) => {
+    // Never answers: holds the session's lock until the client goes away or the lock expires. Noted, so a test
+    // knows when it holds the lock (GET /hanging/:tag).
+    hanging.add(String(req.query.tag))
+  })
+  app.get('/hanging/:tag', (req, res) => {
+    res.json({ reached: hanging.has(String(req.params.tag)) })
   })
   app.post('/unset', (req, res) => {
     ;(req as { session: unknown }).session = null
@@ -250,9 +257,12 @@ export class Browser {
   }
 }
 
+let hangingRequests = 0
+
 /**
  * Starts a request to POST /hang, which never answers: it holds its session's lock until `abort()` (the client
- * going away) or until the lock expires. `done` settles once the request is over.
+ * going away) or until the lock expires. `done` settles once the request is over; `reached()` once its handler
+ * runs, so its session is loaded and, where the mode locks, its lock held.
  */
 export function hangingRequest(
   app: Pick<ShopApp, 'url'>,
@@ -260,7 +270,8 @@ export function hangingRequest(
   { json }: { json?: string } = {},
 ) {
   const controller = new AbortController()
-  const done = fetch(`${app.url}/hang`, {
+  const tag = String(++hangingRequests)
+  const done = fetch(`${app.url}/hang?tag=${tag}`, {
     method: 'POST',
     headers: { cookie: cookie ?? '', ...(json === undefined ? {} : { 'content-type': 'application/json' }) },
     ...(json === undefined ? {} : { body: json }),
@@ -269,7 +280,34 @@ export function hangingRequest(
     () => 'answered',
     () => 'aborted',
   )
-  return { abort: () => controller.abort(), done }
+  // Asked without a cookie: no session, so no lock to wait for.
+  const reached = () =>
+    until(
+      async () => ((await (await fetch(`${app.url}/hanging/${tag}`)).json()) as { reached: boolean }).reached,
+    )
+  return { abort: () => controller.abort(), done, reached }
+}
+
+/**
+ * Makes the shop's next POST /slow/:item (or GET /cart/held) stop before it modifies the session: `reached`
+ * settles once it has loaded the session and stopped there, `release()` lets it go on.
+ */
+export function pauseBeforeModify(shop: Pick<ShopApp, 'beforeModify'>): {
+  reached: Promise<void>
+  release(): void
+} {
+  let arrive = (): void => {}
+  let release = (): void => {}
+  const reached = new Promise<void>((resolve) => {
+    arrive = resolve
+  })
+  shop.beforeModify = () => {
+    arrive()
+    return new Promise<void>((resolve) => {
+      release = resolve
+    })
+  }
+  return { reached, release: () => release() }
 }
 
 /**

@@ -87,7 +87,15 @@ export async function startFastifyShop(options: SessionFailoverOptions): Promise
   app.get('/keys', async (request) => ({
     keys: Object.keys(request.session).filter((key) => key.startsWith('k_')),
   }))
-  app.post('/hang', () => new Promise(() => {}))
+  const hanging = new Set<string>()
+  // Never answers; noted, so a test knows when it holds the lock (GET /hanging/:tag, as the Express shop).
+  app.post<{ Querystring: { tag?: string } }>('/hang', (request) => {
+    hanging.add(String(request.query.tag))
+    return new Promise(() => {})
+  })
+  app.get<{ Params: { tag: string } }>('/hanging/:tag', async (request) => ({
+    reached: hanging.has(request.params.tag),
+  }))
   app.post('/boom', async (request) => {
     request.session.views = 99
     throw new Error('the handler failed')
