@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, describe, expect, it } from 'vitest'
 import { parseSessionId } from '../src/index.js'
 import { MemcachedNode } from '../src/nodes/memcached.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
@@ -39,6 +39,9 @@ async function misbehavingServer(
       }),
   }
 }
+
+// Whatever a test left running when it failed before its own cleanup.
+afterAll(() => stopAllMemcached())
 
 describe('a node that misbehaves never crashes or hangs the app', () => {
   let app: ShopApp | undefined
@@ -173,13 +176,19 @@ describe('without nodes (local development)', () => {
 
   it('answers 503 after close() instead of reconnecting', async () => {
     const real = await startMemcached()
-    const app = await startShop(express, { secret: 's', nodes: `n1:127.0.0.1:${real.port}` })
-    const browser = new Browser()
-    await browser.send(app, 'POST', '/cart/apple')
-    await app.sessions.close()
-    const server = await fetch(`${app.url}/cart`, { headers: { cookie: browser.cookie ?? '' } })
-    expect(server.status).toBe(503)
-    await app.close()
-    await stopAllMemcached()
+    try {
+      const app = await startShop(express, { secret: 's', nodes: `n1:127.0.0.1:${real.port}` })
+      try {
+        const browser = new Browser()
+        await browser.send(app, 'POST', '/cart/apple')
+        await app.sessions.close()
+        const server = await fetch(`${app.url}/cart`, { headers: { cookie: browser.cookie ?? '' } })
+        expect(server.status).toBe(503)
+      } finally {
+        await app.close()
+      }
+    } finally {
+      await stopAllMemcached()
+    }
   })
 })

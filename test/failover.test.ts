@@ -45,7 +45,8 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
   })
 
   afterEach(async () => {
-    await Promise.all([appA.close(), appB.close()])
+    // Optional: a failed start leaves them unset, and the servers must still be stopped.
+    await Promise.all([appA?.close(), appB?.close()])
     await stopAllServers()
   })
 

@@ -45,7 +45,7 @@ describe.each([
     node = await startNode(kind, 1000)
   })
   afterAll(async () => {
-    await node.close()
+    await node?.close()
     await stopServers()
   })
 
@@ -105,7 +105,7 @@ describe.each([
     node = await startNode(kind, 2000)
   })
   afterAll(async () => {
-    await node.close()
+    await node?.close()
     await stopServers()
   })
 
@@ -137,7 +137,7 @@ describe.each([
     await node.set('stall', Buffer.from('v'), 60) // connected
   })
   afterAll(async () => {
-    await node.close()
+    await node?.close()
     await stopServers()
   })
 
