@@ -80,6 +80,14 @@ describe('options', () => {
     ])
   })
 
+  it('takes host names (dots, dashes, underscores) and IP addresses as memcached hosts', () => {
+    const nodes = 'a:cache-1.internal:1 b:my_host c:10.0.0.1 d:[fe80::1]:4'
+    expect(
+      parseOptions({ secret: 's', nodes }).nodes?.map((node) => node.kind === 'memcached' && node.host),
+    ).toEqual(['cache-1.internal', 'my_host', '10.0.0.1', 'fe80::1'])
+    expect(parseOptions({ secret: 's', nodes: [{ id: 'x', host: '::1', port: 5 }] }).nodes).toHaveLength(1)
+  })
+
   it.each([
     [
       { nodes },
@@ -195,7 +203,51 @@ describe('options', () => {
       'Expected `cookie.maxAge` to be a number of milliseconds from 0 to 10^15, got `Infinity`',
     ],
     [{ secret: 's', nodes, cookie: { maxage: 1 } }, 'Unknown cookie option `cookie.maxage`'],
-    [{ secret: 's', nodes, operationTimout: 5 }, 'Unknown option `operationTimout`'],
+    [
+      { secret: 's', nodes, operationTimout: 5 },
+      'Unknown option `operationTimout`: did you mean `operationTimeout`?',
+    ],
+    [{ secret: 's', node: 'n1:h:1' }, 'Unknown option `node`: did you mean `nodes`?'],
+    [
+      { secret: 's', nodes, lockingmode: 'auto' },
+      'Unknown option `lockingmode`: did you mean `lockingMode`?',
+    ],
+    [{ secret: 's', nodes, flavour: 1 }, 'Unknown option `flavour`; the options are `secret`, `nodes`, '],
+    // @fastify/session's names.
+    [{ secret: 's', nodes, cookieName: 'sid' }, 'Option `cookieName` is not supported: use `name`'],
+    [
+      { secret: 's', nodes, idGenerator: () => 'x' },
+      'Option `idGenerator` is not supported: session ids carry',
+    ],
+    // Which entry, never its value.
+    [{ secret: ['rotated-out', ''], nodes }, 'got an empty string at `secret[1]`'],
+    [{ secret: ['current', 12345678], nodes }, 'got a value of type number at `secret[1]`'],
+    // A node address that would only fail as 503s at the first request.
+    [
+      { secret: 's', nodes: 'localhost:11211' },
+      "Expected the host of node 'localhost' to be a host name or an IP address, got the number '11211': each entry of `nodes` begins with the node's id, as in 'n1:localhost:11211'",
+    ],
+    [
+      { secret: 's', nodes: [{ id: 'n1', host: '127.0.0.1:11211' }] },
+      "Expected the host of node 'n1' to be a host name or an IP address, got `'127.0.0.1:11211'` (string) (the port is its own field)",
+    ],
+    [
+      { secret: 's', nodes: [{ id: 'n1', host: '11211' }] },
+      "got the number '11211' (the port is its own field)",
+    ],
+    [
+      { secret: 's', nodes: 'memcached://127.0.0.1:11211' },
+      "got `'//127.0.0.1'` (string): a memcached node is written 'id:host:port', a Redis node 'id:redis://host:port'",
+    ],
+    [
+      { secret: 's', nodes: 'n1:redis//127.0.0.1:6379' },
+      "got `'redis//127.0.0.1'` (string): a memcached node",
+    ],
+    [
+      { secret: 's', nodes: [{ id: 'n1', host: 'a/b', port: 1 }] },
+      "to be a host name or an IP address, got `'a/b'`",
+    ],
+    [{ secret: 's', nodes: [{ id: 'r', url: 'http://u:p@h:1' }] }, 'got a URL of another scheme'],
     [{ secret: 's', nodes, store: {} }, 'Option `store` is not supported'],
     [{ secret: 's', nodes, genid: () => 'x' }, 'Option `genid` is not supported'],
     [{ secret: 's', nodes, sticky: 'yes' }, 'Expected `sticky` to be a boolean'],
