@@ -1,6 +1,7 @@
 import { createReadStream, type ReadStream } from 'node:fs'
 import { type ClientHttp2Stream, connect, type IncomingHttpHeaders } from 'node:http2'
 import { Readable, Stream } from 'node:stream'
+import fastifyCookie from '@fastify/cookie'
 import express from 'express'
 import Fastify, {
   type FastifyError,
@@ -556,6 +557,8 @@ describe('the Fastify plugin with unusual setups', () => {
     it(`answers a session it could not store with an error status, not the route's, and without its cookies or redirect (${handler} error handler)`, async () => {
       const servers = await startCluster(1)
       const fastify = await app(async (a) => {
+        // For reply.setCookie().
+        await a.register(fastifyCookie)
         await a.register(fastifySessionFailover, {
           secret: 's',
           nodes: nodesOption(servers),
@@ -625,7 +628,6 @@ describe('the Fastify plugin with unusual setups', () => {
   })
 
   it("works whatever the application's own @fastify/cookie setup: parsing later, or signing by default", async () => {
-    const { default: fastifyCookie } = await import('@fastify/cookie')
     const servers = await startCluster(1)
     for (const cookieOptions of [
       { hook: false as const },

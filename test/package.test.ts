@@ -1,5 +1,13 @@
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -34,6 +42,24 @@ describe('the npm package', () => {
   }, 240_000)
 
   afterAll(() => rmSync(app, { recursive: true, force: true }))
+
+  it("installs with --engine-strict: no dependency of its own needs a newer Node than the package's engines", () => {
+    // An Express-only app installs no peer; a dependency that declares a newer Node fails such an install.
+    const strict = mkdtempSync(join(tmpdir(), 'session-failover-strict-'))
+    try {
+      const tarball = readdirSync(app).find((name) => name.endsWith('.tgz')) as string
+      copyFileSync(join(app, tarball), join(strict, tarball))
+      writeFileSync(join(strict, 'package.json'), JSON.stringify({ name: 'strict-consumer', private: true }))
+      run(
+        'npm',
+        ['install', '--no-audit', '--no-fund', '--prefer-offline', '--engine-strict', `./${tarball}`],
+        strict,
+      )
+      expect(existsSync(join(strict, 'node_modules/session-failover/dist/index.js'))).toBe(true)
+    } finally {
+      rmSync(strict, { recursive: true, force: true })
+    }
+  })
 
   it('ships only the build, the README and the license', () => {
     const files = run('tar', ['-tzf', readdirSync(app).find((name) => name.endsWith('.tgz')) as string], app)

@@ -1,5 +1,4 @@
 import type { ServerResponse } from 'node:http'
-import fastifyCookie from '@fastify/cookie'
 import { parse as parseCookie } from 'cookie'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
@@ -57,6 +56,9 @@ export type FastifySessionFailoverOptions = SessionFailoverOptions<FastifyReques
  * (and locked, per `lockingMode`) in onRequest, and committed in onSend, before the reply is sent: a failed
  * write becomes the error reply (503 when no node is reachable), never a 2xx.
  */
+/** A request with @fastify/cookie's `request.cookies`, typed here without depending on it. */
+type ParsedCookies = { cookies?: Record<string, string | undefined> | null }
+
 const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify, options) => {
   // Fastify's own register options (a plugin's log level) reach the plugin too: they are not ours to refuse.
   // (`prefix` is both Fastify's and ours; this plugin declares no routes, so only ours means anything.)
@@ -73,9 +75,11 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
   const cookiePath = config.cookie.path ?? '/'
   const verifier = new CookieVerifier(config.secrets)
   const contexts = new WeakMap<FastifyRequest, RequestContext>()
-  if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
-  // `request.cookies` is @fastify/cookie's unless another plugin took the name (@fastify/cookie also adds
-  // `parseCookie`): then, as when @fastify/cookie parses in a later hook, the header is parsed here.
+  // The session cookie is read from @fastify/cookie's `request.cookies` when the application registered it
+  // first (it also adds `parseCookie`; another plugin may have taken the name `cookies`), and otherwise, or when
+  // it parses in a later hook, from the header. Not registered here: a dependency on it would tie every install
+  // to its own dependencies' Node versions (its cookie 2 needs Node 22), and an application that registers it
+  // after this plugin would be refused a second registration.
   const cookiesParsed = fastify.hasDecorator('parseCookie')
   fastify.decorateRequest('session', null as unknown as FastifySession)
   const { close: _closedWithTheApp, ...operations } = operationsOf(engine, () => engine.close())
@@ -158,7 +162,7 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
     const path = request.url.split('?')[0] ?? '/'
     if (!path.startsWith(cookiePath)) return
     const raw =
-      (cookiesParsed ? request.cookies?.[config.name] : undefined) ??
+      (cookiesParsed ? (request as ParsedCookies).cookies?.[config.name] : undefined) ??
       parseCookie(request.headers.cookie ?? '')[config.name]
     const presented = verifier.idOf(raw)
     // 'auto' learns by Fastify's route ('/users/:name'), not by each path it serves ('/users/alice').
