@@ -1,4 +1,4 @@
-export type { SessionData } from 'express-session'
+export type { Session, SessionData } from 'express-session'
 export type { SessionCounters } from './core/counters.js'
 export type { LockingMode } from './core/locking-policy.js'
 export type {

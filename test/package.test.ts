@@ -128,6 +128,18 @@ await app.close()
       `import express from 'express'
 import { sessionFailover, parseSessionId, type SessionFailoverOptions } from 'session-failover'
 declare module 'express-session' { interface SessionData { cart: string[] } }
+// Through this package too, where express-session is not the application's own dependency (pnpm).
+declare module 'session-failover' { interface SessionData { basket: string[] } }
+// The README's socket.io example: socket.request is Node's request, typed with the session as socket.io's guide does.
+import type { IncomingMessage } from 'node:http'
+import type { Session, SessionData } from 'session-failover'
+declare module 'http' { interface IncomingMessage { session: Session & Partial<SessionData> } }
+const onSocket = (request: IncomingMessage) => request.session.reload((err) => {
+  if (err) return
+  request.session.cart = [...(request.session.cart ?? []), 'item']
+  request.session.save()
+})
+void onSocket
 const options: SessionFailoverOptions = {
   secret: ['a', 'b'],
   nodes: [{ id: 'n1', host: '127.0.0.1', port: 11211 }],
@@ -137,7 +149,11 @@ const options: SessionFailoverOptions = {
 const sessions = sessionFailover({ ...options, lockingMode: (req) => !req.url?.startsWith('/socket.io/') })
 const app = express()
 app.use(sessions)
-app.get('/', (req, res) => { req.session.cart = ['x']; res.json(parseSessionId(req.sessionID)?.nodeId) })
+app.get('/', (req, res) => {
+  req.session.cart = ['x']
+  req.session.basket = ['y']
+  res.json(parseSessionId(req.sessionID)?.nodeId)
+})
 void sessions.close()
 `,
     )
@@ -170,6 +186,8 @@ const shared: SessionFailoverOptions = { secret: 's', nodes: 'n1:127.0.0.1:1', l
 void Fastify().register(fastifySessionFailover, shared)
 app.get('/', async (request) => {
   request.session.user = { name: 'ann' }
+  request.session.set('user', { name: 'bob' })
+  request.session.set('undeclared', 42)
   const name: string | undefined = request.session.get('user')?.name
   const cart: string[] | undefined = request.session.get<string[]>('cart')
   await app.sessionFailover.destroySession(request.session.sessionId)
@@ -178,12 +196,27 @@ app.get('/', async (request) => {
 `,
     )
     expect(() => run('node', [tsc, ...args, 'typed-fastify.ts'], app)).not.toThrow()
-    // The declared type is enforced, so it is the declaration that types the session, not an index signature.
+    // The declared type is enforced, so it is the declaration that types the session, not an index signature:
+    // by assignment and by set().
     writeFileSync(
       join(app, 'wrong-fastify.ts'),
-      readFileSync(join(app, 'typed-fastify.ts'), 'utf8').replace("{ name: 'ann' }", '42'),
+      readFileSync(join(app, 'typed-fastify.ts'), 'utf8')
+        .replace("user = { name: 'ann' }", 'user = 42')
+        .replace("set('user', { name: 'bob' })", "set('user', 43)"),
     )
-    expect(() => run('node', [tsc, ...args, 'wrong-fastify.ts'], app)).toThrow()
+    const errors = (() => {
+      try {
+        run('node', [tsc, ...args, 'wrong-fastify.ts'], app)
+        return ''
+      } catch (error) {
+        return String((error as { stdout?: string }).stdout)
+      }
+    })()
+    const lines = readFileSync(join(app, 'wrong-fastify.ts'), 'utf8').split('\n')
+    const lineOf = (text: string) => lines.findIndex((line) => line.includes(text)) + 1
+    expect(errors).toContain(`wrong-fastify.ts(${lineOf('user = 42')},`)
+    expect(errors).toContain(`wrong-fastify.ts(${lineOf("set('user', 43)")},`)
+    expect(errors.match(/error TS/g)).toHaveLength(2)
     writeFileSync(
       join(app, 'wrong.ts'),
       `import { sessionFailover } from 'session-failover'\nsessionFailover({ nodes: 1 })\n`,

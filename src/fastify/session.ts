@@ -57,6 +57,8 @@ export class FastifySession {
     return Object.hasOwn(this, key) ? this[key] : undefined
   }
 
+  /** A key of your `Session` declaration takes its declared type; any other key, any value. */
+  set<K extends string>(key: K, value: K extends keyof Session ? Session[K] : unknown): void
   set(key: string, value: unknown): void {
     if (RESERVED.has(key))
       throw new TypeError(`'${key}' is part of the session's API and cannot be a session key`)
