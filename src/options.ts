@@ -257,7 +257,7 @@ export function parseOptions(options: unknown, env: string | undefined = process
     throw new ConfigError(`Expected options to be an object like { secret, nodes }, got ${describe(options)}`)
   }
   for (const key of Object.keys(options)) {
-    const refusal = REFUSED_OPTIONS[key]
+    const refusal = Object.hasOwn(REFUSED_OPTIONS, key) ? REFUSED_OPTIONS[key] : undefined
     if (refusal) throw new ConfigError(`Option \`${key}\` is not supported: ${refusal}`)
     if (!OPTION_NAMES.has(key)) throw new ConfigError(unknownOption(key))
   }
@@ -632,11 +632,14 @@ function checkHost(id: string, host: string, where: string): void {
   if (isIP(host) !== 0) return
   const expected = `Expected the host of node '${id}' to be a host name or an IP address`
   if (/^\d+$/.test(host)) {
-    throw new ConfigError(
-      where === 'nodes'
-        ? `${expected}, got the number '${host}': each entry of \`nodes\` begins with the node's id, as in 'n1:${id}:${host}'`
-        : `${expected}, got the number '${host}' (the port is its own field)`,
-    )
+    // 'localhost:11211' or 'memcached:11211' (a host, no id), or 'n1:11211' (an id, no host).
+    const hint =
+      where !== 'nodes'
+        ? ' (the port is its own field)'
+        : /^[A-Za-z]{1,4}\d+$/.test(id)
+          ? `: each entry of \`nodes\` is 'id:host:port', and this one has no host`
+          : `: each entry of \`nodes\` begins with the node's id, as in 'n1:${id}:${host}'`
+    throw new ConfigError(`${expected}, got the number '${host}'${hint}`)
   }
   if (!HOST_NAME.test(host)) {
     const hint = host.includes('//')
@@ -685,7 +688,7 @@ function redisUrl(id: string, url: unknown, { sentinel = false } = {}): string {
   }
   if (!parsed || (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') || !parsed.hostname) {
     throw new ConfigError(
-      `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? (parsed ? 'a URL of another scheme' : 'a string that is not a URL') : describe(url)}`,
+      `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? (parsed ? (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:' ? 'a URL without a host' : 'a URL of another scheme') : 'a string that is not a URL') : describe(url)}`,
     )
   }
   // ioredis reads a query string as client options, which would override the node's own (its offline queue, its

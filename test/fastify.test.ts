@@ -627,15 +627,19 @@ describe('the Fastify plugin with unusual setups', () => {
     }
   })
 
-  it("works whatever the application's own @fastify/cookie setup: parsing later, or signing by default", async () => {
+  it("works whatever the application's own @fastify/cookie setup: parsing later, signing by default, or registered after the plugin", async () => {
     const servers = await startCluster(1)
-    for (const cookieOptions of [
-      { hook: false as const },
-      { secret: 'theirs', parseOptions: { signed: true } },
-    ]) {
+    for (const [cookieOptions, order] of [
+      [{ hook: false as const }, 'before'],
+      [{ secret: 'theirs', parseOptions: { signed: true } }, 'before'],
+      [{ hook: 'preHandler' as const }, 'before'],
+      // Registered after the plugin (refused while the plugin registered its own).
+      [{}, 'after'],
+    ] as const) {
       const fastify = await app(async (a) => {
-        await a.register(fastifyCookie, cookieOptions)
+        if (order === 'before') await a.register(fastifyCookie, cookieOptions)
         await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
+        if (order === 'after') await a.register(fastifyCookie, cookieOptions)
       })
       const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
       expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({

@@ -248,6 +248,16 @@ describe('options', () => {
       "to be a host name or an IP address, got `'a/b'`",
     ],
     [{ secret: 's', nodes: [{ id: 'r', url: 'http://u:p@h:1' }] }, 'got a URL of another scheme'],
+    // What 'redis://${REDIS_HOST}' becomes with the variable unset.
+    [{ secret: 's', nodes: [{ id: 'r', url: 'redis://' }] }, 'got a URL without a host'],
+    [{ secret: 's', nodes: 'r1:redis:///0' }, 'got a URL without a host'],
+    [
+      { secret: 's', nodes: 'n1:11211' },
+      "got the number '11211': each entry of `nodes` is 'id:host:port', and this one has no host",
+    ],
+    [{ secret: 's', nodes: 'memcached:11211' }, "begins with the node's id, as in 'n1:memcached:11211'"],
+    // Read from the object itself, not its prototype.
+    [{ secret: 's', nodes, constructor: 1 }, 'Unknown option `constructor`'],
     [{ secret: 's', nodes, store: {} }, 'Option `store` is not supported'],
     [{ secret: 's', nodes, genid: () => 'x' }, 'Option `genid` is not supported'],
     [{ secret: 's', nodes, sticky: 'yes' }, 'Expected `sticky` to be a boolean'],

@@ -175,6 +175,14 @@ void sessions.close()
 import { fastifySessionFailover } from 'session-failover/fastify'
 import type { SessionFailoverOptions } from 'session-failover'
 declare module 'fastify' { interface Session { user: { name: string } } }
+// Generic code over the declared keys, as @fastify/session's set() takes it.
+function put<K extends keyof import('fastify').Session>(
+  session: import('fastify').FastifyRequest['session'],
+  key: K,
+  value: import('fastify').Session[K],
+) {
+  session.set(key, value)
+}
 const app = Fastify()
 void app.register(fastifySessionFailover, {
   secret: 's',
@@ -188,6 +196,9 @@ app.get('/', async (request) => {
   request.session.user = { name: 'ann' }
   request.session.set('user', { name: 'bob' })
   request.session.set('undeclared', 42)
+  const key: string = 'any'
+  request.session.set(key, 1)
+  put(request.session, 'user', { name: 'cy' })
   const name: string | undefined = request.session.get('user')?.name
   const cart: string[] | undefined = request.session.get<string[]>('cart')
   await app.sessionFailover.destroySession(request.session.sessionId)

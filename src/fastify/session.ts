@@ -58,7 +58,8 @@ export class FastifySession {
   }
 
   /** A key of your `Session` declaration takes its declared type; any other key, any value. */
-  set<K extends string>(key: K, value: K extends keyof Session ? Session[K] : unknown): void
+  set<K extends keyof Session & string>(key: K, value: Session[K]): void
+  set<K extends string>(key: K extends keyof Session ? never : K, value: unknown): void
   set(key: string, value: unknown): void {
     if (RESERVED.has(key))
       throw new TypeError(`'${key}' is part of the session's API and cannot be a session key`)
