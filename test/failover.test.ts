@@ -157,8 +157,8 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
   }
 
   it('keeps following the move for an old cookie once its old primary is back', async () => {
-    const { oldCookie } = await moveOffFrozenPrimary(appB)
-    await sleep(PROBE_INTERVAL * 5) // the node is back
+    const { oldCookie, primary } = await moveOffFrozenPrimary(appB)
+    await backOn(appB, primary)
     const stale = new Browser()
     stale.cookie = oldCookie
     expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'plum'])
@@ -176,6 +176,13 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       },
       { timeout: 5000, interval: 20 },
     )
+
+  /** Until `app` counts every node as alive again. */
+  const allBackOn = (app: ShopApp) =>
+    vi.waitFor(() => expect(app.sessions.health().nodes.map((node) => node.alive)).not.toContain(false), {
+      timeout: 5000,
+      interval: 20,
+    })
 
   // Ten seconds is how long an earlier version kept the move its read chose; a slow handler (an upload) outran it.
   it.runIf(start === onExpress4)(
@@ -300,7 +307,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     } finally {
       moved.thaw()
     }
-    await sleep(PROBE_INTERVAL * 5)
+    await backOn(appB, moved)
     const stale = new Browser()
     stale.cookie = oldCookie
     expect((await stale.send(appB, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'kiwi'])
@@ -320,7 +327,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       } finally {
         primary.thaw()
       }
-      await sleep(PROBE_INTERVAL * 5)
+      await backOn(mover, primary)
       // A request with the old id holds the lock; one with the new id, on another instance, waits for it.
       const hanging = hangingRequest(mover, oldCookie)
       await hanging.reached()
@@ -376,7 +383,11 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       await sleep(150)
       // A read after the check interval finds the backup missing and writes it back from the primary's copy.
       expect((await browser.send(reader, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
-      await sleep(50)
+      // The check runs after the response: wait for the copy it writes back.
+      await vi.waitFor(async () => expect(await backupServerOf(id).has(keysOf(id).backup)).toBe(true), {
+        timeout: 5000,
+        interval: 20,
+      })
       expect(await backupServerOf(id).has(keysOf(id).backup)).toBe(true)
       await serverOf(id).restart()
       expect((await browser.send(reader, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
@@ -465,7 +476,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     } finally {
       for (const server of servers) server.thaw()
     }
-    await sleep(PROBE_INTERVAL * 4 + OPERATION_TIMEOUT)
+    await allBackOn(appA) // a probe finds each node back
     expect((await browser.send(appA, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
   })
 
@@ -484,7 +495,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
     expect((await new Browser().send(appB, 'GET', '/cart')).status).toBe(200)
 
     await Promise.all(servers.map((server) => server.restart()))
-    await sleep(PROBE_INTERVAL * 4)
+    await allBackOn(appA)
     const recovered = await browser.send(appA, 'POST', '/cart/y')
     expect(recovered.status).toBe(200)
     expect(recovered.body.cart).toEqual(['y'])
@@ -573,7 +584,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
         } finally {
           primary.thaw()
         }
-        await sleep(PROBE_INTERVAL * 5) // the node is back, and the late copy was deleted first
+        await backOn(app, primary) // the node is back, and the late copy was deleted first
         const stale = new Browser()
         stale.cookie = oldCookie
         expect((await stale.send(app, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear', 'melon', 'kiwi'])
@@ -596,7 +607,7 @@ describe.each(matrix)('non-sticky failover on $name', ({ start, backend }) => {
       } finally {
         primary.thaw()
       }
-      await sleep(PROBE_INTERVAL * 5)
+      await backOn(locked, primary)
       locked.beforeModify = async () => {}
       const reply = await browser.send(locked, 'GET', '/cart')
       expect(reply.body.cart?.slice(0, 2)).toEqual(['apple', 'pear'])

@@ -308,10 +308,20 @@ describe('health()', () => {
     expect((await new Browser().send(app, 'POST', '/cart/apple')).status).toBe(200)
 
     let answered = false
-    const slow = fetch(`${app.url}/slow/answer`, { method: 'POST' }).then(() => {
+    // A request in flight when close() is called: its handler has run, and answers 400 ms later.
+    let inHandler = (): void => {}
+    const reached = new Promise<void>((resolve) => {
+      inHandler = resolve
+    })
+    app.beforeModify = async () => {
+      inHandler()
+      await sleep(400)
+    }
+    const slow = fetch(`${app.url}/slow/late`, { method: 'POST' }).then(() => {
       answered = true
     })
-    await new Promise((resolve) => setTimeout(resolve, 50))
+    await reached
+    expect(answered).toBe(false)
     void app.sessions.close()
     // A second shutdown path (SIGINT after SIGTERM, the app and a library) resolves with the first close only.
     await app.sessions.close()
@@ -538,6 +548,8 @@ describe('graceful shutdown', () => {
       }
     })
     await sleep(400)
+    // Mid-traffic, and only once every browser has had a write acknowledged.
+    await until(() => acknowledged.size === browsers.length, 10_000)
     const exit = app.terminate()
     expect(await exit).toBe(0)
     stop = true
@@ -571,11 +583,16 @@ describe('graceful shutdown', () => {
     })
     const browser = new Browser()
     await browser.send(app, 'POST', '/cart/apple')
+    let inHandler = (): void => {}
+    const reached = new Promise<void>((resolve) => {
+      inHandler = resolve
+    })
     app.beforeModify = async () => {
+      inHandler()
       await sleep(200)
     }
     const slow = browser.send(app, 'POST', '/slow/pear')
-    await sleep(50)
+    await reached // its session loaded, the request still running
     const closing = app.sessions.close()
     const reply = await slow
     await closing

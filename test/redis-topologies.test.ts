@@ -7,6 +7,19 @@ import { Browser, startShop } from './support/app.js'
 import { stopAllServers } from './support/backends.js'
 import { startMemcached } from './support/memcached.js'
 import { startRedis, startRedisCluster, startRedisSentinel } from './support/redis.js'
+import { until } from './support/until.js'
+
+/** CLUSTER INFO of one cluster node, through a short-lived client of its own. */
+async function clusterInfo(port: number): Promise<string> {
+  const admin = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0 })
+  admin.on('error', () => {})
+  try {
+    await admin.connect()
+    return String(await admin.cluster('INFO'))
+  } finally {
+    admin.disconnect()
+  }
+}
 
 describe('a Redis Cluster as one node', () => {
   afterEach(() => stopAllServers())
@@ -43,8 +56,15 @@ describe('a Redis Cluster as one node', () => {
       }
       expect(browsers.filter((b) => parseSessionId(b.sessionId)?.nodeId === 'm1').length).toBeGreaterThan(6)
       // Past cluster-node-timeout the cluster declares itself down (full coverage required): every session is
-      // on m1 now, and c1 counts as dead.
-      await new Promise((resolve) => setTimeout(resolve, 2000))
+      // on m1 now, and c1 counts as dead. Waited for as the surviving masters report it.
+      const survivors = cluster.servers.slice(1)
+      await until(
+        async () =>
+          (await Promise.all(survivors.map((server) => clusterInfo(server.port).catch(() => '')))).every(
+            (info) => info.includes('cluster_state:fail'),
+          ),
+        15_000,
+      )
       for (const [index, browser] of browsers.entries()) {
         const reply = await browser.send(shop, 'POST', '/cart/later')
         expect(reply.body.cart).toEqual([`item${index}`, 'more', 'after', 'later'])

@@ -1,6 +1,6 @@
 import { connect } from 'node:net'
 import { sign } from 'cookie-signature'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterEach, describe, expect, it, vi } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { Browser, expressVersions, type ShopApp, startShop } from './support/app.js'
@@ -126,7 +126,11 @@ describe.each(expressVersions)('express-session semantics on $name', ({ express 
     await browser.send(eager, 'POST', '/cart/apple')
     const [setsBefore, touchesBefore] = [await sets(), await touches()]
     await browser.send(eager, 'GET', '/cart')
-    await new Promise((resolve) => setTimeout(resolve, 100)) // the touch does not hold the response
+    // The touches do not hold the response: wait for them to reach the nodes.
+    await vi.waitFor(async () => expect(await touches()).toBeGreaterThanOrEqual(touchesBefore + 2), {
+      timeout: 5000,
+      interval: 20,
+    })
     expect(await sets()).toBe(setsBefore)
     expect(await touches()).toBe(touchesBefore + 2) // primary and backup
 

@@ -245,7 +245,7 @@ describe('sticky consistency', () => {
     })
     const browser = new Browser()
     await browser.send(app, 'POST', '/cart/apple')
-    const slow = browser.send(app, 'POST', '/slow/answer')
+    const slow = browser.send(app, 'POST', '/answer-slowly')
     await sleep(100)
     const exit = app.terminate()
     expect((await slow).status).toBe(200)

@@ -1,5 +1,5 @@
 import express from 'express'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterEach, describe, expect, it, vi } from 'vitest'
 import { storageKeys } from '../src/core/keys.js'
 import { createEngine } from '../src/create-engine.js'
 import { parseSessionId, type SessionFailoverOptions } from '../src/index.js'
@@ -7,6 +7,7 @@ import { parseOptions } from '../src/options.js'
 import { Browser, startShop } from './support/app.js'
 import { type AppProcess, startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
+import { recordsOf } from './support/records.js'
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -174,7 +175,17 @@ describe('sticky mode', () => {
     for (const browser of browsers) {
       expect((await browser.send(a, 'GET', '/cart')).body.cart).toEqual(['apple', 'pear'])
     }
-    await sleep(100)
+    // The check of each session's copies runs after its response: wait for the copies it writes.
+    await vi.waitFor(
+      async () => {
+        for (const browser of browsers) {
+          expect(await copies(browser.sessionId)).toEqual({ primary: true, backup: true })
+          const id = browser.sessionId
+          expect(await primaryOf(id).has(keysOf(id).primary)).toBe(true)
+        }
+      },
+      { timeout: 5000, interval: 20 },
+    )
     for (const browser of browsers) {
       expect(await copies(browser.sessionId)).toEqual({ primary: true, backup: true })
       const id = browser.sessionId
@@ -226,9 +237,17 @@ describe('sticky mode', () => {
     const { a, b } = await cluster({ backupAsync: true })
     const browser = new Browser()
     for (let i = 0; i < 20; i++) await browser.send(a, 'POST', `/cart/i${i}`)
-    await sleep(300)
+    const all = Array.from({ length: 20 }, (_, i) => `i${i}`)
+    const records = recordsOf('sticky-secret')
+    // Read from the node, not through b (which would take the session over): until the newest write landed.
+    const id = browser.sessionId
+    const stored = async () => {
+      const raw = await primaryOf(id).get(keysOf(id).primary)
+      return raw && records.dataOf<{ cart: string[] }>(id, raw).cart
+    }
+    await vi.waitFor(async () => expect(await stored()).toEqual(all), { timeout: 5000, interval: 20 })
     const reply = await browser.send(b, 'GET', '/cart')
-    expect(reply.body.cart).toEqual(Array.from({ length: 20 }, (_, i) => `i${i}`))
+    expect(reply.body.cart).toEqual(all)
   })
 })
 

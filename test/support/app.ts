@@ -72,7 +72,8 @@ export async function startShop(express: ExpressModule, options: SessionFailover
     ;(req.session as unknown as { blob: string }).blob = 'x'.repeat(Number(req.params.kb) * 1024)
     res.json({ ok: true })
   })
-  app.post('/slow/answer', (_req, res) => {
+  // Not under /slow/: POST /slow/:item would serve it.
+  app.post('/answer-slowly', (_req, res) => {
     setTimeout(() => res.json({ slow: true }), 400)
   })
   app.post('/max-age/:ms', (req, res) => {
