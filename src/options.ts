@@ -672,6 +672,13 @@ function withoutCredentials(entry: string): string {
   return start === -1 || at < start ? entry : `${entry.slice(0, start + 2)}***${entry.slice(at)}`
 }
 
+/** What is wrong with a string given as a Redis URL, without echoing any of it (it may hold a password). */
+function whatUrl(parsed: URL | undefined): string {
+  if (!parsed) return 'a string that is not a URL'
+  if (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:') return 'a URL without a host'
+  return 'a URL of another scheme'
+}
+
 /** The one query parameter a Redis URL may carry: how its host name resolves (IPv6-only private networks). */
 const ADDRESS_FAMILIES = new Set(['0', '4', '6'])
 
@@ -688,7 +695,7 @@ function redisUrl(id: string, url: unknown, { sentinel = false } = {}): string {
   }
   if (!parsed || (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') || !parsed.hostname) {
     throw new ConfigError(
-      `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? (parsed ? (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:' ? 'a URL without a host' : 'a URL of another scheme') : 'a string that is not a URL') : describe(url)}`,
+      `Expected the url of node '${id}' to be redis://host:port or rediss://host:port (credentials allowed), got ${typeof url === 'string' ? whatUrl(parsed) : describe(url)}`,
     )
   }
   // ioredis reads a query string as client options, which would override the node's own (its offline queue, its

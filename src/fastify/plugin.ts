@@ -51,14 +51,14 @@ interface RequestContext {
 /** The plugin's options: the Express middleware's, with a function `lockingMode` given the FastifyRequest. */
 export type FastifySessionFailoverOptions = SessionFailoverOptions<FastifyRequest>
 
+/** A request with @fastify/cookie's `request.cookies`, typed here without depending on it. */
+type ParsedCookies = { cookies?: Record<string, string | undefined> | null }
+
 /**
  * Fastify plugin with the same options, core and guarantees as the Express middleware: the session is loaded
  * (and locked, per `lockingMode`) in onRequest, and committed in onSend, before the reply is sent: a failed
  * write becomes the error reply (503 when no node is reachable), never a 2xx.
  */
-/** A request with @fastify/cookie's `request.cookies`, typed here without depending on it. */
-type ParsedCookies = { cookies?: Record<string, string | undefined> | null }
-
 const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify, options) => {
   // Fastify's own register options (a plugin's log level) reach the plugin too: they are not ours to refuse.
   // (`prefix` is both Fastify's and ours; this plugin declares no routes, so only ours means anything.)
