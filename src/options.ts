@@ -642,11 +642,18 @@ function checkHost(id: string, host: string, where: string): void {
     throw new ConfigError(`${expected}, got the number '${host}'${hint}`)
   }
   if (!HOST_NAME.test(host)) {
+    const inString = where === 'nodes'
     const hint = host.includes('//')
-      ? ": a memcached node is written 'id:host:port', a Redis node 'id:redis://host:port'"
-      : host.includes(':') && where !== 'nodes'
-        ? ' (the port is its own field)'
-        : ''
+      ? inString
+        ? ": a memcached node is written 'id:host:port', a Redis node 'id:redis://host:port'"
+        : ': a Redis node is written { id, url }'
+      : inString
+        ? ''
+        : host.startsWith('[')
+          ? ' (an IPv6 address without brackets here)'
+          : host.includes(':')
+            ? ' (the port is its own field)'
+            : ''
     throw new ConfigError(`${expected}, got ${describe(host)}${hint}`)
   }
 }
@@ -871,7 +878,7 @@ function randomRoute(): string {
 function parseSecrets(value: unknown): readonly string[] {
   const secrets = typeof value === 'string' ? [value] : value
   const expected = 'Expected `secret` to be a non-empty string or a non-empty array of non-empty strings'
-  if (!Array.isArray(secrets) || secrets.length === 0)
+  if (!Array.isArray(secrets) || secrets.length === 0 || value === '')
     throw new ConfigError(`${expected}, got ${describe(value)}`)
   const bad = secrets.findIndex((secret) => typeof secret !== 'string' || secret.length === 0)
   if (bad !== -1) {

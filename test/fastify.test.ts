@@ -641,11 +641,22 @@ describe('the Fastify plugin with unusual setups', () => {
         await a.register(fastifySessionFailover, { secret: 's', nodes: nodesOption(servers) })
         if (order === 'after') await a.register(fastifyCookie, cookieOptions)
       })
-      const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
-      expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual({
-        visits: 2,
-      })
-      await fastify.close()
+      const warnings: string[] = []
+      const onWarning = (warning: Error) => warnings.push((warning as { code?: string }).code ?? '')
+      process.on('warning', onWarning)
+      try {
+        const cookie = cookieOf(await fastify.inject({ method: 'POST', url: '/visit' }))
+        expect((await fastify.inject({ method: 'POST', url: '/visit', headers: { cookie } })).json()).toEqual(
+          {
+            visits: 2,
+          },
+        )
+      } finally {
+        process.off('warning', onWarning)
+        await fastify.close()
+      }
+      // Registered after, its cookies would go out on an error reply: the application is told.
+      expect(warnings.includes('ESF_COOKIE_PLUGIN_AFTER')).toBe(order === 'after')
     }
   })
 

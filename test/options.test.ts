@@ -247,6 +247,9 @@ describe('options', () => {
       { secret: 's', nodes: [{ id: 'n1', host: 'a/b', port: 1 }] },
       "to be a host name or an IP address, got `'a/b'`",
     ],
+    [{ secret: 's', nodes: [{ id: 'n1', host: '[::1]' }] }, '(an IPv6 address without brackets here)'],
+    [{ secret: 's', nodes: [{ id: 'n1', host: 'redis://h:1' }] }, ': a Redis node is written { id, url }'],
+    [{ secret: '', nodes }, "non-empty array of non-empty strings, got `''` (string)"],
     [{ secret: 's', nodes: [{ id: 'r', url: 'http://u:p@h:1' }] }, 'got a URL of another scheme'],
     // What 'redis://${REDIS_HOST}' becomes with the variable unset.
     [{ secret: 's', nodes: [{ id: 'r', url: 'redis://' }] }, 'got a URL without a host'],

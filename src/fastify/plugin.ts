@@ -24,8 +24,8 @@ import { discardBody, holdWhileStored, isStreamed } from './streamed-body.js'
 declare module 'fastify' {
   /**
    * Your session's data, declared by merging as with @fastify/session:
-   * `declare module 'fastify' { interface Session { user: User } }` types `request.session.user` and
-   * `request.session.get('user')`.
+   * `declare module 'fastify' { interface Session { user: User } }` types `request.session.user`,
+   * `request.session.get('user')` and `request.session.set('user', …)`.
    */
   interface Session {}
   interface FastifyRequest {
@@ -50,6 +50,10 @@ interface RequestContext {
 
 /** The plugin's options: the Express middleware's, with a function `lockingMode` given the FastifyRequest. */
 export type FastifySessionFailoverOptions = SessionFailoverOptions<FastifyRequest>
+
+const COOKIE_PLUGIN_AFTER =
+  'session-failover: @fastify/cookie was registered after this plugin. Register it before: otherwise the ' +
+  'cookies a route sets also go out on the error reply that replaces a reply whose session could not be stored.'
 
 /** A request with @fastify/cookie's `request.cookies`, typed here without depending on it. */
 type ParsedCookies = { cookies?: Record<string, string | undefined> | null }
@@ -81,6 +85,19 @@ const plugin: FastifyPluginAsync<FastifySessionFailoverOptions> = async (fastify
   // to its own dependencies' Node versions (its cookie 2 needs Node 22), and an application that registers it
   // after this plugin would be refused a second registration.
   const cookiesParsed = fastify.hasDecorator('parseCookie')
+  if (!cookiesParsed) {
+    fastify.addHook('onReady', async () => {
+      // Registered after this plugin, @fastify/cookie writes a route's cookies in an onSend hook that runs after
+      // this plugin's, so they also go out on the error reply that replaces a reply whose session failed.
+      // A process warning, as for a missing `nodes`: the logger is silent unless the application gave one.
+      if (fastify.hasDecorator('parseCookie')) {
+        process.emitWarning(COOKIE_PLUGIN_AFTER, {
+          type: 'SessionFailoverWarning',
+          code: 'ESF_COOKIE_PLUGIN_AFTER',
+        })
+      }
+    })
+  }
   fastify.decorateRequest('session', null as unknown as FastifySession)
   const { close: _closedWithTheApp, ...operations } = operationsOf(engine, () => engine.close())
   fastify.decorate('sessionFailover', operations)

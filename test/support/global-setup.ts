@@ -69,9 +69,7 @@ function isServer(pid: number): boolean {
   try {
     const comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim()
     if (/^(memcached|redis-server|redis-sentinel)$/.test(comm)) return true
-    return (
-      comm === 'node' && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('support/instance-main.ts')
-    )
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('support/instance-main.ts')
   } catch {
     return false
   }

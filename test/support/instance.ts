@@ -38,7 +38,10 @@ export async function startAppProcess(
       resolve(code ?? signal)
     }),
   )
-  const port = await announcedPort(child, 'app instance', 15_000)
+  const port = await announcedPort(child, 'app instance', 15_000).catch((error: unknown) => {
+    child.kill('SIGKILL')
+    throw error
+  })
   return {
     url: `http://127.0.0.1:${port}`,
     pid: child.pid ?? -1,
