@@ -642,20 +642,21 @@ function checkHost(id: string, host: string, where: string): void {
     throw new ConfigError(`${expected}, got the number '${host}'${hint}`)
   }
   if (!HOST_NAME.test(host)) {
-    const inString = where === 'nodes'
-    const hint = host.includes('//')
-      ? inString
-        ? ": a memcached node is written 'id:host:port', a Redis node 'id:redis://host:port'"
-        : ': a Redis node is written { id, url }'
-      : inString
-        ? ''
-        : host.startsWith('[')
-          ? ' (an IPv6 address without brackets here)'
-          : host.includes(':')
-            ? ' (the port is its own field)'
-            : ''
-    throw new ConfigError(`${expected}, got ${describe(host)}${hint}`)
+    throw new ConfigError(`${expected}, got ${describe(host)}${hostHint(host, where === 'nodes')}`)
   }
+}
+
+/** What a host that is neither a host name nor an IP address was probably meant to be, in the form it came in. */
+function hostHint(host: string, inString: boolean): string {
+  if (host.includes('//')) {
+    return inString
+      ? ": a memcached node is written 'id:host:port', a Redis node 'id:redis://host:port'"
+      : ': a Redis node is written { id, url }'
+  }
+  if (inString) return ''
+  if (host.startsWith('[')) return ' (an IPv6 address without brackets here)'
+  if (host.includes(':')) return ' (the port is its own field)'
+  return ''
 }
 
 /** A cookie option that takes one of a few values, in any case as the cookie package reads it. */

@@ -6,7 +6,7 @@ import type { SessionEventName, SessionEvents } from '../src/core/metrics.js'
 import { ConfigError } from '../src/errors.js'
 import { type Logger, parseSessionId, type SessionFailoverOptions } from '../src/index.js'
 import { registerSessionMetrics } from '../src/prometheus.js'
-import { Browser, hangingRequest, type ShopApp, startShop } from './support/app.js'
+import { Browser, hangingRequest, pauseBeforeModify, type ShopApp, startShop } from './support/app.js'
 import { startFastifyShop } from './support/fastify-app.js'
 import { startAppProcess, stopAllAppProcesses } from './support/instance.js'
 import { type MemcachedServer, nodesOption, startCluster, stopAllMemcached } from './support/memcached.js'
@@ -309,18 +309,12 @@ describe('health()', () => {
 
     let answered = false
     // A request in flight when close() is called: its handler has run, and answers 400 ms later.
-    let inHandler = (): void => {}
-    const reached = new Promise<void>((resolve) => {
-      inHandler = resolve
-    })
-    app.beforeModify = async () => {
-      inHandler()
-      await sleep(400)
-    }
+    const paused = pauseBeforeModify(app)
     const slow = fetch(`${app.url}/slow/late`, { method: 'POST' }).then(() => {
       answered = true
     })
-    await reached
+    await paused.reached
+    setTimeout(paused.release, 400)
     expect(answered).toBe(false)
     void app.sessions.close()
     // A second shutdown path (SIGINT after SIGTERM, the app and a library) resolves with the first close only.
@@ -583,16 +577,10 @@ describe('graceful shutdown', () => {
     })
     const browser = new Browser()
     await browser.send(app, 'POST', '/cart/apple')
-    let inHandler = (): void => {}
-    const reached = new Promise<void>((resolve) => {
-      inHandler = resolve
-    })
-    app.beforeModify = async () => {
-      inHandler()
-      await sleep(200)
-    }
+    const paused = pauseBeforeModify(app)
     const slow = browser.send(app, 'POST', '/slow/pear')
-    await reached // its session loaded, the request still running
+    await paused.reached // its session loaded, the request still running
+    setTimeout(paused.release, 200)
     const closing = app.sessions.close()
     const reply = await slow
     await closing
