@@ -6,20 +6,8 @@ import { isUnavailableReply } from '../src/nodes/redis.js'
 import { Browser, startShop } from './support/app.js'
 import { stopAllServers } from './support/backends.js'
 import { startMemcached } from './support/memcached.js'
-import { startRedis, startRedisCluster, startRedisSentinel } from './support/redis.js'
+import { clusterInfo, startRedis, startRedisCluster, startRedisSentinel } from './support/redis.js'
 import { until } from './support/until.js'
-
-/** CLUSTER INFO of one cluster node, through a short-lived client of its own. */
-async function clusterInfo(port: number): Promise<string> {
-  const admin = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0 })
-  admin.on('error', () => {})
-  try {
-    await admin.connect()
-    return String(await admin.cluster('INFO'))
-  } finally {
-    admin.disconnect()
-  }
-}
 
 describe('a Redis Cluster as one node', () => {
   afterEach(() => stopAllServers())

@@ -28,6 +28,11 @@ function spawnRedis(port: number, extra: readonly string[] = [], cwd?: string) {
   return spawn('redis-server', args, { stdio: 'ignore', cwd })
 }
 
+/** CLUSTER INFO of one cluster node. */
+export function clusterInfo(port: number): Promise<string> {
+  return command(port, async (client) => String(await client.cluster('INFO')))
+}
+
 /** One command through a short-lived real client. */
 async function command<T>(port: number, run: (client: Redis) => Promise<T>): Promise<T> {
   const client = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0 })
@@ -95,7 +100,7 @@ export async function startRedisCluster(
   )
   const deadline = Date.now() + 15_000
   for (const server of servers) {
-    while (!(await command(server.port, (client) => client.cluster('INFO'))).includes('cluster_state:ok')) {
+    while (!(await clusterInfo(server.port)).includes('cluster_state:ok')) {
       if (Date.now() > deadline) throw new Error('the Redis Cluster did not become ready within 15 s')
       await new Promise((resolve) => setTimeout(resolve, 100))
     }
